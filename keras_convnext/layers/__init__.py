@@ -1,0 +1,17 @@
+"""Serializable Keras layers of the ConvNeXt family."""
+
+from keras_convnext.layers.block import ConvNeXtBlock
+from keras_convnext.layers.depthwise import DepthwiseConv
+from keras_convnext.layers.drop_path import StochasticDepth
+from keras_convnext.layers.grn import GRN
+from keras_convnext.layers.layer_scale import LayerScale
+from keras_convnext.layers.preprocessing import ImageNormalization
+
+__all__ = [
+    "ConvNeXtBlock",
+    "DepthwiseConv",
+    "GRN",
+    "ImageNormalization",
+    "LayerScale",
+    "StochasticDepth",
+]

@@ -1,0 +1,139 @@
+"""The ConvNeXt block, V1 (layer scale) and V2 (GRN) in one layer."""
+
+import keras
+
+from keras_convnext.layers.data_format import standardize_data_format
+from keras import ops
+
+from keras_convnext.layers.depthwise import DepthwiseConv
+from keras_convnext.layers.drop_path import StochasticDepth
+from keras_convnext.layers.grn import GRN
+from keras_convnext.layers.layer_scale import LayerScale
+
+# Official ConvNeXt initialization: truncated normal, std 0.02, zero biases.
+KERNEL_INIT = keras.initializers.TruncatedNormal(stddev=0.02)
+LAYER_NORM_EPSILON = 1e-6
+
+
+def layer_norm(name):
+    return keras.layers.LayerNormalization(epsilon=LAYER_NORM_EPSILON, name=name)
+
+
+@keras.saving.register_keras_serializable(package="keras_convnext")
+class ConvNeXtBlock(keras.layers.Layer):
+    """Inverted-bottleneck residual block.
+
+    `x + drop_path(scale(pwconv2(grn(gelu(pwconv1(norm(dwconv(x))))))))`, where
+    the depthwise conv is `kernel_size` x `kernel_size`, `pwconv1` widens the
+    channels by `mlp_ratio`, GRN is present when `use_grn` (ConvNeXt V2) and the
+    layer scale when `layer_scale_init_value` is not None (ConvNeXt V1).
+
+    Input and output: `(batch, height, width, channels)`, or
+    `(batch, channels, height, width)` with `data_format="channels_first"`
+    (computed internally in channels_last; the weights are the same).
+    Sublayers are public (`dwconv`, `norm`, `pwconv1`, `grn`, `pwconv2`,
+    `layer_scale`, `drop_path`); absent ones are None.
+    """
+
+    def __init__(
+        self,
+        use_grn=True,
+        layer_scale_init_value=None,
+        drop_path_rate=0.0,
+        kernel_size=7,
+        mlp_ratio=4,
+        data_format=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.use_grn = bool(use_grn)
+        self.layer_scale_init_value = layer_scale_init_value
+        self.drop_path_rate = float(drop_path_rate)
+        self.kernel_size = int(kernel_size)
+        self.mlp_ratio = int(mlp_ratio)
+        self.data_format = standardize_data_format(data_format)
+        self.dwconv = DepthwiseConv(
+            kernel_size=self.kernel_size,
+            depthwise_initializer=KERNEL_INIT,
+            name="dwconv",
+            dtype=self.dtype_policy,
+        )
+        self.norm = keras.layers.LayerNormalization(
+            epsilon=LAYER_NORM_EPSILON, name="norm", dtype=self.dtype_policy
+        )
+        self.pwconv1 = None
+        self.pwconv2 = None
+        self.grn = GRN(name="grn", dtype=self.dtype_policy) if self.use_grn else None
+        self.layer_scale = None
+        if layer_scale_init_value is not None and layer_scale_init_value > 0:
+            self.layer_scale = LayerScale(
+                layer_scale_init_value, name="layer_scale", dtype=self.dtype_policy
+            )
+        self.drop_path = None
+        if self.drop_path_rate > 0:
+            self.drop_path = StochasticDepth(
+                self.drop_path_rate, name="drop_path", dtype=self.dtype_policy
+            )
+
+    def build(self, input_shape):
+        if len(input_shape) != 4:
+            raise ValueError(f"ConvNeXtBlock expects 4D inputs; got shape {input_shape}.")
+        if self.data_format == "channels_first":
+            input_shape = (input_shape[0], input_shape[2], input_shape[3], input_shape[1])
+        channels = input_shape[-1]
+        if channels is None:
+            raise ValueError("ConvNeXtBlock needs a known number of channels.")
+        hidden = self.mlp_ratio * channels
+        self.pwconv1 = keras.layers.Dense(
+            hidden, kernel_initializer=KERNEL_INIT, name="pwconv1", dtype=self.dtype_policy
+        )
+        self.pwconv2 = keras.layers.Dense(
+            channels, kernel_initializer=KERNEL_INIT, name="pwconv2", dtype=self.dtype_policy
+        )
+        hidden_shape = tuple(input_shape[:-1]) + (hidden,)
+        self.dwconv.build(input_shape)
+        self.norm.build(input_shape)
+        self.pwconv1.build(input_shape)
+        if self.grn is not None:
+            self.grn.build(hidden_shape)
+        self.pwconv2.build(hidden_shape)
+        if self.layer_scale is not None:
+            self.layer_scale.build(input_shape)
+
+    def residual_branch(self, x, training=None):
+        """The block without its shortcut; channels_last in and out."""
+        x = self.dwconv(x)
+        x = self.norm(x)
+        x = self.pwconv1(x)
+        x = keras.activations.gelu(x, approximate=False)
+        if self.grn is not None:
+            x = self.grn(x)
+        x = self.pwconv2(x)
+        if self.layer_scale is not None:
+            x = self.layer_scale(x)
+        if self.drop_path is not None:
+            x = self.drop_path(x, training=training)
+        return x
+
+    def call(self, inputs, training=None):
+        if self.data_format == "channels_first":
+            x = ops.transpose(inputs, (0, 2, 3, 1))
+            return inputs + ops.transpose(self.residual_branch(x, training), (0, 3, 1, 2))
+        return inputs + self.residual_branch(inputs, training)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "use_grn": self.use_grn,
+                "layer_scale_init_value": self.layer_scale_init_value,
+                "drop_path_rate": self.drop_path_rate,
+                "kernel_size": self.kernel_size,
+                "mlp_ratio": self.mlp_ratio,
+                "data_format": self.data_format,
+            }
+        )
+        return config

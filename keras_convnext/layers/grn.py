@@ -1,0 +1,61 @@
+"""Global Response Normalization (ConvNeXt V2, Woo et al. 2023, eqs. 1-3)."""
+
+import keras
+from keras import ops
+
+from keras_convnext.layers.data_format import channel_axis_for, standardize_data_format
+
+
+@keras.saving.register_keras_serializable(package="keras_convnext")
+class GRN(keras.layers.Layer):
+    """Global Response Normalization.
+
+    `y = x + gamma * (x * Nx) + beta`, with `Gx = ||x||_2` over the spatial
+    axes per sample and channel, and `Nx = Gx / (mean_channels(Gx) + epsilon)`.
+
+    Input and output: `(batch, height, width, channels)` for channels_last,
+    `(batch, channels, height, width)` for channels_first. `gamma` and `beta`
+    have shape `(channels,)` and start at zero, so a fresh GRN is the identity.
+    The norms are computed in float32 whatever the compute dtype: a float16
+    sum of squares over a 56x56 map overflows.
+    """
+
+    def __init__(self, epsilon=1e-6, data_format=None, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = epsilon
+        self.data_format = standardize_data_format(data_format)
+
+    def build(self, input_shape):
+        if len(input_shape) != 4:
+            raise ValueError(
+                f"GRN expects 4D inputs (batch, height, width, channels); got shape {input_shape}."
+            )
+        channels = input_shape[channel_axis_for(self.data_format)]
+        self.gamma = self.add_weight(name="gamma", shape=(channels,), initializer="zeros")
+        self.beta = self.add_weight(name="beta", shape=(channels,), initializer="zeros")
+
+    def _broadcast(self, vector):
+        if self.data_format == "channels_last":
+            return vector
+        return ops.reshape(vector, (1, -1, 1, 1))
+
+    def call(self, inputs):
+        x = ops.cast(inputs, "float32")
+        channel_axis = channel_axis_for(self.data_format)
+        spatial_axes = (1, 2) if channel_axis == -1 else (2, 3)
+        spatial_norm = ops.sqrt(ops.sum(ops.square(x), axis=spatial_axes, keepdims=True))
+        relative_norm = spatial_norm / (
+            ops.mean(spatial_norm, axis=channel_axis, keepdims=True) + self.epsilon
+        )
+        gamma = self._broadcast(ops.cast(self.gamma, "float32"))
+        beta = self._broadcast(ops.cast(self.beta, "float32"))
+        outputs = x + gamma * (x * relative_norm) + beta
+        return ops.cast(outputs, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"epsilon": self.epsilon, "data_format": self.data_format})
+        return config

@@ -1,0 +1,1 @@
+"""ConvNeXt model builders."""

@@ -1,0 +1,258 @@
+"""One ConvNeXt builder (V1 and V2) and the named constructors over it."""
+
+import numpy as np
+import keras
+
+from keras_convnext.layers.block import KERNEL_INIT, ConvNeXtBlock, layer_norm
+from keras_convnext.layers.preprocessing import ImageNormalization
+from keras_convnext.models.variants import VARIANTS
+
+# The weight loader lives above the models (keras_convnext.weights) and
+# registers itself here, so that models never import it.
+_WEIGHTS_LOADER = None
+
+
+def set_weights_loader(loader):
+    """Install `loader(model, weights, variant_name)`, called for `weights=...`."""
+    global _WEIGHTS_LOADER
+    _WEIGHTS_LOADER = loader
+
+
+def _image_input(input_tensor, input_shape, data_format, include_preprocessing):
+    if input_shape is None:
+        input_shape = (None, None, 3) if data_format == "channels_last" else (3, None, None)
+    input_shape = tuple(input_shape)
+    if len(input_shape) != 3:
+        raise ValueError(
+            f"input_shape must have 3 entries (height, width, channels) for {data_format}; "
+            f"got {input_shape}."
+        )
+    if data_format == "channels_last":
+        height, width, channels = input_shape
+    else:
+        channels, height, width = input_shape
+    if include_preprocessing and channels not in (3, None):
+        raise ValueError(
+            f"include_preprocessing=True normalizes RGB images, so input_shape needs 3 "
+            f"channels; got {input_shape} ({data_format}). Pass include_preprocessing=False "
+            "for other channel counts."
+        )
+    for size in (height, width):
+        if size is not None and size < 32:
+            raise ValueError(
+                f"ConvNeXt downsamples by 32, so images must be at least 32x32 pixels; "
+                f"got input_shape={input_shape}."
+            )
+    if input_tensor is None:
+        return keras.Input(shape=input_shape)
+    if keras.backend.is_keras_tensor(input_tensor):
+        return input_tensor
+    return keras.Input(tensor=input_tensor, shape=input_shape)
+
+
+def ConvNeXt(
+    stage_depths,
+    stage_dims,
+    version="v2",
+    include_top=True,
+    weights=None,
+    input_tensor=None,
+    input_shape=None,
+    pooling=None,
+    classes=1000,
+    classifier_activation="softmax",
+    include_preprocessing=True,
+    drop_path_rate=0.0,
+    layer_scale_init_value=None,
+    kernel_size=7,
+    name=None,
+    variant_name=None,
+):
+    """Builds a ConvNeXt V1 or V2 classifier or backbone.
+
+    Args:
+        stage_depths: blocks per stage, four integers (for example `(3, 3, 9, 3)`).
+        stage_dims: channels per stage, four integers (for example `(96, 192, 384, 768)`).
+        version: `"v1"` (blocks with layer scale) or `"v2"` (blocks with GRN).
+        include_top: end with the classification head (pool, LayerNorm, Dense).
+        weights: None, a checkpoint path (official, timm, HF transformers or
+            Keras `.weights.h5`), or a registry tag such as `"imagenet"`.
+        input_tensor: optional Keras tensor to build the model on.
+        input_shape: `(height, width, 3)` (channels_last) or `(3, height, width)`;
+            None means any size. Any size of at least 32 works: each
+            downsampling floors, as in the PyTorch models.
+        pooling: with `include_top=False`, None (4D features), `"avg"` or `"max"`.
+        classes: number of classes of the head.
+        classifier_activation: activation of the head; None returns logits.
+        include_preprocessing: inputs are RGB pixels in [0, 255] and the model
+            applies the ImageNet mean/std normalization itself.
+        drop_path_rate: stochastic depth rate of the last block; earlier
+            blocks get linearly smaller rates, from 0 (official schedule).
+        layer_scale_init_value: V1 layer scale initial value (default 1e-6);
+            must be None for V2.
+        kernel_size: depthwise kernel size (7 in every official model).
+        name: model name.
+        variant_name: name of the constructor (for weight lookup and errors).
+
+    Returns:
+        A `keras.Model`. With `include_top=False, pooling=None` its output is
+        the stride-32 feature map `(batch, height / 32, width / 32, dims[-1])`;
+        `keras_convnext.stage_features(model)` gives all four stages.
+    """
+    if version not in ("v1", "v2"):
+        raise ValueError(f'version must be "v1" or "v2"; got {version!r}.')
+    if len(stage_depths) != 4 or len(stage_dims) != 4:
+        raise ValueError(
+            f"stage_depths and stage_dims need four entries each; got {stage_depths} and {stage_dims}."
+        )
+    if version == "v1" and layer_scale_init_value is None:
+        layer_scale_init_value = 1e-6
+    if version == "v2" and layer_scale_init_value is not None:
+        raise ValueError("ConvNeXt V2 blocks have no layer scale; leave layer_scale_init_value=None.")
+    if pooling not in (None, "avg", "max"):
+        raise ValueError(f'pooling must be None, "avg" or "max"; got {pooling!r}.')
+    if include_top and classes < 1:
+        raise ValueError(f"classes must be positive with include_top=True; got {classes}.")
+    data_format = keras.config.image_data_format()
+
+    inputs = _image_input(input_tensor, input_shape, data_format, include_preprocessing)
+    x = inputs
+    if include_preprocessing:
+        x = ImageNormalization(data_format=data_format, name="preprocessing")(x)
+    if data_format == "channels_first":
+        # Every layer below computes in channels_last; the weights do not change.
+        x = keras.layers.Permute((2, 3, 1), name="to_channels_last")(x)
+
+    x = keras.layers.Conv2D(
+        stage_dims[0], 4, strides=4, kernel_initializer=KERNEL_INIT, name="stem_conv"
+    )(x)
+    x = layer_norm("stem_norm")(x)
+    total_blocks = sum(stage_depths)
+    block_rates = np.linspace(0.0, drop_path_rate, total_blocks) if total_blocks else []
+    block_index = 0
+    for stage, (depth, dim) in enumerate(zip(stage_depths, stage_dims)):
+        if stage > 0:
+            x = layer_norm(f"downsample{stage}_norm")(x)
+            x = keras.layers.Conv2D(
+                dim, 2, strides=2, kernel_initializer=KERNEL_INIT, name=f"downsample{stage}_conv"
+            )(x)
+        for block in range(depth):
+            x = ConvNeXtBlock(
+                use_grn=version == "v2",
+                layer_scale_init_value=layer_scale_init_value,
+                drop_path_rate=float(block_rates[block_index]),
+                kernel_size=kernel_size,
+                data_format="channels_last",
+                name=f"stage{stage}_block{block}",
+            )(x)
+            block_index += 1
+
+    if include_top:
+        x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+        x = layer_norm("head_norm")(x)
+        x = keras.layers.Dense(classes, kernel_initializer=KERNEL_INIT, name="predictions")(x)
+        if classifier_activation is not None:
+            x = keras.layers.Activation(classifier_activation, dtype="float32", name="activation")(x)
+    elif pooling == "avg":
+        x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    elif pooling == "max":
+        x = keras.layers.GlobalMaxPooling2D(name="max_pool")(x)
+    elif data_format == "channels_first":
+        x = keras.layers.Permute((3, 1, 2), name="to_channels_first")(x)
+
+    if input_tensor is not None:
+        inputs = keras.utils.get_source_inputs(input_tensor)
+    model = keras.Model(inputs, x, name=name or (variant_name or "convnext").lower())
+    if weights is not None:
+        if _WEIGHTS_LOADER is None:
+            raise RuntimeError("No weight loader is registered; import keras_convnext first.")
+        _WEIGHTS_LOADER(model, weights, variant_name)
+    return model
+
+
+def stage_features(model):
+    """A model mapping images to the four stage outputs of a ConvNeXt model.
+
+    Returns a `keras.Model` with the same inputs and a list of four outputs,
+    at strides 4, 8, 16 and 32: `(batch, H/4, W/4, dims[0])` ...
+    `(batch, H/32, W/32, dims[3])` (channels_first: `(batch, dims[i], ...)`),
+    for dense prediction heads (FPN, UperNet). The weights are shared with
+    `model`. The stage outputs are taken before the head's LayerNorm, as in
+    the official detection and segmentation backbones.
+    """
+    outputs = []
+    for stage in range(4):
+        blocks = [layer for layer in model.layers if layer.name.startswith(f"stage{stage}_block")]
+        if not blocks:
+            raise ValueError(f"{model.name} has no layers named stage{stage}_block*; is it a ConvNeXt?")
+        output = blocks[-1].output
+        if keras.config.image_data_format() == "channels_first":
+            output = keras.layers.Permute((3, 1, 2), name=f"stage{stage}_channels_first")(output)
+        outputs.append(output)
+    return keras.Model(model.inputs, outputs, name=f"{model.name}_stage_features")
+
+
+def _named_constructor(variant_name):
+    variant = VARIANTS[variant_name]
+
+    def constructor(
+        include_top=True,
+        weights=None,
+        input_tensor=None,
+        input_shape=None,
+        pooling=None,
+        classes=1000,
+        classifier_activation="softmax",
+        include_preprocessing=True,
+        drop_path_rate=0.0,
+        name=None,
+        **kwargs,
+    ):
+        return ConvNeXt(
+            variant.stage_depths,
+            variant.stage_dims,
+            version=variant.version,
+            include_top=include_top,
+            weights=weights,
+            input_tensor=input_tensor,
+            input_shape=input_shape,
+            pooling=pooling,
+            classes=classes,
+            classifier_activation=classifier_activation,
+            include_preprocessing=include_preprocessing,
+            drop_path_rate=drop_path_rate,
+            name=name,
+            variant_name=variant_name,
+            **kwargs,
+        )
+
+    family = "ConvNeXt V2 (GRN)" if variant.version == "v2" else "ConvNeXt V1 (layer scale)"
+    extra = "layer_scale_init_value, kernel_size" if variant.version == "v1" else "kernel_size"
+    constructor.__name__ = constructor.__qualname__ = variant_name
+    constructor.__doc__ = (
+        f"{family}, stage depths {variant.stage_depths}, dims {variant.stage_dims}.\n\n"
+        f"Arguments as `keras_convnext.ConvNeXt` (keras.applications-compatible); "
+        f"also accepts {extra}."
+    )
+    return constructor
+
+
+ConvNeXtV2Atto = _named_constructor("ConvNeXtV2Atto")
+ConvNeXtV2Femto = _named_constructor("ConvNeXtV2Femto")
+ConvNeXtV2Pico = _named_constructor("ConvNeXtV2Pico")
+ConvNeXtV2Nano = _named_constructor("ConvNeXtV2Nano")
+ConvNeXtV2Tiny = _named_constructor("ConvNeXtV2Tiny")
+ConvNeXtV2Base = _named_constructor("ConvNeXtV2Base")
+ConvNeXtV2Large = _named_constructor("ConvNeXtV2Large")
+ConvNeXtV2Huge = _named_constructor("ConvNeXtV2Huge")
+ConvNeXtAtto = _named_constructor("ConvNeXtAtto")
+ConvNeXtFemto = _named_constructor("ConvNeXtFemto")
+ConvNeXtPico = _named_constructor("ConvNeXtPico")
+ConvNeXtNano = _named_constructor("ConvNeXtNano")
+ConvNeXtTiny = _named_constructor("ConvNeXtTiny")
+ConvNeXtSmall = _named_constructor("ConvNeXtSmall")
+ConvNeXtBase = _named_constructor("ConvNeXtBase")
+ConvNeXtLarge = _named_constructor("ConvNeXtLarge")
+ConvNeXtXLarge = _named_constructor("ConvNeXtXLarge")
+
+CONSTRUCTORS = {name: globals()[name] for name in VARIANTS}
