@@ -63,11 +63,14 @@ class ConvNeXtBlock(keras.layers.Layer):
         )
         self.pwconv1 = None
         self.pwconv2 = None
-        self.grn = GRN(name="grn", dtype=self.dtype_policy) if self.use_grn else None
+        self.grn = GRN(data_format="channels_last", name="grn", dtype=self.dtype_policy) if self.use_grn else None
         self.layer_scale = None
         if layer_scale_init_value is not None and layer_scale_init_value > 0:
             self.layer_scale = LayerScale(
-                layer_scale_init_value, name="layer_scale", dtype=self.dtype_policy
+                layer_scale_init_value,
+                data_format="channels_last",
+                name="layer_scale",
+                dtype=self.dtype_policy,
             )
         self.drop_path = None
         if self.drop_path_rate > 0:

@@ -124,7 +124,8 @@ def ConvNeXt(
         x = keras.layers.Permute((2, 3, 1), name="to_channels_last")(x)
 
     x = keras.layers.Conv2D(
-        stage_dims[0], 4, strides=4, kernel_initializer=KERNEL_INIT, name="stem_conv"
+        stage_dims[0], 4, strides=4, data_format="channels_last",
+        kernel_initializer=KERNEL_INIT, name="stem_conv",
     )(x)
     x = layer_norm("stem_norm")(x)
     total_blocks = sum(stage_depths)
@@ -134,7 +135,8 @@ def ConvNeXt(
         if stage > 0:
             x = layer_norm(f"downsample{stage}_norm")(x)
             x = keras.layers.Conv2D(
-                dim, 2, strides=2, kernel_initializer=KERNEL_INIT, name=f"downsample{stage}_conv"
+                dim, 2, strides=2, data_format="channels_last",
+                kernel_initializer=KERNEL_INIT, name=f"downsample{stage}_conv",
             )(x)
         for block in range(depth):
             x = ConvNeXtBlock(
@@ -148,15 +150,15 @@ def ConvNeXt(
             block_index += 1
 
     if include_top:
-        x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+        x = keras.layers.GlobalAveragePooling2D(data_format="channels_last", name="avg_pool")(x)
         x = layer_norm("head_norm")(x)
         x = keras.layers.Dense(classes, kernel_initializer=KERNEL_INIT, name="predictions")(x)
         if classifier_activation is not None:
             x = keras.layers.Activation(classifier_activation, dtype="float32", name="activation")(x)
     elif pooling == "avg":
-        x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+        x = keras.layers.GlobalAveragePooling2D(data_format="channels_last", name="avg_pool")(x)
     elif pooling == "max":
-        x = keras.layers.GlobalMaxPooling2D(name="max_pool")(x)
+        x = keras.layers.GlobalMaxPooling2D(data_format="channels_last", name="max_pool")(x)
     elif data_format == "channels_first":
         x = keras.layers.Permute((3, 1, 2), name="to_channels_first")(x)
 

@@ -1,0 +1,92 @@
+"""Shared fixtures: reference PyTorch models we did not write, with random weights."""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np
+import pytest
+
+import keras
+
+
+def pytest_report_header(config):
+    return f"keras {keras.__version__}, backend {keras.backend.backend()}"
+
+
+@pytest.fixture(autouse=True)
+def _reset_keras_state():
+    yield
+    keras.config.set_image_data_format("channels_last")
+    keras.config.set_dtype_policy("float32")
+    keras.backend.clear_session()
+
+
+def randomize_torch_model(module, seed=0):
+    """Gives every parameter a random, non-trivial value (norm scales around 1).
+
+    GRN gamma/beta and layer scale become clearly nonzero, so a mapping that
+    drops or misplaces them changes the outputs.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            noise = torch.randn(parameter.shape, generator=generator)
+            leaf = name.rsplit(".", 1)[-1]
+            is_norm = ("norm" in name) and parameter.ndim == 1
+            if is_norm and leaf == "weight":
+                parameter.copy_(1.0 + 0.2 * noise)
+            elif "grn" in name or "layer_scale" in name or leaf == "gamma":
+                parameter.copy_(0.3 * noise + (0.5 if "layer_scale" in name or leaf == "gamma" else 0.0))
+            elif parameter.ndim == 1:
+                parameter.copy_(0.05 * noise)
+            else:
+                fan_in = int(np.prod(parameter.shape[1:]))
+                parameter.copy_(noise / np.sqrt(max(fan_in, 1)))
+    module.eval()
+    return module
+
+
+def hf_reference(version, depths, dims, classes=1000, seed=0):
+    """An HF transformers ConvNeXt (v1) or ConvNeXt V2 classifier with random weights."""
+    import torch
+    import transformers
+
+    if version == "v2":
+        config = transformers.ConvNextV2Config(
+            depths=list(depths), hidden_sizes=list(dims), num_labels=classes, layer_norm_eps=1e-6
+        )
+        model = transformers.ConvNextV2ForImageClassification(config)
+    else:
+        config = transformers.ConvNextConfig(
+            depths=list(depths), hidden_sizes=list(dims), num_labels=classes, layer_norm_eps=1e-6
+        )
+        model = transformers.ConvNextForImageClassification(config)
+    torch.manual_seed(seed)
+    return randomize_torch_model(model, seed)
+
+
+def torch_logits(model, images_nhwc):
+    """Logits of an HF model for normalized NHWC float32 images."""
+    import torch
+
+    with torch.no_grad():
+        pixels = torch.from_numpy(np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2)))
+        return model(pixel_values=pixels).logits.numpy()
+
+
+@pytest.fixture(scope="session")
+def hf_v2_atto():
+    return hf_reference("v2", (2, 2, 6, 2), (40, 80, 160, 320), seed=1)
+
+
+@pytest.fixture(scope="session")
+def hf_v1_atto():
+    return hf_reference("v1", (2, 2, 6, 2), (40, 80, 160, 320), seed=2)
+
+
+def random_images(batch, height, width, seed=0, channels=3):
+    return np.random.default_rng(seed).normal(size=(batch, height, width, channels)).astype("float32")

@@ -1,0 +1,109 @@
+import numpy as np
+import pytest
+
+import keras
+from keras import ops
+
+from keras_convnext import layers
+
+
+def _numpy_grn(x, gamma, beta, eps=1e-6):
+    norm = np.sqrt(np.sum(x.astype("float64") ** 2, axis=(1, 2), keepdims=True))
+    relative = norm / (norm.mean(axis=-1, keepdims=True) + eps)
+    return x + gamma * (x * relative) + beta
+
+
+def _roundtrip(layer):
+    config = layer.get_config()
+    rebuilt = layer.__class__.from_config(config)
+    assert rebuilt.get_config() == config
+    serialized = keras.saving.serialize_keras_object(layer)
+    assert serialized["registered_name"].startswith("keras_convnext>")
+    return rebuilt
+
+
+def test_grn_matches_formula_and_is_identity_when_fresh():
+    x = np.random.default_rng(0).normal(size=(2, 5, 7, 6)).astype("float32")
+    layer = layers.GRN()
+    np.testing.assert_allclose(ops.convert_to_numpy(layer(x)), x, atol=1e-6)
+    gamma = np.linspace(-1, 1, 6).astype("float32")
+    beta = np.linspace(0.5, -0.5, 6).astype("float32")
+    layer.set_weights([gamma, beta])
+    np.testing.assert_allclose(ops.convert_to_numpy(layer(x)), _numpy_grn(x, gamma, beta), atol=1e-5)
+    _roundtrip(layer)
+
+
+def test_grn_channels_first_equals_channels_last():
+    x = np.random.default_rng(1).normal(size=(2, 5, 7, 6)).astype("float32")
+    last, first = layers.GRN(), layers.GRN(data_format="channels_first")
+    last.build(x.shape)
+    first.build((2, 6, 5, 7))
+    weights = [np.arange(6, dtype="float32") / 3, np.ones(6, "float32")]
+    last.set_weights(weights)
+    first.set_weights(weights)
+    out_first = ops.convert_to_numpy(first(np.transpose(x, (0, 3, 1, 2))))
+    np.testing.assert_allclose(np.transpose(out_first, (0, 2, 3, 1)), ops.convert_to_numpy(last(x)), atol=1e-5)
+
+
+def test_grn_float16_does_not_overflow():
+    # 56x56 values of 30: a float16 sum of squares would be 2.8e6 > 65504.
+    x = np.full((1, 56, 56, 4), 30.0, "float16")
+    layer = layers.GRN(dtype="mixed_float16")
+    layer.build(x.shape)
+    layer.set_weights([np.ones(4, "float32"), np.zeros(4, "float32")])
+    out = ops.convert_to_numpy(layer(x)).astype("float32")
+    assert np.all(np.isfinite(out))
+    np.testing.assert_allclose(out, 60.0, rtol=1e-3)
+
+
+def test_layer_scale():
+    layer = layers.LayerScale(0.5)
+    x = np.ones((2, 3, 3, 4), "float32")
+    np.testing.assert_allclose(ops.convert_to_numpy(layer(x)), 0.5 * x)
+    assert _roundtrip(layer).init_value == 0.5
+
+
+def test_stochastic_depth_per_sample_and_identity_at_inference():
+    layer = layers.StochasticDepth(0.5, seed=3)
+    x = np.ones((256, 2, 2, 3), "float32")
+    np.testing.assert_array_equal(ops.convert_to_numpy(layer(x, training=False)), x)
+    out = ops.convert_to_numpy(layer(x, training=True))
+    per_sample = out.reshape(256, -1)
+    # each sample is either dropped entirely or kept and scaled by 1 / (1 - rate)
+    assert set(np.unique(per_sample)) <= {0.0, 2.0}
+    assert np.all(per_sample.min(axis=1) == per_sample.max(axis=1))
+    kept = (per_sample[:, 0] > 0).mean()
+    assert 0.35 < kept < 0.65
+    assert _roundtrip(layer).rate == 0.5
+    with pytest.raises(ValueError, match="rate"):
+        layers.StochasticDepth(1.0)
+
+
+@pytest.mark.parametrize("use_grn,layer_scale", [(True, None), (False, 1e-6)])
+def test_block_config_roundtrip_and_channels_first(use_grn, layer_scale):
+    block = layers.ConvNeXtBlock(use_grn=use_grn, layer_scale_init_value=layer_scale, drop_path_rate=0.1)
+    x = np.random.default_rng(2).normal(size=(2, 9, 9, 8)).astype("float32")
+    out = ops.convert_to_numpy(block(x))
+    assert out.shape == x.shape
+    assert (block.grn is not None) == use_grn
+    assert (block.layer_scale is not None) == (layer_scale is not None)
+    rebuilt = _roundtrip(block)
+    assert rebuilt.get_config()["drop_path_rate"] == 0.1
+
+    first = layers.ConvNeXtBlock(
+        use_grn=use_grn, layer_scale_init_value=layer_scale, data_format="channels_first"
+    )
+    first.build((2, 8, 9, 9))
+    first.set_weights(block.get_weights())
+    out_first = ops.convert_to_numpy(first(np.transpose(x, (0, 3, 1, 2))))
+    np.testing.assert_allclose(np.transpose(out_first, (0, 2, 3, 1)), out, atol=1e-5)
+
+
+def test_image_normalization():
+    layer = layers.ImageNormalization()
+    x = np.full((1, 2, 2, 3), 255.0, "float32")
+    expected = (1.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    np.testing.assert_allclose(ops.convert_to_numpy(layer(x))[0, 0, 0], expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="input has 4"):
+        layers.ImageNormalization()(np.zeros((1, 2, 2, 4), "float32"))
+    _roundtrip(layer)

@@ -1,0 +1,154 @@
+import numpy as np
+import pytest
+
+import keras
+
+import keras_convnext as kc
+from keras_convnext.layers import block as block_module
+from keras_convnext.models import convnext as convnext_module
+
+# Trainable parameters of the reference implementations (timm / official), classes=1000.
+REFERENCE_PARAMS = {
+    "ConvNeXtV2Atto": 3_708_400,
+    "ConvNeXtV2Femto": 5_233_240,
+    "ConvNeXtV2Pico": 9_066_280,
+    "ConvNeXtV2Nano": 15_623_800,
+    "ConvNeXtV2Tiny": 28_635_496,
+    "ConvNeXtV2Base": 88_717_800,
+    "ConvNeXtV2Large": 197_956_840,
+    "ConvNeXtV2Huge": 660_289_640,
+    "ConvNeXtAtto": 3_695_520,
+    "ConvNeXtFemto": 5_217_784,
+    "ConvNeXtPico": 9_045_672,
+    "ConvNeXtNano": 15_593_560,
+    "ConvNeXtTiny": 28_589_128,
+    "ConvNeXtSmall": 50_223_688,
+    "ConvNeXtBase": 88_591_464,
+    "ConvNeXtLarge": 197_767_336,
+    "ConvNeXtXLarge": 350_196_968,
+}
+
+
+@pytest.fixture
+def cheap_init(monkeypatch):
+    """Zero initialization: counting the parameters of Huge needs no random numbers."""
+    monkeypatch.setattr(block_module, "KERNEL_INIT", "zeros")
+    monkeypatch.setattr(convnext_module, "KERNEL_INIT", "zeros")
+
+
+def test_every_reference_variant_has_a_constructor():
+    assert set(REFERENCE_PARAMS) == set(kc.CONSTRUCTORS) == set(kc.VARIANTS)
+    for name in REFERENCE_PARAMS:
+        assert getattr(kc, name) is kc.CONSTRUCTORS[name]
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_PARAMS))
+def test_parameter_count_matches_reference(name, cheap_init):
+    model = kc.CONSTRUCTORS[name](input_shape=(32, 32, 3))
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    assert trainable == REFERENCE_PARAMS[name]
+    assert len(model.non_trainable_weights) == 0
+
+
+def test_generic_builder_custom_size():
+    model = kc.ConvNeXt((1, 1, 2, 1), (8, 16, 24, 32), version="v1", classes=5, input_shape=(40, 56, 3))
+    assert model.output_shape == (None, 5)
+    assert len([l for l in model.layers if l.name.startswith("stage2_block")]) == 2
+    assert model.get_layer("stage0_block0").layer_scale is not None
+
+
+@pytest.mark.parametrize("height,width", [(32, 32), (45, 70), (100, 33)])
+def test_stage_features_follow_pytorch_floor_sizes(height, width):
+    model = kc.ConvNeXtV2Atto(include_top=False)
+    features = kc.stage_features(model)
+    outputs = features.predict(np.zeros((1, height, width, 3), "float32"), verbose=0)
+    h, w = height // 4, width // 4
+    for stage, output in enumerate(outputs):
+        if stage:
+            h, w = h // 2, w // 2
+        assert output.shape == (1, h, w, (40, 80, 160, 320)[stage])
+
+
+def test_pooling_and_top_options():
+    assert kc.ConvNeXtAtto(include_top=False, pooling="avg").output_shape == (None, 320)
+    assert kc.ConvNeXtAtto(include_top=False, pooling="max").output_shape == (None, 320)
+    assert kc.ConvNeXtAtto(include_top=False, input_shape=(64, 96, 3)).output_shape == (None, 2, 3, 320)
+    model = kc.ConvNeXtV2Atto(classes=7, classifier_activation=None)
+    assert model.output_shape == (None, 7)
+    assert "activation" not in [layer.name for layer in model.layers]
+    with pytest.raises(ValueError, match="pooling"):
+        kc.ConvNeXtV2Atto(include_top=False, pooling="mean")
+
+
+def test_input_tensor_is_used():
+    tensor = keras.Input((64, 64, 3))
+    model = kc.ConvNeXtV2Atto(input_tensor=tensor, classes=3)
+    assert model.inputs[0] is tensor
+
+
+@pytest.mark.parametrize(
+    "input_shape,match",
+    [((16, 16, 3), "at least 32x32"), ((64, 64, 4), "3 channels"), ((64, 3), "3 entries")],
+)
+def test_bad_input_shapes_are_named(input_shape, match):
+    with pytest.raises(ValueError, match=match):
+        kc.ConvNeXtV2Atto(input_shape=input_shape)
+
+
+def test_channels_first_equals_channels_last():
+    images = np.random.default_rng(0).uniform(0, 255, size=(2, 48, 64, 3)).astype("float32")
+    last = kc.ConvNeXtV2Atto(classifier_activation=None)
+    expected = last.predict(images, verbose=0)
+    features_last = kc.stage_features(kc.ConvNeXtV2Atto(include_top=False))
+    keras.config.set_image_data_format("channels_first")
+    first = kc.ConvNeXtV2Atto(classifier_activation=None)
+    assert first.input_shape == (None, 3, None, None)
+    first.set_weights(last.get_weights())
+    nchw = np.transpose(images, (0, 3, 1, 2))
+    np.testing.assert_allclose(first.predict(nchw, verbose=0), expected, atol=1e-4)
+    backbone = kc.ConvNeXtV2Atto(include_top=False)
+    backbone.set_weights(features_last.get_weights())
+    outputs = kc.stage_features(backbone).predict(nchw, verbose=0)
+    assert [o.shape for o in outputs] == [
+        (2, 40, 12, 16), (2, 80, 6, 8), (2, 160, 3, 4), (2, 320, 1, 2)
+    ]
+
+
+def test_keras_file_roundtrip(tmp_path):
+    model = kc.ConvNeXtAtto(classes=4, drop_path_rate=0.1, input_shape=(48, 48, 3))
+    images = np.random.default_rng(1).uniform(0, 255, size=(2, 48, 48, 3)).astype("float32")
+    expected = model.predict(images, verbose=0)
+    path = tmp_path / "atto.keras"
+    model.save(path)
+    reloaded = keras.saving.load_model(path, safe_mode=True)
+    np.testing.assert_array_equal(reloaded.predict(images, verbose=0), expected)
+    assert reloaded.get_layer("stage2_block5").get_config() == model.get_layer("stage2_block5").get_config()
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_is_finite_and_close(policy):
+    images = np.random.default_rng(2).uniform(0, 255, size=(4, 64, 64, 3)).astype("float32")
+    reference = kc.ConvNeXtV2Atto(classes=10, classifier_activation=None)
+    expected = reference.predict(images, verbose=0)
+    keras.config.set_dtype_policy(policy)
+    model = kc.ConvNeXtV2Atto(classes=10, classifier_activation=None)
+    model.set_weights(reference.get_weights())
+    assert model.get_layer("stage0_block0").compute_dtype == policy.split("_")[1]
+    logits = np.asarray(model.predict(images, verbose=0), "float32")
+    assert np.all(np.isfinite(logits))
+    spread = np.abs(expected).max()
+    assert np.abs(logits - expected).max() < 0.1 * spread
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    history = model.fit(images, np.arange(4) % 10, epochs=1, batch_size=4, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+
+def test_fit_with_drop_path_lowers_loss():
+    rng = np.random.default_rng(3)
+    images = rng.uniform(0, 255, size=(8, 32, 32, 3)).astype("float32")
+    labels = np.arange(8) % 2
+    images[labels == 1] *= 0.2  # two easily separated classes
+    model = kc.ConvNeXt((1, 1, 1, 1), (16, 32, 48, 64), classes=2, drop_path_rate=0.2)
+    model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss="sparse_categorical_crossentropy")
+    history = model.fit(images, labels, epochs=8, batch_size=8, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]

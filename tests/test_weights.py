@@ -1,0 +1,197 @@
+"""Checkpoint loading, proven against HF transformers models with random weights."""
+
+import numpy as np
+import pytest
+
+import keras
+
+import keras_convnext as kc
+from conftest import random_images, torch_logits
+from naming_fixtures import hf_to_official, hf_to_timm
+
+ATTO = ((2, 2, 6, 2), (40, 80, 160, 320))
+SIZES = [(64, 64), (45, 70)]
+
+
+def _state_dict(reference):
+    return {k: v.detach().clone() for k, v in reference.state_dict().items()}
+
+
+def _save(state_dict, path, wrap=None):
+    import torch
+
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path))
+    else:
+        torch.save({wrap: state_dict} if wrap else state_dict, str(path))
+    return path
+
+
+def _assert_parity(model, reference, sizes=SIZES):
+    for height, width in sizes:
+        images = random_images(2, height, width, seed=height)
+        expected = torch_logits(reference, images)
+        logits = keras.ops.convert_to_numpy(model(images, training=False))
+        assert logits.shape == expected.shape
+        assert np.abs(logits - expected).max() <= 1e-4, (height, width, np.abs(logits - expected).max())
+
+
+NAMINGS = {
+    "hf-bin": (lambda sd: sd, "pytorch_model.bin", None),
+    "hf-safetensors": (lambda sd: sd, "model.safetensors", None),
+    "official-pth": (hf_to_official, "convnextv2_atto.pt", "model"),
+    "official-safetensors": (hf_to_official, "official.safetensors", None),
+    "timm-pth": (hf_to_timm, "timm.pth", "state_dict"),
+}
+
+
+@pytest.mark.parametrize("naming", sorted(NAMINGS))
+def test_v2_parity_in_every_naming(naming, hf_v2_atto, tmp_path):
+    rename, filename, wrap = NAMINGS[naming]
+    path = _save(rename(_state_dict(hf_v2_atto)), tmp_path / filename, wrap)
+    model = kc.ConvNeXtV2Atto(weights=str(path), include_preprocessing=False, classifier_activation=None)
+    _assert_parity(model, hf_v2_atto)
+
+
+@pytest.mark.parametrize("naming", ["hf-safetensors", "official-pth", "timm-pth"])
+def test_v1_parity_in_every_naming(naming, hf_v1_atto, tmp_path):
+    rename, filename, wrap = NAMINGS[naming]
+    path = _save(rename(_state_dict(hf_v1_atto)), tmp_path / filename, wrap)
+    model = kc.ConvNeXtAtto(weights=str(path), include_preprocessing=False, classifier_activation=None)
+    _assert_parity(model, hf_v1_atto)
+
+
+def test_reference_weights_are_non_trivial(hf_v2_atto, hf_v1_atto):
+    v2 = _state_dict(hf_v2_atto)
+    grn = v2["convnextv2.encoder.stages.0.layers.0.grn.weight"].numpy()
+    assert np.abs(grn).min() > 0 and np.abs(v2["convnextv2.encoder.stages.0.layers.0.grn.bias"].numpy()).mean() > 0.05
+    scale = _state_dict(hf_v1_atto)["convnext.encoder.stages.2.layers.3.layer_scale_parameter"].numpy()
+    assert np.abs(scale).mean() > 0.1
+    norm = v2["convnextv2.embeddings.layernorm.weight"].numpy()
+    assert np.abs(norm - 1).mean() > 0.05
+
+
+def test_in_memory_mapping_and_preprocessing(hf_v2_atto):
+    model = kc.ConvNeXtV2Atto(classifier_activation=None)
+    kc.load_weights(model, _state_dict(hf_v2_atto))
+    pixels = np.random.default_rng(0).uniform(0, 255, size=(2, 64, 64, 3)).astype("float32")
+    expected = torch_logits(hf_v2_atto, kc.preprocess_input(pixels))
+    np.testing.assert_allclose(model.predict(pixels, verbose=0), expected, atol=1e-4)
+
+
+def test_include_top_false_ignores_head_and_matches_features(hf_v2_atto):
+    import torch
+
+    model = kc.ConvNeXtV2Atto(include_top=False, include_preprocessing=False)
+    kc.load_state_dict(model, _state_dict(hf_v2_atto))
+    images = random_images(1, 64, 96)
+    with torch.no_grad():
+        expected = hf_v2_atto.convnextv2(
+            torch.from_numpy(images.transpose(0, 3, 1, 2).copy()), output_hidden_states=True
+        ).hidden_states
+    outputs = kc.stage_features(model)(images)
+    for stage in range(4):
+        reference = expected[stage + 1].numpy().transpose(0, 2, 3, 1)
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(outputs[stage]), reference, atol=1e-4)
+
+
+def _snapshot(model):
+    return [np.array(w) for w in model.get_weights()]
+
+
+def _assert_unchanged(model, before):
+    for old, new in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(old, new)
+
+
+def test_errors_leave_the_model_untouched(hf_v2_atto, hf_v1_atto, tmp_path):
+    model = kc.ConvNeXtV2Atto(include_preprocessing=False)
+    before = _snapshot(model)
+    good = hf_to_official(_state_dict(hf_v2_atto))
+
+    truncated = tmp_path / "truncated.pt"
+    _save(good, tmp_path / "full.pt")
+    truncated.write_bytes((tmp_path / "full.pt").read_bytes()[:5000])
+    with pytest.raises(kc.CheckpointError, match="truncated"):
+        kc.load_weights(model, truncated)
+
+    extra = dict(good, **{"stages.0.0.extra.weight": good["norm.weight"]})
+    with pytest.raises(kc.CheckpointError, match=r"no place for: stages\.0\.0\.extra\.weight"):
+        kc.load_weights(model, extra)
+
+    missing = {k: v for k, v in good.items() if k != "stages.1.0.pwconv2.bias"}
+    with pytest.raises(kc.CheckpointError, match=r"no checkpoint tensor: stage1_block0/pwconv2/bias"):
+        kc.load_weights(model, missing)
+
+    reshaped = dict(good, **{"stages.3.1.pwconv1.weight": good["stages.3.1.pwconv1.weight"][:, :-1]})
+    with pytest.raises(kc.CheckpointError, match=r"stages\.3\.1\.pwconv1\.weight -> stage3_block1/pwconv1/kernel"):
+        kc.load_weights(model, reshaped)
+
+    with pytest.raises(kc.CheckpointError, match=r"ConvNeXt V1 .*\(ConvNeXtAtto\).*ConvNeXt V2 .*\(ConvNeXtV2Atto\)"):
+        kc.load_weights(model, _state_dict(hf_v1_atto))
+
+    with pytest.raises(kc.CheckpointError, match="Cannot tell which ConvNeXt checkpoint naming"):
+        kc.load_weights(model, {"foo.weight": np.zeros(3)})
+    _assert_unchanged(model, before)
+
+
+def test_other_variant_is_named():
+    import transformers
+
+    from conftest import hf_reference
+
+    femto = hf_reference("v2", (2, 2, 6, 2), (48, 96, 192, 384), classes=10)
+    model = kc.ConvNeXtV2Atto(classes=10)
+    before = _snapshot(model)
+    with pytest.raises(kc.CheckpointError, match=r"ConvNeXtV2Femto.*model .* is a ConvNeXt V2.*ConvNeXtV2Atto"):
+        kc.load_weights(model, _state_dict(femto))
+    _assert_unchanged(model, before)
+    assert isinstance(femto, transformers.ConvNextV2ForImageClassification)
+
+
+def test_head_of_another_size_needs_fresh_head(hf_v2_atto):
+    model = kc.ConvNeXtV2Atto(classes=5, include_preprocessing=False, classifier_activation=None)
+    before = _snapshot(model)
+    with pytest.raises(kc.CheckpointError, match="fresh_head=True"):
+        kc.load_weights(model, _state_dict(hf_v2_atto))
+    _assert_unchanged(model, before)
+    head_before = keras.ops.convert_to_numpy(model.get_layer("predictions").kernel)
+    kc.load_weights(model, _state_dict(hf_v2_atto), fresh_head=True)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(model.get_layer("predictions").kernel), head_before)
+    reference_norm = hf_v2_atto.convnextv2.layernorm.weight.detach().numpy()
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(model.get_layer("head_norm").gamma), reference_norm)
+
+
+def test_keras_weights_file(tmp_path, hf_v2_atto):
+    source = kc.ConvNeXtV2Atto(include_preprocessing=False, classifier_activation=None)
+    kc.load_weights(source, _state_dict(hf_v2_atto))
+    path = tmp_path / "atto.weights.h5"
+    source.save_weights(path)
+    model = kc.ConvNeXtV2Atto(weights=str(path), include_preprocessing=False, classifier_activation=None)
+    _assert_parity(model, hf_v2_atto, sizes=[(64, 64)])
+
+    other = kc.ConvNeXtV2Femto(include_preprocessing=False)
+    before = _snapshot(other)
+    with pytest.raises(kc.CheckpointError, match="Nothing was loaded"):
+        kc.load_weights(other, path)
+    _assert_unchanged(other, before)
+
+
+def test_unknown_weights_value_is_explained():
+    with pytest.raises(ValueError, match="neither an existing file nor a known tag"):
+        kc.ConvNeXtV2Atto(weights="no-such-file-or-tag")
+    with pytest.raises(FileNotFoundError):
+        kc.read_checkpoint("/nonexistent/file.pt")
+
+
+def test_decode_predictions_uses_shipped_names():
+    scores = np.zeros((1, 1000), "float32")
+    scores[0, 281] = 0.9
+    scores[0, 1] = 0.05
+    top = kc.decode_predictions(scores, top=2)[0]
+    assert top[0][:2] == ("n02123045", "tabby, tabby cat")
+    assert top[1][0] == "n01443537"
+    with pytest.raises(ValueError, match=r"\(batch, 1000\)"):
+        kc.decode_predictions(np.zeros((1, 10)))
