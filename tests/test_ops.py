@@ -74,3 +74,52 @@ def _gradient(fn, x, kernel, weights):
     k = torch.tensor(kernel, requires_grad=True)
     (fn(a, k) * torch.from_numpy(weights)).sum().backward()
     return [a.grad.numpy(), k.grad.numpy()]
+
+
+def test_pointwise_fast_paths_agree_with_portable():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 5, 6, 8)).astype("float32")
+    kernel = rng.normal(size=(8, 12)).astype("float32")
+    bias = rng.normal(size=12).astype("float32")
+    gamma, beta = rng.normal(size=(2, 8)).astype("float32")
+    x_t, k_t, b_t, g_t, be_t = (ops.convert_to_tensor(a) for a in (x, kernel, bias, gamma, beta))
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(convnext_ops.linear(x_t, k_t, b_t)),
+        ops.convert_to_numpy(convnext_ops.portable_linear(x_t, k_t, b_t)),
+        atol=1e-5,
+    )
+    # GRN as written in the paper, in numpy
+    norm = np.sqrt((x.astype("float64") ** 2).sum(axis=(1, 2), keepdims=True))
+    expected = x + gamma * (x * norm / (norm.mean(-1, keepdims=True) + 1e-6)) + beta
+    for fn in (convnext_ops.grn, convnext_ops.portable_grn):
+        np.testing.assert_allclose(ops.convert_to_numpy(fn(x_t, g_t, be_t)), expected, atol=1e-5)
+
+
+def test_pointwise_dense_equals_dense():
+    from keras_convnext.layers import PointwiseDense
+
+    x = np.random.default_rng(4).normal(size=(2, 3, 3, 8)).astype("float32")
+    dense, fast = keras.layers.Dense(5), PointwiseDense(5)
+    dense.build(x.shape)
+    fast.build(x.shape)
+    fast.set_weights(dense.get_weights())
+    np.testing.assert_allclose(ops.convert_to_numpy(fast(x)), ops.convert_to_numpy(dense(x)), atol=1e-5)
+
+
+def test_tensorflow_xla_context_is_detected():
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("TensorFlow-only dispatch")
+    import tensorflow as tf
+
+    from keras_convnext.ops.depthwise import _tensorflow_in_xla
+
+    seen = {}
+
+    def probe(x):
+        seen[len(seen)] = _tensorflow_in_xla()
+        return x
+
+    tf.function(probe, jit_compile=True)(tf.ones(1))
+    tf.function(probe, jit_compile=False)(tf.ones(1))
+    assert seen == {0: True, 1: False}
+    assert not _tensorflow_in_xla()
