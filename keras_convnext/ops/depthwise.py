@@ -39,6 +39,81 @@ def shifted_depthwise_conv2d(inputs, kernel, bias=None):
     return outputs if bias is None else outputs + bias
 
 
+def depthwise_kernel_gradient(inputs, upstream, size):
+    """Gradient of the depthwise conv's kernel: `(size, size, channels, 1)`.
+
+    `dk[i, j, c] = sum over (b, h, w) of padded[b, h + i, w + j, c] * upstream[b, h, w, c]`.
+    Written as 49 separate reductions, XLA:CPU runs it at a fraction of its
+    speed; here each kernel row is one per-channel matrix product over the
+    (batch, height) positions, whose diagonals hold the column offsets.
+    """
+    pad = size // 2
+    _, height, width, channels = upstream.shape  # static under XLA, where this runs
+    padded = ops.pad(inputs, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
+    upstream_by_channel = ops.reshape(ops.transpose(upstream, (3, 0, 1, 2)), (channels, -1, width))
+    diagonal = ops.eye(width, dtype=upstream.dtype)
+    rows = []
+    for row in range(size):
+        window = ops.transpose(padded[:, row : row + height], (3, 0, 1, 2))
+        window = ops.reshape(window, (channels, -1, width + 2 * pad))
+        cross = ops.einsum("cnv,cnw->cvw", window, upstream_by_channel)
+        rows.append(
+            ops.stack([ops.sum(cross[:, col : col + width, :] * diagonal, axis=(1, 2)) for col in range(size)])
+        )
+    return ops.expand_dims(ops.stack(rows), -1)
+
+
+def _shifted_backward(inputs, kernel, upstream):
+    flipped = ops.flip(ops.flip(kernel, axis=0), axis=1)
+    inputs_gradient = shifted_depthwise_conv2d(upstream, flipped)
+    kernel_gradient = depthwise_kernel_gradient(inputs, upstream, kernel.shape[0])
+    return inputs_gradient, ops.cast(kernel_gradient, kernel.dtype)
+
+
+def _jax_shifted_with_fast_gradient():
+    import jax
+
+    @jax.custom_vjp
+    def convolve(inputs, kernel):
+        return shifted_depthwise_conv2d(inputs, kernel)
+
+    def forward(inputs, kernel):
+        return shifted_depthwise_conv2d(inputs, kernel), (inputs, kernel)
+
+    def backward(saved, upstream):
+        return _shifted_backward(*saved, upstream)
+
+    convolve.defvjp(forward, backward)
+    return convolve
+
+
+def _tensorflow_shifted_with_fast_gradient(inputs, kernel):
+    import tensorflow as tf
+
+    @tf.custom_gradient
+    def convolve(inputs, kernel):
+        def backward(upstream):
+            return _shifted_backward(inputs, kernel, upstream)
+
+        return shifted_depthwise_conv2d(inputs, kernel), backward
+
+    return convolve(inputs, kernel)
+
+
+_JAX_CONVOLVE = []
+
+
+def _xla_depthwise_conv2d(inputs, kernel, bias=None):
+    """Shifted multiply-adds whose gradient uses `depthwise_kernel_gradient`."""
+    if keras.backend.backend() == "jax":
+        if not _JAX_CONVOLVE:
+            _JAX_CONVOLVE.append(_jax_shifted_with_fast_gradient())
+        outputs = _JAX_CONVOLVE[0](inputs, kernel)
+    else:
+        outputs = _tensorflow_shifted_with_fast_gradient(inputs, kernel)
+    return outputs if bias is None else outputs + bias
+
+
 def _torch_channels_last_depthwise_conv2d(inputs, kernel, bias=None):
     import torch.nn.functional as F
 
@@ -66,14 +141,15 @@ def _tensorflow_in_xla():
 def depthwise_conv2d(inputs, kernel, bias=None):
     """Depthwise convolution through the fastest formulation for the backend.
 
-    JAX, and TensorFlow inside XLA compilation, use the shifted multiply-adds;
+    JAX, and TensorFlow inside XLA compilation, use the shifted multiply-adds
+    (with a gradient of the same kind, see `depthwise_kernel_gradient`);
     PyTorch its channels_last kernel; TensorFlow outside XLA its native op.
     All agree with `portable_depthwise_conv2d` up to float rounding
     (tests/test_ops.py).
     """
     backend = keras.backend.backend()
     if backend == "jax" or (backend == "tensorflow" and _tensorflow_in_xla()):
-        return shifted_depthwise_conv2d(inputs, kernel, bias)
+        return _xla_depthwise_conv2d(inputs, kernel, bias)
     if backend == "torch":
         return _torch_channels_last_depthwise_conv2d(inputs, kernel, bias)
     return portable_depthwise_conv2d(inputs, kernel, bias)
