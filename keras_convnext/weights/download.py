@@ -238,11 +238,14 @@ def converted_weights(entry, progress=True):
         weights = convert_checkpoint(entry, checkpoint, cached)
     except CheckpointError as error:
         if downloaded:
-            os.remove(checkpoint)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(checkpoint)
         raise CheckpointError(
             f"The checkpoint {entry.filename} for {entry.variant} weights={entry.tag!r} could not "
             f"be converted{' and was removed from the cache' if downloaded else ''}: {error}"
         ) from error
     if downloaded:
-        os.remove(checkpoint)  # the converted file is all later loads need
+        # The converted file is all later loads need; another process may have removed it already.
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(checkpoint)
     return weights

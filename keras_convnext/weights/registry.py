@@ -196,6 +196,15 @@ def resolve(model, weights, variant_name):
 def markdown_table(entries=None):
     """The README weights table, one row per entry."""
     lines = [
+        "`keras_convnext.ConvNeXtV2Tiny(weights=\"imagenet\")` downloads the official checkpoint once "
+        "(into `~/.keras/models/keras_convnext`, or `$KERAS_CONVNEXT_CACHE_DIR`), converts it once "
+        "to a Keras `.weights.h5` and from then on loads only that file (no PyTorch needed). "
+        "Without network access, download the file in the last column elsewhere and pass its "
+        "path as `weights=`, or put it in a directory named by `KERAS_CONVNEXT_WEIGHTS_DIR`. "
+        "`python -m keras_convnext.convert FILE_OR_TAG [--variant NAME] --verify` writes "
+        "`.weights.h5` and `.keras` files and checks them against the PyTorch reference; "
+        "`--all` converts every release below.",
+        "",
         "| Constructor | `weights=` | Training data | Resolution | Classes | Top-1 (official) | File |",
         "|---|---|---|---|---|---|---|",
     ]
