@@ -90,6 +90,7 @@ def _offline_error(url, filename, reason):
 def atomic_path(final_path):
     """Yields a temporary path beside `final_path`; renames it there only on success."""
     directory, name = os.path.split(final_path)
+    directory = directory or "."
     os.makedirs(directory, exist_ok=True)
     # Keep the double suffix (.weights.h5) that Keras' save_weights requires.
     suffix = ".weights.h5" if name.endswith(".weights.h5") else os.path.splitext(name)[1]
