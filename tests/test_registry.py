@@ -148,7 +148,7 @@ def cache(tmp_path, monkeypatch):
 
 
 def _register(monkeypatch, url, sha256=None, tag="test-imagenet"):
-    entry = registry.Pretrained("ConvNeXtV2Atto", tag, url, "test", 64, 1000, None, sha256)
+    entry = registry.Pretrained("ConvNeXtV2Atto", tag, url, "test", 224, 1000, None, sha256)
     monkeypatch.setitem(registry.REGISTRY, (entry.variant, tag), entry)
     return entry
 
@@ -190,15 +190,16 @@ def test_download_convert_cache_and_reuse(server, cache, monkeypatch, hf_v2_atto
     assert np.abs(_logits(model, images) - torch_logits(hf_v2_atto, images)).max() <= 1e-4
 
     # Later loads read the converted file only: no request, no checkpoint reader (no torch).
-    # Another number of classes and another input size: a fresh head, everything else loaded.
+    # Another number of classes, and a fixed input size other than the entry's 224:
+    # a fresh head, everything else loaded. (64x64 keeps the shapes compiled above.)
     monkeypatch.setattr(download, "read_checkpoint", lambda *a: pytest.fail("original checkpoint read"))
-    finetune = kc.ConvNeXtV2Atto(weights="test-imagenet", classes=7, input_shape=(96, 80, 3))
+    finetune = kc.ConvNeXtV2Atto(weights="test-imagenet", classes=7, input_shape=(64, 64, 3))
     assert tuple(finetune.get_layer("predictions").kernel.shape) == (320, 7)
     np.testing.assert_array_equal(
         finetune.get_layer("head_norm").weights[0].numpy(), model.get_layer("head_norm").weights[0].numpy()
     )
     features = keras.Model(finetune.inputs[0], finetune.get_layer("stage3_block1").output)
-    pixels = np.random.default_rng(5).uniform(0, 255, size=(2, 96, 80, 3)).astype("float32")
+    pixels = np.random.default_rng(5).uniform(0, 255, size=(7, 64, 64, 3)).astype("float32")
     assert np.abs(_logits(features, pixels) - _hf_features(hf_v2_atto, pixels)).max() <= 1e-4
     assert len(server.requests) == 1
 
