@@ -20,6 +20,7 @@ Files supplied by hand: put the official file (or a converted
 
 import contextlib
 import hashlib
+import importlib.util
 import os
 import socket
 import tempfile
@@ -29,7 +30,7 @@ import urllib.request
 import keras
 
 from keras_convnext.models.convnext import CONSTRUCTORS
-from keras_convnext.weights.files import CheckpointError, read_checkpoint
+from keras_convnext.weights.files import PICKLE_SUFFIXES, CheckpointError, read_checkpoint
 from keras_convnext.weights.loader import load_state_dict, load_weights
 
 CACHE_ENV = "KERAS_CONVNEXT_CACHE_DIR"
@@ -229,6 +230,22 @@ def convert_checkpoint(entry, checkpoint_path, destination):
     return _weights_of(model)
 
 
+def _torch_available():
+    return importlib.util.find_spec("torch") is not None
+
+
+def _require_torch_for(entry):
+    # Checked before downloading: a multi-GB file that cannot be read helps nobody.
+    if entry.filename.endswith(PICKLE_SUFFIXES) and not _torch_available():
+        raise CheckpointError(
+            f"{entry.variant} weights={entry.tag!r} is published as a PyTorch pickle "
+            f"({entry.url}), which needs PyTorch to read once for the conversion: "
+            f"pip install torch (the CPU build is enough). Alternatively convert it elsewhere "
+            f"(python -m keras_convnext.convert {entry.tag} --variant {entry.variant}) and put "
+            f"{converted_name(entry)} in the directory named by {WEIGHTS_DIR_ENV}."
+        )
+
+
 def converted_weights(entry, progress=True):
     """The entry's weights as `{weight path: array}`, downloading and converting once.
 
@@ -247,6 +264,7 @@ def converted_weights(entry, progress=True):
         model = reference_model(entry)
         load_weights(model, cached)
         return _weights_of(model)
+    _require_torch_for(entry)
     checkpoint, downloaded = fetch_checkpoint(entry, progress=progress)
     try:
         weights = convert_checkpoint(entry, checkpoint, cached)
