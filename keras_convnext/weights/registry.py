@@ -1,12 +1,260 @@
-"""Named pretrained checkpoints (filled in by the pretrained-weights work)."""
+"""Every official ConvNeXt V1/V2 checkpoint, by constructor and tag, as data.
 
-REGISTRY = {}
+`ConvNeXtV2Tiny(weights="imagenet")` looks up `("ConvNeXtV2Tiny", "imagenet")`
+here, downloads the official file once, converts it once to a Keras
+`.weights.h5` in the cache (keras_convnext.weights.download) and loads that.
+
+Tags (the same meaning for every size that has them):
+
+- `imagenet`: trained on ImageNet-1k at 224 (V2: FCMAE pre-training, then
+  ImageNet-1k fine-tuning); `imagenet-384`: V1 ImageNet-1k at 384.
+- `imagenet22k`: V1 trained on ImageNet-22k only (21841 classes).
+- `imagenet22k-ft-1k`, `imagenet22k-ft-1k-384`, `imagenet22k-ft-1k-512`:
+  ImageNet-22k (pre-)training, then ImageNet-1k fine-tuning at that size.
+- `fcmae`: V2 FCMAE self-supervised pre-training on ImageNet-1k; the
+  encoder only (no classifier), for `include_top=False` or fine-tuning.
+
+Run `python -m keras_convnext.weights.registry --markdown` for the README table.
+"""
+
+import argparse
+import re
+import sys
+from typing import NamedTuple, Optional
+
+from keras_convnext.models.variants import VARIANTS
+from keras_convnext.weights import download
+from keras_convnext.weights.files import CheckpointError
+from keras_convnext.weights.loader import _plan, model_weights
+from keras_convnext.weights.naming import CLASSIFIER_PREFIX
+
+V1_BASE_URL = "https://dl.fbaipublicfiles.com/convnext/"
+V2_BASE_URL = "https://dl.fbaipublicfiles.com/convnext/convnextv2/"
+IMAGENET22K_CLASSES = 21841
+
+
+class Pretrained(NamedTuple):
+    """One official checkpoint release."""
+
+    variant: str  # constructor name, e.g. "ConvNeXtV2Tiny"
+    tag: str  # the `weights=` value, e.g. "imagenet22k-ft-1k-384"
+    url: str
+    training_data: str
+    resolution: int  # image side in pixels the release was trained/fine-tuned at
+    classes: Optional[int]  # None: encoder only, no classifier in the file
+    top1: Optional[float]  # official ImageNet-1k top-1 (%) at `resolution`, where published
+    sha256: Optional[str] = None
+
+    @property
+    def encoder_only(self):
+        return self.classes is None
+
+    @property
+    def filename(self):
+        return self.url.rsplit("/", 1)[-1]
+
+
+IN1K = "ImageNet-1k"
+IN22K = "ImageNet-22k"
+IN22K_1K = "ImageNet-22k, fine-tuned on ImageNet-1k"
+FCMAE_1K = "ImageNet-1k, FCMAE self-supervised (no labels)"
+V2_1K = "ImageNet-1k: FCMAE pre-training, then fine-tuning"
+V2_22K = "ImageNet-22k (after FCMAE), fine-tuned on ImageNet-1k"
+
+
+def _v1(size, tag, file_tag, data, resolution, classes, top1):
+    return Pretrained(
+        f"ConvNeXt{size.capitalize() if size != 'xlarge' else 'XLarge'}", tag,
+        f"{V1_BASE_URL}convnext_{size}_{file_tag}.pth", data, resolution, classes, top1,
+    )
+
+
+def _v2(size, tag, folder, file_tag, data, resolution, classes, top1):
+    return Pretrained(
+        f"ConvNeXtV2{size.capitalize()}", tag,
+        f"{V2_BASE_URL}{folder}/convnextv2_{size}_{file_tag}.pt", data, resolution, classes, top1,
+    )
+
+
+# Top-1 numbers: the results tables of facebookresearch/ConvNeXt and
+# facebookresearch/ConvNeXt-V2 (ImageNet-1k validation, single crop).
+_V1 = [
+    # size, tag, file tag, training data, resolution, classes, top-1
+    ("tiny", "imagenet", "1k_224_ema", IN1K, 224, 1000, 82.1),
+    ("small", "imagenet", "1k_224_ema", IN1K, 224, 1000, 83.1),
+    ("base", "imagenet", "1k_224_ema", IN1K, 224, 1000, 83.8),
+    ("large", "imagenet", "1k_224_ema", IN1K, 224, 1000, 84.3),
+    ("base", "imagenet-384", "1k_384", IN1K, 384, 1000, 85.1),
+    ("large", "imagenet-384", "1k_384", IN1K, 384, 1000, 85.5),
+    *[(size, "imagenet22k", "22k_224", IN22K, 224, IMAGENET22K_CLASSES, None)
+      for size in ("tiny", "small", "base", "large", "xlarge")],
+    ("tiny", "imagenet22k-ft-1k", "22k_1k_224", IN22K_1K, 224, 1000, 82.9),
+    ("small", "imagenet22k-ft-1k", "22k_1k_224", IN22K_1K, 224, 1000, 84.6),
+    ("base", "imagenet22k-ft-1k", "22k_1k_224", IN22K_1K, 224, 1000, 85.8),
+    ("large", "imagenet22k-ft-1k", "22k_1k_224", IN22K_1K, 224, 1000, 86.6),
+    ("xlarge", "imagenet22k-ft-1k", "22k_1k_224_ema", IN22K_1K, 224, 1000, 87.0),
+    ("tiny", "imagenet22k-ft-1k-384", "22k_1k_384", IN22K_1K, 384, 1000, 84.1),
+    ("small", "imagenet22k-ft-1k-384", "22k_1k_384", IN22K_1K, 384, 1000, 85.8),
+    ("base", "imagenet22k-ft-1k-384", "22k_1k_384", IN22K_1K, 384, 1000, 86.8),
+    ("large", "imagenet22k-ft-1k-384", "22k_1k_384", IN22K_1K, 384, 1000, 87.5),
+    ("xlarge", "imagenet22k-ft-1k-384", "22k_1k_384_ema", IN22K_1K, 384, 1000, 87.8),
+]
+
+_V2_SIZES = ("atto", "femto", "pico", "nano", "tiny", "base", "large", "huge")
+_V2_1K_TOP1 = (76.7, 78.5, 80.3, 81.9, 83.0, 84.9, 85.8, 86.3)
+_V2 = [
+    *[(size, "fcmae", "pt_only", "1k_224_fcmae", FCMAE_1K, 224, None, None) for size in _V2_SIZES],
+    *[(size, "imagenet", "im1k", "1k_224_ema", V2_1K, 224, 1000, top1)
+      for size, top1 in zip(_V2_SIZES, _V2_1K_TOP1)],
+    ("nano", "imagenet22k-ft-1k", "im22k", "22k_224_ema", V2_22K, 224, 1000, 82.1),
+    ("nano", "imagenet22k-ft-1k-384", "im22k", "22k_384_ema", V2_22K, 384, 1000, 83.4),
+    ("tiny", "imagenet22k-ft-1k", "im22k", "22k_224_ema", V2_22K, 224, 1000, 83.9),
+    ("tiny", "imagenet22k-ft-1k-384", "im22k", "22k_384_ema", V2_22K, 384, 1000, 85.1),
+    ("base", "imagenet22k-ft-1k", "im22k", "22k_224_ema", V2_22K, 224, 1000, 86.8),
+    ("base", "imagenet22k-ft-1k-384", "im22k", "22k_384_ema", V2_22K, 384, 1000, 87.7),
+    ("large", "imagenet22k-ft-1k", "im22k", "22k_224_ema", V2_22K, 224, 1000, 87.3),
+    ("large", "imagenet22k-ft-1k-384", "im22k", "22k_384_ema", V2_22K, 384, 1000, 88.2),
+    ("huge", "imagenet22k-ft-1k-384", "im22k", "22k_384_ema", V2_22K, 384, 1000, 88.7),
+    ("huge", "imagenet22k-ft-1k-512", "im22k", "22k_512_ema", V2_22K, 512, 1000, 88.9),
+]
+
+TAG_ORDER = (
+    "imagenet", "imagenet-384", "imagenet22k", "imagenet22k-ft-1k",
+    "imagenet22k-ft-1k-384", "imagenet22k-ft-1k-512", "fcmae",
+)
+
+
+def _order(entry):
+    return (list(VARIANTS).index(entry.variant), TAG_ORDER.index(entry.tag))
+
+
+ENTRIES = sorted([_v2(*row) for row in _V2] + [_v1(*row) for row in _V1], key=_order)
+REGISTRY = {(entry.variant, entry.tag): entry for entry in ENTRIES}
+
+
+def tags_for(variant_name):
+    return sorted(tag for (name, tag) in REGISTRY if name == variant_name)
+
+
+def lookup(variant_name, tag):
+    """The registry entry for `variant_name` and `tag`, or a ValueError listing the valid tags."""
+    entry = REGISTRY.get((variant_name, tag))
+    if entry is not None:
+        return entry
+    if variant_name is None:
+        raise ValueError(
+            f"weights={tag!r} is neither an existing file nor usable as a registry tag here: "
+            "registry tags need a named constructor (for example keras_convnext.ConvNeXtV2Tiny). "
+            "For a custom size, pass a checkpoint file path."
+        )
+    tags = tags_for(variant_name)
+    others = sorted({name for (name, other) in REGISTRY if other == tag})
+    hint = f" The tag {tag!r} exists for: {', '.join(others)}." if others else ""
+    raise ValueError(
+        f"weights={tag!r} is neither an existing file nor a known tag for {variant_name}. "
+        f"Tags for {variant_name}: {', '.join(tags) or 'none'}.{hint}"
+    )
+
+
+def _classifier_units(model):
+    kernel = model_weights(model).get(CLASSIFIER_PREFIX + "kernel")
+    return None if kernel is None else int(kernel.shape[-1])
+
+
+def load_pretrained(model, entry):
+    """Loads a registry entry into `model` (downloading and converting it if needed).
+
+    A model whose classifier has another number of classes than the entry
+    gets a fresh head and everything else loaded (fine-tuning); a model built
+    with `include_top=False` loads the backbone only. Any input size works:
+    the network is fully convolutional.
+    """
+    model_classes = _classifier_units(model)
+    if entry.encoder_only and model_classes is not None:
+        raise ValueError(
+            f"weights={entry.tag!r} is an encoder-only checkpoint (FCMAE pre-training has no "
+            f"classifier and no head norm), but the model was built with include_top=True. "
+            f"Build it with include_top=False (optionally pooling='avg') and put your own head "
+            f"on top to fine-tune; for a ready classifier use weights='imagenet'."
+        )
+    arrays = {name: (name, array) for name, array in download.converted_weights(entry).items()}
+    fresh_head = model_classes is not None and model_classes != entry.classes
+    try:
+        assignments = _plan(model, arrays, [], fresh_head)
+    except CheckpointError as error:
+        raise CheckpointError(f"weights={entry.tag!r} ({entry.filename}): {error}") from error
+    for variable, array in assignments:
+        variable.assign(array.astype(variable.dtype))
+    return model
 
 
 def resolve(model, weights, variant_name):
     """Loads registry tag `weights` into `model`; raises for unknown tags."""
-    tags = sorted({tag for (name, tag) in REGISTRY if name == variant_name})
-    raise ValueError(
-        f"weights={weights!r} is neither an existing file nor a known tag for "
-        f"{variant_name or 'this model'}; known tags: {', '.join(tags) or 'none'}."
+    return load_pretrained(model, lookup(variant_name, weights))
+
+
+def markdown_table(entries=None):
+    """The README weights table, one row per entry."""
+    lines = [
+        "`keras_convnext.ConvNeXtV2Tiny(weights=\"imagenet\")` downloads the official checkpoint once "
+        "(into `~/.keras/models/keras_convnext`, or `$KERAS_CONVNEXT_CACHE_DIR`), converts it once "
+        "to a Keras `.weights.h5` and from then on loads only that file (no PyTorch needed). "
+        "Without network access, download the file in the last column elsewhere and pass its "
+        "path as `weights=`, or put it in a directory named by `KERAS_CONVNEXT_WEIGHTS_DIR`. "
+        "`python -m keras_convnext.convert FILE_OR_TAG [--variant NAME] --verify` writes "
+        "`.weights.h5` and `.keras` files and checks them against the PyTorch reference; "
+        "`--all` converts every release below.",
+        "",
+        "| Constructor | `weights=` | Training data | Resolution | Classes | Top-1 (official) | File |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for entry in entries or ENTRIES:
+        classes = "encoder only" if entry.encoder_only else str(entry.classes)
+        top1 = "-" if entry.top1 is None else f"{entry.top1:.1f}"
+        lines.append(
+            f"| {entry.variant} | `{entry.tag}` | {entry.training_data} | {entry.resolution} "
+            f"| {classes} | {top1} | [{entry.filename}]({entry.url}) |"
+        )
+    lines += [
+        "",
+        "Top-1: the official ImageNet-1k validation accuracy (%) at that resolution, from the "
+        "ConvNeXt and ConvNeXt V2 repositories. A model with another number of `classes` gets a "
+        "fresh classifier and every other weight (fine-tuning); any input size works. `fcmae` "
+        "weights are an encoder: use them with `include_top=False`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+README_START = "<!-- weights-table:start -->"
+README_END = "<!-- weights-table:end -->"
+
+
+def readme_with_table(readme_text):
+    """`readme_text` with the generated table between the weights-table markers."""
+    pattern = re.compile(re.escape(README_START) + r".*?" + re.escape(README_END), re.DOTALL)
+    if not pattern.search(readme_text):
+        raise ValueError(f"The README has no {README_START} ... {README_END} markers.")
+    block = f"{README_START}\n{markdown_table()}{README_END}"
+    return pattern.sub(lambda _: block, readme_text, count=1)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m keras_convnext.weights.registry",
+        description="Print the pretrained weights table, or write it into the README.",
     )
+    parser.add_argument("--markdown", action="store_true", help="print the Markdown table")
+    parser.add_argument("--update-readme", metavar="README", help="rewrite the table in this README")
+    args = parser.parse_args(argv)
+    if args.update_readme:
+        with open(args.update_readme, encoding="utf-8") as handle:
+            text = handle.read()
+        with open(args.update_readme, "w", encoding="utf-8") as handle:
+            handle.write(readme_with_table(text))
+        return 0
+    sys.stdout.write(markdown_table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
