@@ -81,7 +81,7 @@ def describe(shapes):
     return text + (f" ({name})" if name else ""), (version, depths, dims)
 
 
-def _plan(model, converted, unmatched, fresh_head):
+def plan_assignments(model, converted, unmatched, fresh_head):
     """Checks a conversion against the model; returns the assignments or raises."""
     variables = model_weights(model)
     has_top = any(path.startswith(CLASSIFIER_PREFIX) for path in variables)
@@ -142,7 +142,7 @@ def load_state_dict(model, state_dict, *, fresh_head=False, source="the state di
     """
     state_dict = flatten_state_dict(dict(state_dict), source=source)
     converted, unmatched = convert_state_dict(state_dict)
-    for variable, array in _plan(model, converted, unmatched, fresh_head):
+    for variable, array in plan_assignments(model, converted, unmatched, fresh_head):
         variable.assign(array.astype(variable.dtype))
     return model
 

@@ -25,7 +25,7 @@ from typing import NamedTuple, Optional
 from keras_convnext.models.variants import VARIANTS
 from keras_convnext.weights import download
 from keras_convnext.weights.files import CheckpointError
-from keras_convnext.weights.loader import _plan, model_weights
+from keras_convnext.weights.loader import plan_assignments, model_weights
 from keras_convnext.weights.naming import CLASSIFIER_PREFIX
 
 V1_BASE_URL = "https://dl.fbaipublicfiles.com/convnext/"
@@ -180,7 +180,7 @@ def load_pretrained(model, entry):
     arrays = {name: (name, array) for name, array in download.converted_weights(entry).items()}
     fresh_head = model_classes is not None and model_classes != entry.classes
     try:
-        assignments = _plan(model, arrays, [], fresh_head)
+        assignments = plan_assignments(model, arrays, [], fresh_head)
     except CheckpointError as error:
         raise CheckpointError(f"weights={entry.tag!r} ({entry.filename}): {error}") from error
     for variable, array in assignments:
