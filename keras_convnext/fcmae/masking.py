@@ -1,0 +1,87 @@
+"""Random patch masks for FCMAE and the position bookkeeping of the sparse encoder.
+
+A patch mask has shape `(batch, grid_height, grid_width)` with 1 for a masked
+(removed) patch and 0 for a visible one, the convention of the official
+FCMAE code. Every image keeps exactly `visible_count(L, mask_ratio)` of its
+`L = grid_height * grid_width` patches, so the number of visible positions
+at every stage is a static shape.
+"""
+
+import keras
+from keras import ops
+
+
+def visible_count(num_patches, mask_ratio):
+    """Patches kept per image: `int(L * (1 - mask_ratio))`, as in the official code."""
+    return int(num_patches * (1.0 - mask_ratio))
+
+
+def random_patch_mask(batch_size, grid_shape, mask_ratio, seed=None):
+    """Draws an independent random mask per image.
+
+    Args:
+        batch_size: number of images.
+        grid_shape: `(grid_height, grid_width)`, patches per column and row.
+        mask_ratio: fraction of patches to mask, in [0, 1).
+        seed: a `keras.random.SeedGenerator` (or an integer) for reproducible masks.
+
+    Returns:
+        float32 tensor `(batch, grid_height, grid_width)`, 1 = masked, with
+        exactly `visible_count(L, mask_ratio)` zeros per image.
+    """
+    grid_height, grid_width = grid_shape
+    num_patches = grid_height * grid_width
+    keep = visible_count(num_patches, mask_ratio)
+    noise = keras.random.uniform((batch_size, num_patches), seed=seed)
+    # The rank of each patch's noise; the `keep` lowest-ranked patches stay visible.
+    ranks = ops.argsort(ops.argsort(noise, axis=-1), axis=-1)
+    mask = ops.cast(ops.greater_equal(ranks, keep), "float32")
+    return ops.reshape(mask, (batch_size, grid_height, grid_width))
+
+
+def upsample_mask(patch_mask, scale):
+    """Repeats each patch of `(batch, gh, gw)` into a `scale x scale` block of cells."""
+    if scale == 1:
+        return patch_mask
+    mask = ops.repeat(patch_mask, scale, axis=1)
+    return ops.repeat(mask, scale, axis=2)
+
+
+class VisiblePositions:
+    """Gather/scatter indices of the visible cells of one feature-map resolution.
+
+    `order` lists each image's cell indices visible first (`(batch, h * w)`),
+    so `order[:, :count]` are the visible cells; `restore` is its inverse
+    permutation. Scattering tokens back is then a gather from
+    `[tokens, zeros]` with `restore` (the MAE trick): only gathers, whose
+    gradients every backend computes well.
+    """
+
+    def __init__(self, cell_mask, count):
+        """`cell_mask`: `(batch, h, w)`, 1 = masked; `count`: visible cells per image."""
+        batch, height, width = cell_mask.shape
+        self.shape = (height, width)
+        self.count = int(count)
+        flat = ops.reshape(cell_mask, (-1, height * width))
+        # Visible cells (mask 0) sort first; their relative order is irrelevant
+        # as long as gather and scatter use the same permutation.
+        self.order = ops.argsort(flat, axis=-1)
+        self.restore = ops.argsort(self.order, axis=-1)
+        self.visible = ops.expand_dims(self.order[:, : self.count], -1)
+
+    def gather(self, features):
+        """`(batch, h, w, C)` -> `(batch, count, C)`, the visible cells."""
+        channels = features.shape[-1]
+        height, width = self.shape
+        flat = ops.reshape(features, (-1, height * width, channels))
+        return ops.take_along_axis(flat, self.visible, axis=1)
+
+    def scatter(self, tokens):
+        """`(batch, count, C)` -> `(batch, h, w, C)` with zeros at masked cells."""
+        height, width = self.shape
+        batch = ops.shape(tokens)[0]
+        channels = tokens.shape[-1]
+        hidden = ops.zeros((batch, height * width - self.count, channels), dtype=tokens.dtype)
+        padded = ops.concatenate([tokens, hidden], axis=1)
+        dense = ops.take_along_axis(padded, ops.expand_dims(self.restore, -1), axis=1)
+        return ops.reshape(dense, (-1, height, width, channels))
