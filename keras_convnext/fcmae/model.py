@@ -5,7 +5,7 @@ from keras import ops
 
 from keras_convnext.fcmae import encoder as sparse
 from keras_convnext.fcmae.decoder import FCMAEDecoder
-from keras_convnext.fcmae.loss import masked_patch_loss, patch_targets
+from keras_convnext.fcmae.loss import NORM_PIX_EPSILON, masked_patch_loss, patch_targets, patchify, unpatchify
 from keras_convnext.fcmae.masking import random_patch_mask, visible_count
 from keras_convnext.models.convnext import CONSTRUCTORS
 
@@ -159,6 +159,30 @@ class FCMAE(keras.Model):
         """Per-patch targets `(batch, gh, gw, patch_size**2 * 3)` in float32."""
         x = ops.cast(sparse.prepare_images(self.encoder_layers, images), "float32")
         return patch_targets(x, self.patch_size, self.norm_pix_loss)
+
+    def reconstruct(self, images, patch_mask=None):
+        """Images as the encoder sees them and as the model rebuilds them.
+
+        Returns numpy arrays: `images` and `reconstruction`, both normalized
+        (the encoder's preprocessing), `(batch, H, W, 3)` channels_last, and
+        `mask` `(batch, gh, gw)`. With `norm_pix_loss` the predicted patches
+        are given back the mean and variance of the original patches, the
+        usual way to look at such reconstructions.
+        """
+        outputs = self(images, patch_mask=patch_mask)
+        pred = ops.cast(outputs["pred"], "float32")
+        normalized = ops.cast(sparse.prepare_images(self.encoder_layers, images), "float32")
+        if self.norm_pix_loss:
+            patches = patchify(normalized, self.patch_size)
+            mean = ops.mean(patches, axis=-1, keepdims=True)
+            count = patches.shape[-1]
+            variance = ops.sum(ops.square(patches - mean), axis=-1, keepdims=True) / (count - 1)
+            pred = pred * ops.sqrt(variance + NORM_PIX_EPSILON) + mean
+        return {
+            "images": ops.convert_to_numpy(normalized),
+            "reconstruction": ops.convert_to_numpy(unpatchify(pred, self.patch_size, normalized.shape[-1])),
+            "mask": ops.convert_to_numpy(outputs["mask"]),
+        }
 
     def call(self, images, training=None, patch_mask=None, fast_path=None):
         if patch_mask is None:
