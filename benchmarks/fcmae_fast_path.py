@@ -51,8 +51,10 @@ def step_times(model_name, fast_path, images, args):
         seed=0,
     )
     model.compile(optimizer=keras.optimizers.AdamW(1e-4))
+    start = time.perf_counter()
     for _ in range(args.warmup):
         model.train_on_batch(images)
+    print(f"  {model_name} fast_path={fast_path}: warm-up {time.perf_counter() - start:.1f} s", flush=True)
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()

@@ -68,6 +68,23 @@ def test_patchify_round_trip_and_official_order():
     np.testing.assert_array_equal(_np(unpatchify(patches, 32)), images)
 
 
+def test_loss_is_the_official_masked_patch_mse():
+    from keras_convnext.fcmae import masked_patch_loss, patch_targets
+
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(3, 64, 96, 3)).astype("float32")
+    pred = rng.normal(size=(3, 2, 3, 32 * 32 * 3)).astype("float32")
+    mask = np.stack([rng.permutation([1, 1, 1, 1, 0, 0]) for _ in range(3)]).reshape(3, 2, 3).astype("float32")
+    # The official formula, on NCHW patches written with numpy.
+    patches = images.reshape(3, 2, 32, 3, 32, 3).transpose(0, 1, 3, 2, 4, 5).reshape(3, 6, -1)
+    mean, var = patches.mean(-1, keepdims=True), patches.var(-1, ddof=1, keepdims=True)
+    normalized = (patches - mean) / np.sqrt(var + 1e-6)
+    per_patch = ((pred.reshape(3, 6, -1) - normalized) ** 2).mean(-1)
+    expected = (per_patch * mask.reshape(3, 6)).sum() / mask.sum()
+    loss = _np(masked_patch_loss(pred, patch_targets(images, 32, norm_pix_loss=True), mask))
+    np.testing.assert_allclose(loss.mean(), expected, rtol=1e-5)
+
+
 def test_bad_arguments_are_explained():
     with pytest.raises(ValueError, match="multiples of 32"):
         kc.FCMAE(_tiny_encoder(input_shape=None), input_shape=(70, 64, 3))
