@@ -74,15 +74,15 @@ class VisiblePositions:
         channels = features.shape[-1]
         height, width = self.shape
         flat = ops.reshape(features, (-1, height * width, channels))
-        if keras.backend.backend() == "jax":
-            return _jax_gather(flat, self.visible, self.restore)
+        if keras.backend.backend() in _PERMUTATION_PAIRS:
+            return _permutation_pair()[0](flat, self.visible, self.restore)
         return _take_rows(flat, self.visible)
 
     def scatter(self, tokens):
         """`(batch, count, C)` -> `(batch, h, w, C)` with zeros at masked cells."""
         height, width = self.shape
-        if keras.backend.backend() == "jax":
-            dense = _jax_scatter(tokens, self.visible, self.restore)
+        if keras.backend.backend() in _PERMUTATION_PAIRS:
+            dense = _permutation_pair()[1](tokens, self.visible, self.restore)
         else:
             dense = _scatter_rows(tokens, self.restore)
         return ops.reshape(dense, (-1, height, width, tokens.shape[-1]))
@@ -135,16 +135,34 @@ def _jax_gather_scatter():
     return gather, scatter
 
 
-_JAX_PAIR = []
+def _tf_gather_scatter():
+    """The TensorFlow version of `_jax_gather_scatter`."""
+    import tensorflow as tf
+
+    @tf.custom_gradient
+    def gather(flat, visible, restore):
+        def grad(upstream):
+            return _scatter_rows(upstream, restore), None, None
+
+        return _take_rows(flat, visible), grad
+
+    @tf.custom_gradient
+    def scatter(tokens, visible, restore):
+        def grad(upstream):
+            return _take_rows(upstream, visible), None, None
+
+        return _scatter_rows(tokens, restore), grad
+
+    return gather, scatter
 
 
-def _jax_gather(flat, visible, restore):
-    if not _JAX_PAIR:
-        _JAX_PAIR.extend(_jax_gather_scatter())
-    return _JAX_PAIR[0](flat, visible, restore)
+# PyTorch's gather gradient (a scatter-add) is fast; the XLA backends get the pair.
+_PERMUTATION_PAIRS = {"jax": _jax_gather_scatter, "tensorflow": _tf_gather_scatter}
+_PAIR_CACHE = {}
 
 
-def _jax_scatter(tokens, visible, restore):
-    if not _JAX_PAIR:
-        _JAX_PAIR.extend(_jax_gather_scatter())
-    return _JAX_PAIR[1](tokens, visible, restore)
+def _permutation_pair():
+    backend = keras.backend.backend()
+    if backend not in _PAIR_CACHE:
+        _PAIR_CACHE[backend] = _PERMUTATION_PAIRS[backend]()
+    return _PAIR_CACHE[backend]
