@@ -57,7 +57,7 @@ def _build(variant, classes, **kwargs):
 
 def convert_file(path, output_dir, variant=None, stem=None):
     """Converts a checkpoint file; returns `(weights path, .keras path, variant, classes)`."""
-    state_dict = download.drop_fcmae_decoder(read_checkpoint(path))
+    state_dict = read_checkpoint(path)  # an FCMAE decoder is skipped by the loader
     found_variant, classes = inspect_checkpoint(state_dict)
     variant = variant or found_variant
     model = _build(variant, classes)

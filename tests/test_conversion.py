@@ -106,10 +106,3 @@ def test_unknown_file_type_and_missing_variant_are_clear(tmp_path, capsys):
     with pytest.raises(SystemExit):
         convert.main(["imagenet"])
     assert "needs --variant" in capsys.readouterr().err
-
-
-def test_fcmae_decoder_parts_are_left_out_of_the_encoder():
-    state_dict = {name: np.zeros(1) for name in (
-        "encoder.stages.0.0.dwconv.kernel", "proj.weight", "mask_token", "decoder.0.dwconv.weight", "pred.bias",
-    )}
-    assert list(download.drop_fcmae_decoder(state_dict)) == ["encoder.stages.0.0.dwconv.kernel"]

@@ -39,17 +39,6 @@ CHUNK_BYTES = 1 << 20
 TIMEOUT_SECONDS = 60
 
 
-# An FCMAE pre-training checkpoint holds the encoder plus these decoder parts
-# (ConvNeXt-V2 fcmae.py: proj, mask_token, decoder, pred); only the encoder
-# becomes a Keras model.
-FCMAE_DECODER_PREFIXES = ("proj.", "mask_token", "decoder.", "pred.")
-
-
-def drop_fcmae_decoder(state_dict):
-    """The encoder part of an FCMAE checkpoint (other checkpoints pass unchanged)."""
-    return {k: v for k, v in state_dict.items() if not k.startswith(FCMAE_DECODER_PREFIXES)}
-
-
 class WeightsUnavailableError(OSError):
     """A checkpoint could not be downloaded (no network, server down, HTTP error)."""
 
@@ -221,8 +210,6 @@ def convert_checkpoint(entry, checkpoint_path, destination):
     Returns the converted weights as `{weight path: array}`.
     """
     state_dict = read_checkpoint(checkpoint_path)  # a damaged file fails here, before any model is built
-    if entry.encoder_only:
-        state_dict = drop_fcmae_decoder(state_dict)
     model = reference_model(entry)
     load_state_dict(model, state_dict, source=checkpoint_path)
     with atomic_path(destination) as temporary:

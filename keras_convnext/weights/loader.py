@@ -11,7 +11,13 @@ import numpy as np
 
 from keras_convnext.models.variants import find_variant
 from keras_convnext.weights.files import KERAS_SUFFIX, CheckpointError, flatten_state_dict, read_checkpoint
-from keras_convnext.weights.naming import CLASSIFIER_PREFIX, HEAD_PREFIXES, NAMINGS, TRANSFORMS
+from keras_convnext.weights.naming import (
+    CLASSIFIER_PREFIX,
+    HEAD_PREFIXES,
+    NAMINGS,
+    NON_ENCODER_KEYS,
+    TRANSFORMS,
+)
 
 _BLOCK_PATH = re.compile(r"^stage(\d)_block(\d+)/")
 
@@ -40,11 +46,16 @@ def convert_state_dict(state_dict, naming=None):
 
     Returns `(converted, unmatched)`: `converted` is `{weight path: (key, array)}`,
     `unmatched` the checkpoint keys that no row of the naming's table maps.
+    Keys of parts outside the encoder and head (the decoder of a pre-training
+    checkpoint, `NON_ENCODER_KEYS`) are skipped.
     """
     naming = naming or detect_naming(state_dict)
     rows = NAMINGS[naming][2]
+    skipped = NON_ENCODER_KEYS.get(naming)
     converted, unmatched = {}, []
     for key, array in state_dict.items():
+        if skipped is not None and skipped.match(key):
+            continue
         for pattern, template, transform in rows:
             match = pattern.match(key)
             if match:
@@ -81,13 +92,13 @@ def describe(shapes):
     return text + (f" ({name})" if name else ""), (version, depths, dims)
 
 
-def plan_assignments(model, converted, unmatched, fresh_head):
+def plan_assignments(model, converted, unmatched, fresh_head, fresh_prefixes=(CLASSIFIER_PREFIX,)):
     """Checks a conversion against the model; returns the assignments or raises."""
     variables = model_weights(model)
     has_top = any(path.startswith(CLASSIFIER_PREFIX) for path in variables)
-    dropped = HEAD_PREFIXES if not has_top else (CLASSIFIER_PREFIX,) if fresh_head else ()
+    dropped = HEAD_PREFIXES if not has_top else fresh_prefixes if fresh_head else ()
     converted = {p: v for p, v in converted.items() if not p.startswith(dropped)}
-    expected = {p: v for p, v in variables.items() if not (fresh_head and p.startswith(CLASSIFIER_PREFIX))}
+    expected = {p: v for p, v in variables.items() if not (fresh_head and p.startswith(fresh_prefixes))}
 
     checkpoint_text, checkpoint_arch = describe({p: a.shape for p, (_, a) in converted.items()})
     model_text, model_arch = describe({p: tuple(v.shape) for p, v in expected.items()})
@@ -138,11 +149,18 @@ def load_state_dict(model, state_dict, *, fresh_head=False, source="the state di
     with matching shapes, or a `CheckpointError` names what is missing,
     unexpected or mismatched, and no weight is changed. Head tensors are
     ignored for models built with `include_top=False`; `fresh_head=True`
-    keeps the model's own classifier (fine-tuning to other classes).
+    keeps the model's own classifier (fine-tuning to other classes). An
+    FCMAE pre-training checkpoint loads its encoder; its decoder is skipped
+    and a model with `include_top=True` keeps its fresh head.
     """
     state_dict = flatten_state_dict(dict(state_dict), source=source)
-    converted, unmatched = convert_state_dict(state_dict)
-    for variable, array in plan_assignments(model, converted, unmatched, fresh_head):
+    naming = detect_naming(state_dict)
+    converted, unmatched = convert_state_dict(state_dict, naming)
+    fresh_prefixes = (CLASSIFIER_PREFIX,)
+    if naming in NON_ENCODER_KEYS:
+        # A pre-training checkpoint has no head: a classifier keeps its fresh one.
+        fresh_head, fresh_prefixes = True, HEAD_PREFIXES
+    for variable, array in plan_assignments(model, converted, unmatched, fresh_head, fresh_prefixes):
         variable.assign(array.astype(variable.dtype))
     return model
 

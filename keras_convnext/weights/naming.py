@@ -10,6 +10,13 @@ layout into the Keras one:
 - `depthwise`: depthwise weight (channels, 1, kh, kw) -> (kh, kw, channels, 1): transpose (2, 3, 0, 1)
 - `linear`: Linear weight (out, in) -> Dense kernel (in, out): `.T`
 - `vector`: GRN (1, 1, 1, C) or (1, C), layer scale (C,) -> (C,)
+- `sparse_depthwise`: MinkowskiEngine depthwise kernel (k*k, C) -> (k, k, C, 1)
+- `sparse_conv`: MinkowskiEngine conv kernel (k*k, in, out) -> (k, k, in, out)
+
+MinkowskiEngine enumerates the k*k kernel offsets with the column varying
+slowest: offset `col * k + row` holds the dense weight at (row, col). A
+reshape to (k, k, ...) therefore indexes (col, row) and needs a swap of the
+first two axes.
 """
 
 import re
@@ -33,7 +40,28 @@ def _vector(array):
     return np.reshape(array, (-1,))
 
 
-TRANSFORMS = {None: None, "conv": _conv, "depthwise": _depthwise, "linear": _linear, "vector": _vector}
+def _sparse_offsets(array):
+    """(k*k, ...) indexed by `col * k + row` -> (k, k, ...) indexed by (row, col)."""
+    size = int(round(np.sqrt(array.shape[0])))
+    if size * size != array.shape[0]:
+        raise ValueError(f"A sparse conv kernel needs k*k offsets; got shape {array.shape}.")
+    grid = np.reshape(array, (size, size) + tuple(array.shape[1:]))
+    return np.swapaxes(grid, 0, 1)
+
+
+def _sparse_depthwise(array):
+    return _sparse_offsets(array)[..., np.newaxis]
+
+
+TRANSFORMS = {
+    None: None,
+    "conv": _conv,
+    "depthwise": _depthwise,
+    "linear": _linear,
+    "vector": _vector,
+    "sparse_depthwise": _sparse_depthwise,
+    "sparse_conv": _sparse_offsets,
+}
 
 NORM = [("weight", "gamma", None), ("bias", "beta", None)]
 CONV = [("weight", "kernel", "conv"), ("bias", "bias", None)]
@@ -104,12 +132,51 @@ HF = table(
     (r"classifier\.", "predictions/", LINEAR),
 )
 
+# Official FCMAE pre-training checkpoints (convnextv2_<size>_1k_224_fcmae.pt).
+# The encoder is a MinkowskiEngine sparse network: LayerNorm and Linear sit in
+# wrappers (`.ln.`, `.linear.`), GRN and conv biases are (1, C), and sparse
+# conv kernels list their k*k offsets column-major (see `_sparse_offsets`).
+# The stem is a dense Conv2d + LayerNorm.
+_FCMAE_BLOCK = r"encoder\.stages\.(?P<stage>\d)\.(?P<block>\d+)\."
+SPARSE_CONV = [("kernel", "kernel", "sparse_conv"), ("bias", "bias", "vector")]
+FCMAE = table(
+    (r"encoder\.downsample_layers\.0\.0\.", "stem_conv/", CONV),
+    (r"encoder\.downsample_layers\.0\.1\.", "stem_norm/", NORM),
+    (r"encoder\.downsample_layers\.(?P<stage>[1-3])\.0\.ln\.", "downsample{stage}_norm/", NORM),
+    (r"encoder\.downsample_layers\.(?P<stage>[1-3])\.1\.", "downsample{stage}_conv/", SPARSE_CONV),
+    (_FCMAE_BLOCK + r"dwconv\.", BLOCK + "/dwconv/", [("kernel", "kernel", "sparse_depthwise"), ("bias", "bias", "vector")]),
+    (_FCMAE_BLOCK + r"norm\.ln\.", BLOCK + "/norm/", NORM),
+    (_FCMAE_BLOCK + r"pwconv1\.linear\.", BLOCK + "/pwconv1/", LINEAR),
+    (_FCMAE_BLOCK + r"grn\.", BLOCK + "/grn/", [("gamma", "gamma", "vector"), ("beta", "beta", "vector")]),
+    (_FCMAE_BLOCK + r"pwconv2\.linear\.", BLOCK + "/pwconv2/", LINEAR),
+)
+
+# The FCMAE decoder, dense PyTorch layers, mapped to the names of
+# `keras_convnext.fcmae.FCMAEDecoder.named_weights()`.
+_DECODER_BLOCK = r"decoder\.(?P<block>\d+)\."
+FCMAE_DECODER = table(
+    (r"proj\.", "proj/", CONV),
+    ("", "", [("mask_token", "mask_token", "vector")]),
+    (_DECODER_BLOCK + r"dwconv\.", "block{block}/dwconv/", DEPTHWISE),
+    (_DECODER_BLOCK + r"norm\.", "block{block}/norm/", NORM),
+    (_DECODER_BLOCK + r"pwconv1\.", "block{block}/pwconv1/", LINEAR),
+    (_DECODER_BLOCK + r"grn\.", "block{block}/grn/", [("gamma", "gamma", "vector"), ("beta", "beta", "vector")]),
+    (_DECODER_BLOCK + r"pwconv2\.", "block{block}/pwconv2/", LINEAR),
+    (r"pred\.", "pred/", CONV),
+)
+
 # Each naming: (name shown to users, marker pattern found in its keys, table).
 NAMINGS = {
     "official": ("official Meta ConvNeXt", re.compile(r"^downsample_layers\.0\."), OFFICIAL),
     "timm": ("timm", re.compile(r"^stem\.0\."), TIMM),
     "hf": ("HF transformers", re.compile(r"^convnext(v2)?\.embeddings\."), HF),
+    "fcmae": ("official FCMAE pre-training", re.compile(r"^encoder\.downsample_layers\.0\."), FCMAE),
 }
+
+# Namings of pre-training checkpoints: keys of parts a ConvNeXt classifier or
+# backbone does not have (the FCMAE decoder), which loading skips, and no
+# classification head, so a model with include_top=True keeps its fresh one.
+NON_ENCODER_KEYS = {"fcmae": re.compile(r"^(proj\.|mask_token$|decoder\.|pred\.)")}
 
 # Model weights that belong to the classification head.
 HEAD_PREFIXES = ("head_norm/", "predictions/")

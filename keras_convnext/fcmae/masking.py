@@ -1,0 +1,168 @@
+"""Random patch masks for FCMAE and the position bookkeeping of the sparse encoder.
+
+A patch mask has shape `(batch, grid_height, grid_width)` with 1 for a masked
+(removed) patch and 0 for a visible one, the convention of the official
+FCMAE code. Every image keeps exactly `visible_count(L, mask_ratio)` of its
+`L = grid_height * grid_width` patches, so the number of visible positions
+at every stage is a static shape.
+"""
+
+import keras
+from keras import ops
+
+
+def visible_count(num_patches, mask_ratio):
+    """Patches kept per image: `int(L * (1 - mask_ratio))`, as in the official code."""
+    return int(num_patches * (1.0 - mask_ratio))
+
+
+def random_patch_mask(batch_size, grid_shape, mask_ratio, seed=None):
+    """Draws an independent random mask per image.
+
+    Args:
+        batch_size: number of images.
+        grid_shape: `(grid_height, grid_width)`, patches per column and row.
+        mask_ratio: fraction of patches to mask, in [0, 1).
+        seed: a `keras.random.SeedGenerator` (or an integer) for reproducible masks.
+
+    Returns:
+        float32 tensor `(batch, grid_height, grid_width)`, 1 = masked, with
+        exactly `visible_count(L, mask_ratio)` zeros per image.
+    """
+    grid_height, grid_width = grid_shape
+    num_patches = grid_height * grid_width
+    keep = visible_count(num_patches, mask_ratio)
+    noise = keras.random.uniform((batch_size, num_patches), seed=seed)
+    # The rank of each patch's noise; the `keep` lowest-ranked patches stay visible.
+    ranks = ops.argsort(ops.argsort(noise, axis=-1), axis=-1)
+    mask = ops.cast(ops.greater_equal(ranks, keep), "float32")
+    return ops.reshape(mask, (batch_size, grid_height, grid_width))
+
+
+def upsample_mask(patch_mask, scale):
+    """Repeats each patch of `(batch, gh, gw)` into a `scale x scale` block of cells."""
+    if scale == 1:
+        return patch_mask
+    mask = ops.repeat(patch_mask, scale, axis=1)
+    return ops.repeat(mask, scale, axis=2)
+
+
+class VisiblePositions:
+    """Gather/scatter indices of the visible cells of one feature-map resolution.
+
+    `order` lists each image's cell indices visible first (`(batch, h * w)`),
+    so `order[:, :count]` are the visible cells; `restore` is its inverse
+    permutation. Scattering tokens back is then a gather from
+    `[tokens, zeros]` with `restore` (the MAE trick): only gathers, whose
+    gradients every backend computes well.
+    """
+
+    def __init__(self, cell_mask, count):
+        """`cell_mask`: `(batch, h, w)`, 1 = masked; `count`: visible cells per image."""
+        batch, height, width = cell_mask.shape
+        self.shape = (height, width)
+        self.count = int(count)
+        flat = ops.reshape(cell_mask, (-1, height * width))
+        # Visible cells (mask 0) sort first; their relative order is irrelevant
+        # as long as gather and scatter use the same permutation.
+        self.order = ops.argsort(flat, axis=-1)
+        self.restore = ops.expand_dims(ops.argsort(self.order, axis=-1), -1)
+        self.visible = ops.expand_dims(self.order[:, : self.count], -1)
+
+    def gather(self, features):
+        """`(batch, h, w, C)` -> `(batch, count, C)`, the visible cells."""
+        channels = features.shape[-1]
+        height, width = self.shape
+        flat = ops.reshape(features, (-1, height * width, channels))
+        if keras.backend.backend() in _PERMUTATION_PAIRS:
+            return _permutation_pair()[0](flat, self.visible, self.restore)
+        return _take_rows(flat, self.visible)
+
+    def scatter(self, tokens):
+        """`(batch, count, C)` -> `(batch, h, w, C)` with zeros at masked cells."""
+        height, width = self.shape
+        if keras.backend.backend() in _PERMUTATION_PAIRS:
+            dense = _permutation_pair()[1](tokens, self.visible, self.restore)
+        else:
+            dense = _scatter_rows(tokens, self.restore)
+        return ops.reshape(dense, (-1, height, width, tokens.shape[-1]))
+
+
+def _take_rows(rows, indices):
+    """`(batch, M, C)`, integer `(batch, N, 1)` -> `(batch, N, C)`."""
+    return ops.take_along_axis(rows, indices, axis=1)
+
+
+def _scatter_rows(tokens, restore):
+    batch, count, channels = ops.shape(tokens)[0], tokens.shape[1], tokens.shape[-1]
+    hidden = ops.zeros((batch, restore.shape[1] - count, channels), dtype=tokens.dtype)
+    return _take_rows(ops.concatenate([tokens, hidden], axis=1), restore)
+
+
+def _jax_gather_scatter():
+    """Gather and scatter whose gradients are each other.
+
+    Autodiff turns a gather into a scatter-add, which XLA runs slowly on
+    CPU; the positions are a permutation, so the exact gradient of each is
+    the other gather. Same values as the portable pair (tested).
+    """
+    import jax
+
+    @jax.custom_vjp
+    def gather(flat, visible, restore):
+        return _take_rows(flat, visible)
+
+    @jax.custom_vjp
+    def scatter(tokens, visible, restore):
+        return _scatter_rows(tokens, restore)
+
+    def gather_fwd(flat, visible, restore):
+        return gather(flat, visible, restore), (visible, restore)
+
+    def gather_bwd(residuals, grad):
+        visible, restore = residuals
+        return _scatter_rows(grad, restore), None, None
+
+    def scatter_fwd(tokens, visible, restore):
+        return scatter(tokens, visible, restore), (visible, restore)
+
+    def scatter_bwd(residuals, grad):
+        visible, _ = residuals
+        return _take_rows(grad, visible), None, None
+
+    gather.defvjp(gather_fwd, gather_bwd)
+    scatter.defvjp(scatter_fwd, scatter_bwd)
+    return gather, scatter
+
+
+def _tf_gather_scatter():
+    """The TensorFlow version of `_jax_gather_scatter`."""
+    import tensorflow as tf
+
+    @tf.custom_gradient
+    def gather(flat, visible, restore):
+        def grad(upstream):
+            return _scatter_rows(upstream, restore), None, None
+
+        return _take_rows(flat, visible), grad
+
+    @tf.custom_gradient
+    def scatter(tokens, visible, restore):
+        def grad(upstream):
+            return _take_rows(upstream, visible), None, None
+
+        return _scatter_rows(tokens, restore), grad
+
+    return gather, scatter
+
+
+# PyTorch's gather gradient (a scatter-add) is fast; the XLA backends get the pair.
+_PERMUTATION_PAIRS = {"jax": _jax_gather_scatter, "tensorflow": _tf_gather_scatter}
+_PAIR_CACHE = {}
+
+
+def _permutation_pair():
+    backend = keras.backend.backend()
+    if backend not in _PAIR_CACHE:
+        _PAIR_CACHE[backend] = _PERMUTATION_PAIRS[backend]()
+    return _PAIR_CACHE[backend]
