@@ -76,10 +76,17 @@ def test_unknown_tag_lists_the_valid_tags():
     assert "ConvNeXtTiny" in str(info.value)  # where that tag does exist
 
 
-def test_fcmae_with_a_classifier_is_refused_before_any_download(monkeypatch):
-    monkeypatch.setattr(download, "fetch_checkpoint", lambda *a, **k: pytest.fail("no download expected"))
-    with pytest.raises(ValueError, match="encoder-only.*include_top=False"):
-        _small_model("ConvNeXtV2Atto", weights="fcmae")
+def test_fcmae_tag_gives_a_classifier_a_fresh_head(monkeypatch):
+    encoder = _small_model("ConvNeXtV2Atto", include_top=False)
+    encoder_weights = {v.path: np.asarray(v.numpy()) + 0.5 for v in encoder.weights}
+    monkeypatch.setattr(download, "converted_weights", lambda entry: encoder_weights)
+    model = _small_model("ConvNeXtV2Atto", weights="fcmae", classes=3)
+    for variable in model.weights:
+        if variable.path.startswith(("head_norm/", "predictions/")):
+            assert not np.allclose(variable.numpy(), encoder_weights.get(variable.path, np.nan))
+        else:
+            np.testing.assert_array_equal(variable.numpy(), encoder_weights[variable.path])
+    assert np.allclose(model.get_layer("head_norm").gamma.numpy(), 1.0)  # fresh, not loaded
 
 
 # ---------------------------------------------------------------- local server

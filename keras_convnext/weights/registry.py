@@ -26,7 +26,7 @@ from keras_convnext.models.variants import VARIANTS
 from keras_convnext.weights import download
 from keras_convnext.weights.files import CheckpointError
 from keras_convnext.weights.loader import plan_assignments, model_weights
-from keras_convnext.weights.naming import CLASSIFIER_PREFIX
+from keras_convnext.weights.naming import CLASSIFIER_PREFIX, HEAD_PREFIXES
 
 V1_BASE_URL = "https://dl.fbaipublicfiles.com/convnext/"
 V2_BASE_URL = "https://dl.fbaipublicfiles.com/convnext/convnextv2/"
@@ -165,22 +165,19 @@ def load_pretrained(model, entry):
     """Loads a registry entry into `model` (downloading and converting it if needed).
 
     A model whose classifier has another number of classes than the entry
-    gets a fresh head and everything else loaded (fine-tuning); a model built
-    with `include_top=False` loads the backbone only. Any input size works:
+    gets a fresh head and everything else loaded (fine-tuning), and so does
+    any classifier given an encoder-only FCMAE entry; a model built with
+    `include_top=False` loads the backbone only. Any input size works:
     the network is fully convolutional.
     """
     model_classes = _classifier_units(model)
-    if entry.encoder_only and model_classes is not None:
-        raise ValueError(
-            f"weights={entry.tag!r} is an encoder-only checkpoint (FCMAE pre-training has no "
-            f"classifier and no head norm), but the model was built with include_top=True. "
-            f"Build it with include_top=False (optionally pooling='avg') and put your own head "
-            f"on top to fine-tune; for a ready classifier use weights='imagenet'."
-        )
     arrays = {name: (name, array) for name, array in download.converted_weights(entry).items()}
-    fresh_head = model_classes is not None and model_classes != entry.classes
+    # An FCMAE encoder has no head at all: a classifier keeps its fresh head and head norm
+    # (the official fine-tuning start); otherwise only a classifier of another size is fresh.
+    fresh_prefixes = HEAD_PREFIXES if entry.encoder_only else (CLASSIFIER_PREFIX,)
+    fresh_head = model_classes is not None and (entry.encoder_only or model_classes != entry.classes)
     try:
-        assignments = plan_assignments(model, arrays, [], fresh_head)
+        assignments = plan_assignments(model, arrays, [], fresh_head, fresh_prefixes)
     except CheckpointError as error:
         raise CheckpointError(f"weights={entry.tag!r} ({entry.filename}): {error}") from error
     for variable, array in assignments:
