@@ -107,13 +107,14 @@ def build_classifier(args, num_classes, weights=None, drop_path_rate=0.0):
         drop_path_rate=drop_path_rate,
     )
     if args.depths or args.dims:
-        if weights:
-            raise SystemExit("--weights cannot be combined with custom --depths/--dims.")
-        return keras_convnext.ConvNeXt(
+        if weights and not os.path.exists(weights):
+            raise SystemExit("With custom --depths/--dims, --weights must be a checkpoint file.")
+        model = keras_convnext.ConvNeXt(
             args.depths or variant.stage_depths, args.dims or variant.stage_dims,
             version=variant.version, name="custom_" + variant.version, **common,
         )
-    model = keras_convnext.CONSTRUCTORS[args.model](**common)
+    else:
+        model = keras_convnext.CONSTRUCTORS[args.model](**common)
     if weights:
         load_pretrained_body(model, weights, args.model)
     return model
@@ -125,8 +126,6 @@ def load_pretrained_body(model, weights, model_name):
     `weights` is a checkpoint file (official, timm, HF or Keras) or a
     registry tag of keras_convnext (e.g. "imagenet" where registered).
     """
-    import os
-
     import keras_convnext
 
     if os.path.exists(weights):
