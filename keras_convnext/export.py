@@ -197,9 +197,10 @@ def _write_onnx(model, path, shape):
     )
 
 
-def write_artifacts(model, targets):
+def write_artifacts(model, targets, image_size=224):
     """Writes `{format: path}` with TensorFlow; the TensorFlow backend must be active.
 
+    `image_size` is the TFLite input side for models built without a fixed size.
     Returns `{format: dynamic_resolution}`.
     """
     import keras
@@ -209,7 +210,7 @@ def write_artifacts(model, targets):
     data_format, height, width = _layout(model)
     free_shape = _resolution_free(model, data_format)
     dynamic = free_shape[1:3] == (None, None) or free_shape[2:4] == (None, None)
-    fixed_shape = _input_spec_shape(data_format, height or 224, width or 224)
+    fixed_shape = _input_spec_shape(data_format, height or image_size, width or image_size)
     flags = {}
     for format, path in targets.items():
         _check_format(format)
@@ -225,12 +226,13 @@ def write_artifacts(model, targets):
     return flags
 
 
-def _write_in_tensorflow_subprocess(model, targets):
+def _write_in_tensorflow_subprocess(model, targets, image_size):
     """Rebuilds `model` on the TensorFlow backend in a subprocess and writes `targets` there."""
     with tempfile.TemporaryDirectory() as scratch:
         keras_file = os.path.join(scratch, "model.keras")
         model.save(keras_file)
-        command = [sys.executable, "-m", "keras_convnext.export", "--write", keras_file]
+        command = [sys.executable, "-m", "keras_convnext.export", "--write", keras_file,
+                   "--image-size", str(image_size)]
         for format, path in targets.items():
             command += ["--target", f"{format}={path}"]
         env = dict(os.environ, KERAS_BACKEND="tensorflow")
@@ -326,7 +328,8 @@ def _size(path):
     return os.path.getsize(path)
 
 
-def verify(model, format, path, atol=1e-4, min_top1_agreement=1.0, images=None, dynamic_resolution=False):
+def verify(model, format, path, atol=1e-4, min_top1_agreement=1.0, images=None, dynamic_resolution=False,
+           image_size=224):
     """Runs the artifact at `path` on real images and compares with `model`.
 
     Float32 formats must match every output within `atol`; quantized ones
@@ -335,7 +338,7 @@ def verify(model, format, path, atol=1e-4, min_top1_agreement=1.0, images=None, 
     otherwise; returns an `ExportReport`.
     """
     data_format, height, width = _layout(model)
-    height, width = height or 224, width or 224
+    height, width = height or image_size, width or image_size
     if images is None:
         images = sample_images(height, width, data_format)
     images = np.asarray(images, "float32")
@@ -360,7 +363,8 @@ def verify(model, format, path, atol=1e-4, min_top1_agreement=1.0, images=None, 
         # The same photos at another size must still match the model (which is
         # fully convolutional up to the global pooling).
         other = sample_images(height + 32, width + 32, data_format)[:2]
-        reference = np.asarray(model(other, training=False)) if None in model.input_shape[1:3] or None in model.input_shape[2:4] else None
+        model_is_dynamic = None in tuple(model.input_shape)[1:]
+        reference = np.asarray(model.predict(other, verbose=0)) if model_is_dynamic else None
         result = run(other)
         if result.shape[0] != 2:
             raise ExportError(f"{format} artifact did not accept a batch of 2 at {height + 32}x{width + 32}.")
@@ -397,7 +401,8 @@ def _move_into_place(temporary, path):
         os.replace(temporary, path)
 
 
-def export_formats(model, targets, verify_artifacts=True, atol=1e-4, min_top1_agreement=1.0, verbose=True):
+def export_formats(model, targets, verify_artifacts=True, atol=1e-4, min_top1_agreement=1.0, verbose=True,
+                   image_size=224):
     """Writes several formats with one conversion run (one subprocess off TensorFlow).
 
     Args:
@@ -405,6 +410,8 @@ def export_formats(model, targets, verify_artifacts=True, atol=1e-4, min_top1_ag
         targets: `{format: path}`, or a directory (every format, named
             `model<suffix>` inside it).
         verify_artifacts: check each artifact against `model` (see `verify`).
+        image_size: for models built without a fixed input size, the side
+            in pixels of the TFLite input and of the check images.
 
     Returns:
         `{format: ExportReport}` (reports with NaN numbers when not verified).
@@ -419,14 +426,14 @@ def export_formats(model, targets, verify_artifacts=True, atol=1e-4, min_top1_ag
     temporary = {format: _temporary_sibling(path) for format, path in targets.items()}
     try:
         if keras.backend.backend() == "tensorflow":
-            flags = write_artifacts(model, temporary)
+            flags = write_artifacts(model, temporary, image_size)
         else:
-            flags = _write_in_tensorflow_subprocess(model, temporary)
+            flags = _write_in_tensorflow_subprocess(model, temporary, image_size)
         reports = {}
         for format, path in targets.items():
             if verify_artifacts:
                 report = verify(model, format, temporary[format], atol, min_top1_agreement,
-                                dynamic_resolution=flags.get(format, False))
+                                dynamic_resolution=flags.get(format, False), image_size=image_size)
             else:
                 report = ExportReport(format, path, _size(temporary[format]), float("nan"), float("nan"),
                                       float("nan"), 0, True, flags.get(format, False))
@@ -443,7 +450,8 @@ def export_formats(model, targets, verify_artifacts=True, atol=1e-4, min_top1_ag
     return reports
 
 
-def export(model, path, format="saved_model", verify_artifact=True, atol=1e-4, min_top1_agreement=1.0, verbose=True):
+def export(model, path, format="saved_model", verify_artifact=True, atol=1e-4, min_top1_agreement=1.0, verbose=True,
+           image_size=224):
     """Exports `model` to `path` in `format` from any Keras backend, then verifies it.
 
     Args:
@@ -454,12 +462,14 @@ def export(model, path, format="saved_model", verify_artifact=True, atol=1e-4, m
         verify_artifact: run the artifact on real images against `model`.
         atol: allowed max |difference| of float32 formats.
         min_top1_agreement: needed top-1 agreement of quantized formats.
+        image_size: TFLite/check input side for models without a fixed size.
 
     Returns:
         An `ExportReport` (size, max difference, top-1 agreement, latency).
     """
     _check_format(format)
-    return export_formats(model, {format: os.fspath(path)}, verify_artifact, atol, min_top1_agreement, verbose)[format]
+    return export_formats(model, {format: os.fspath(path)}, verify_artifact, atol, min_top1_agreement, verbose,
+                          image_size)[format]
 
 
 def _main(argv=None):
@@ -467,6 +477,7 @@ def _main(argv=None):
     parser = argparse.ArgumentParser(description="Write export artifacts on the TensorFlow backend.")
     parser.add_argument("--write", required=True, help=".keras model to load (safe mode)")
     parser.add_argument("--target", action="append", default=[], help="FORMAT=PATH")
+    parser.add_argument("--image-size", type=int, default=224)
     args = parser.parse_args(argv)
     import keras
 
@@ -474,7 +485,7 @@ def _main(argv=None):
 
     model = keras.saving.load_model(args.write, safe_mode=True, compile=False)
     targets = dict(item.split("=", 1) for item in args.target)
-    for format, dynamic in write_artifacts(model, targets).items():
+    for format, dynamic in write_artifacts(model, targets, args.image_size).items():
         print(f"DYNAMIC {format} {int(dynamic)}")
 
 

@@ -74,19 +74,23 @@ def test_applied_learning_rate_per_stage_matches_the_formula(model):
         model, learning_rate=PEAK, total_steps=10, warmup_steps=0, weight_decay=0.0, layer_decay=DECAY
     )
     steps = _one_step(model, optimizer, 1.0)
-    per_stage = {}
+    levels_per_stage = {}
     for path, (before, after) in steps.items():
         applied = float(np.mean(before - after)) / PEAK
-        expected = DECAY ** (13 - official_group_level(path))
-        np.testing.assert_allclose(applied, expected, rtol=1e-4, err_msg=path)
-        per_stage.setdefault(path.split("/")[0].split("_block")[0], set()).add(round(applied, 6))
-    # One rate per stage for stages 0, 1, 3; stage 2's seven blocks span three levels.
-    assert per_stage["stage0"] == {round(DECAY ** 12, 6)}
-    assert per_stage["stage1"] == {round(DECAY ** 11, 6)}
-    assert per_stage["stage2"] == {round(DECAY ** (13 - lvl), 6) for lvl in (3, 4, 5)}
-    assert per_stage["stage3"] == {round(DECAY ** 1, 6)}
-    assert per_stage["stem"] == {round(DECAY ** 13, 6)}
-    assert per_stage["predictions"] == {1.0}
+        level = official_group_level(path)
+        # float32 steps near 1.0 resolve the update to ~1e-3 relative.
+        np.testing.assert_allclose(applied, DECAY ** (13 - level), rtol=2e-3, err_msg=path)
+        measured_level = 13 - round(math.log(applied) / math.log(DECAY))
+        assert measured_level == level, path
+        group = path.split("/")[0].split("_block")[0]
+        levels_per_stage.setdefault(group, set()).add(measured_level)
+    # One level per stage for stages 0, 1, 3; stage 2's seven blocks span three levels.
+    assert levels_per_stage["stem_conv"] == levels_per_stage["stem_norm"] == {0}
+    assert levels_per_stage["stage0"] == {1}
+    assert levels_per_stage["stage1"] == levels_per_stage["downsample1_conv"] == {2}
+    assert levels_per_stage["stage2"] == {3, 4, 5}
+    assert levels_per_stage["stage3"] == levels_per_stage["downsample3_norm"] == {12}
+    assert levels_per_stage["predictions"] == levels_per_stage["head_norm"] == {13}
 
 
 def test_weight_decay_exclusions_by_parameter():
@@ -110,7 +114,7 @@ def test_weight_decay_exclusions_by_parameter():
             if np.allclose(ratio, 1.0, rtol=0, atol=1e-7):
                 undecayed.add(path)
             else:
-                np.testing.assert_allclose(ratio, 1.0 - PEAK * weight_decay, rtol=1e-6, err_msg=path)
+                np.testing.assert_allclose(ratio, 1.0 - PEAK * weight_decay, rtol=2e-6, err_msg=path)
         leaf = lambda path: path.rsplit("/", 1)[-1]  # noqa: E731
         for path in steps:
             parent = path.split("/")[-2]
@@ -129,7 +133,8 @@ def test_layer_decay_also_scales_weight_decay(model):
     optimizer = training.finetune_optimizer(model, learning_rate=PEAK, total_steps=10, weight_decay=0.1,
                                             layer_decay=DECAY)
     before, after = _one_step(model, optimizer, 0.0)["stem_conv/kernel"]
-    np.testing.assert_allclose(after / before, 1.0 - PEAK * DECAY ** 13 * 0.1, rtol=1e-6)
+    # 1 - 5.5e-6: resolvable in float32 (the decay of level 0 vs level 1 differs by 1.4e-6).
+    np.testing.assert_allclose(after / before, 1.0 - PEAK * DECAY ** 13 * 0.1, rtol=3e-7)
 
 
 def test_warmup_cosine_schedule():
@@ -158,7 +163,7 @@ def test_optimizer_config_round_trip_and_ema(model):
     optimizer.build(variables)
     start = np.array(variables[0].numpy())
     for _ in range(3):
-        optimizer.apply([keras.ops.ones_like(v) for v in variables], variables)
+        optimizer.apply([keras.ops.ones(v.shape) for v in variables], variables)
     trained = np.array(variables[0].numpy())
     optimizer.finalize_variable_values(variables)
     averaged = np.array(variables[0].numpy())
@@ -171,7 +176,8 @@ def test_augmentation_and_mixing_keep_shapes_and_mix_labels():
     images = tf.constant(np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype("float32"))
     labels = tf.one_hot(tf.range(8) % 4, 4)
     augmented = images
-    for layer in training.augmentation_layers(seed=3):
+    # RandAugment runs in the fine-tuning example's test; here the erasing layer.
+    for layer in training.augmentation_layers(rand_augment=False, random_erasing=1.0, seed=3):
         augmented = layer(augmented, training=True)
     augmented = np.asarray(augmented)
     assert augmented.shape == (8, 32, 32, 3)
