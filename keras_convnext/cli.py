@@ -22,7 +22,6 @@ import sys
 
 BACKENDS = ("tensorflow", "jax", "torch")
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLES = os.path.join(REPOSITORY, "examples")
 
 # Commands handed to a script's own `main(argv)`, with all their arguments.
 PASS_THROUGH = {
@@ -71,8 +70,9 @@ def _load_script(relative_path, command):
             f"'{command}' runs {relative_path}, which is not in {REPOSITORY}. It ships with the "
             "keras_convnext source repository; run from a source checkout (pip install -e .)."
         )
-    if EXAMPLES not in sys.path:
-        sys.path.insert(0, EXAMPLES)  # the examples import their shared helpers
+    examples = os.path.dirname(path)
+    if examples not in sys.path:
+        sys.path.insert(0, examples)  # the examples import their shared helpers
     name = os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -274,7 +274,7 @@ def main(argv=None):
         return run_pass_through(command, rest)
     if command in COMMANDS:
         return COMMANDS[command][0](rest)
-    _top_level_parser().error(f"unknown command {command!r}; see keras-convnext --help.")
+    raise CommandError(f"unknown command {command!r}; see keras-convnext --help.")
 
 
 if __name__ == "__main__":
