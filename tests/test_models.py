@@ -152,3 +152,19 @@ def test_fit_with_drop_path_lowers_loss():
     model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss="sparse_categorical_crossentropy")
     history = model.fit(images, labels, epochs=8, batch_size=8, verbose=0)
     assert history.history["loss"][-1] < history.history["loss"][0]
+
+
+def test_readme_variant_table_matches_the_code():
+    import pathlib
+    import re
+
+    from keras_convnext.models.variants import multiply_adds
+
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    rows = re.findall(r"^\| `(ConvNeXt\w+)` \| [^|]+ \| (\([^|]+\)) \| (\([^|]+\)) \| ([\d.]+) \| ([\d.]+) \|$", readme, re.M)
+    assert {row[0] for row in rows} == set(kc.VARIANTS)
+    for name, depths, dims, params, gmacs in rows:
+        variant = kc.VARIANTS[name]
+        assert depths == str(variant.stage_depths) and dims == str(variant.stage_dims)
+        assert params == f"{REFERENCE_PARAMS[name] / 1e6:.2f}"
+        assert gmacs == f"{multiply_adds(variant.stage_depths, variant.stage_dims) / 1e9:.3f}"

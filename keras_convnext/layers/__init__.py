@@ -5,6 +5,7 @@ from keras_convnext.layers.depthwise import DepthwiseConv
 from keras_convnext.layers.drop_path import StochasticDepth
 from keras_convnext.layers.grn import GRN
 from keras_convnext.layers.layer_scale import LayerScale
+from keras_convnext.layers.pointwise import PointwiseDense
 from keras_convnext.layers.preprocessing import ImageNormalization
 
 __all__ = [
@@ -13,5 +14,6 @@ __all__ = [
     "GRN",
     "ImageNormalization",
     "LayerScale",
+    "PointwiseDense",
     "StochasticDepth",
 ]

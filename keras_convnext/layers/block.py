@@ -9,6 +9,7 @@ from keras_convnext.layers.depthwise import DepthwiseConv
 from keras_convnext.layers.drop_path import StochasticDepth
 from keras_convnext.layers.grn import GRN
 from keras_convnext.layers.layer_scale import LayerScale
+from keras_convnext.layers.pointwise import PointwiseDense
 
 # Official ConvNeXt initialization: truncated normal, std 0.02, zero biases.
 KERNEL_INIT = keras.initializers.TruncatedNormal(stddev=0.02)
@@ -87,10 +88,10 @@ class ConvNeXtBlock(keras.layers.Layer):
         if channels is None:
             raise ValueError("ConvNeXtBlock needs a known number of channels.")
         hidden = self.mlp_ratio * channels
-        self.pwconv1 = keras.layers.Dense(
+        self.pwconv1 = PointwiseDense(
             hidden, kernel_initializer=KERNEL_INIT, name="pwconv1", dtype=self.dtype_policy
         )
-        self.pwconv2 = keras.layers.Dense(
+        self.pwconv2 = PointwiseDense(
             channels, kernel_initializer=KERNEL_INIT, name="pwconv2", dtype=self.dtype_policy
         )
         hidden_shape = tuple(input_shape[:-1]) + (hidden,)

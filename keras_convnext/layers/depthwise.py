@@ -1,6 +1,9 @@
 """Depthwise convolution used by the ConvNeXt blocks."""
 
 import keras
+from keras import ops
+
+from keras_convnext.ops.depthwise import depthwise_conv2d
 
 
 @keras.saving.register_keras_serializable(package="keras_convnext")
@@ -8,10 +11,33 @@ class DepthwiseConv(keras.layers.DepthwiseConv2D):
     """A channels_last depthwise 2D convolution, stride 1, "same" padding.
 
     Same weights as `keras.layers.DepthwiseConv2D`: `kernel` of shape
-    `(k, k, channels, 1)` and `bias` of shape `(channels,)`.
+    `(k, k, channels, 1)` and `bias` of shape `(channels,)`. The computation
+    goes through `keras_convnext.ops.depthwise_conv2d`, the fastest
+    formulation for the running backend.
     """
 
     def __init__(self, kernel_size=7, **kwargs):
         kwargs.setdefault("padding", "same")
         kwargs.setdefault("data_format", "channels_last")
         super().__init__(kernel_size=kernel_size, **kwargs)
+        if (
+            self.strides != (1, 1)
+            or self.padding != "same"
+            or self.data_format != "channels_last"
+            or self.depth_multiplier != 1
+            or self.dilation_rate != (1, 1)
+            or self.kernel_size[0] != self.kernel_size[1]
+            or self.kernel_size[0] % 2 == 0
+        ):
+            raise ValueError(
+                "DepthwiseConv supports stride 1, dilation 1, 'same' padding, channels_last, "
+                f"depth_multiplier 1 and odd square kernels; got {self.get_config()}."
+            )
+
+    def call(self, inputs):
+        kernel = ops.cast(self.kernel, self.compute_dtype)
+        bias = ops.cast(self.bias, self.compute_dtype) if self.use_bias else None
+        outputs = depthwise_conv2d(inputs, kernel, bias)
+        if self.activation is not None:
+            outputs = self.activation(outputs)
+        return outputs

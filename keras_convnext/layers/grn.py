@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_convnext.layers.data_format import channel_axis_for, standardize_data_format
+from keras_convnext.ops.pointwise import grn
 
 
 @keras.saving.register_keras_serializable(package="keras_convnext")
@@ -34,22 +35,15 @@ class GRN(keras.layers.Layer):
         self.gamma = self.add_weight(name="gamma", shape=(channels,), initializer="zeros")
         self.beta = self.add_weight(name="beta", shape=(channels,), initializer="zeros")
 
-    def _broadcast(self, vector):
-        if self.data_format == "channels_last":
-            return vector
-        return ops.reshape(vector, (1, -1, 1, 1))
-
     def call(self, inputs):
         x = ops.cast(inputs, "float32")
-        channel_axis = channel_axis_for(self.data_format)
-        spatial_axes = (1, 2) if channel_axis == -1 else (2, 3)
-        spatial_norm = ops.sqrt(ops.sum(ops.square(x), axis=spatial_axes, keepdims=True))
-        relative_norm = spatial_norm / (
-            ops.mean(spatial_norm, axis=channel_axis, keepdims=True) + self.epsilon
-        )
-        gamma = self._broadcast(ops.cast(self.gamma, "float32"))
-        beta = self._broadcast(ops.cast(self.beta, "float32"))
-        outputs = x + gamma * (x * relative_norm) + beta
+        gamma = ops.cast(self.gamma, "float32")
+        beta = ops.cast(self.beta, "float32")
+        if self.data_format == "channels_first":
+            x = ops.transpose(x, (0, 2, 3, 1))
+        outputs = grn(x, gamma, beta, self.epsilon)
+        if self.data_format == "channels_first":
+            outputs = ops.transpose(outputs, (0, 3, 1, 2))
         return ops.cast(outputs, self.compute_dtype)
 
     def compute_output_shape(self, input_shape):

@@ -1,0 +1,295 @@
+"""ConvNeXt throughput on every installed Keras backend against the PyTorch reference.
+
+Each measurement runs in its own process (one Keras backend per process), all
+in the same invocation, so the ratios compare like with like:
+
+    python benchmarks/run.py --model ConvNeXtV2Tiny --batch-size 8 --resolution 224
+
+Measured per backend: inference images/s (batch B and batch 1), first-call
+(compile) time, training steps/s (AdamW, batch `--train-batch-size`), peak
+resident memory added by the model, and achieved GFLOP/s against the
+machine's measured float32 matrix-multiply peak. The reference is HF
+transformers' PyTorch ConvNeXt (V2 or V1) in eager mode. Results go to
+`benchmarks/results/<name>.json` and `.md`.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+BACKENDS = ("tensorflow", "jax", "torch")
+
+
+def _rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _timed(fn, repeats):
+    """(first call seconds, median seconds of `repeats` later calls)."""
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return first, float(np.median(times))
+
+
+def _variant_shapes(model_name):
+    sys.path.insert(0, ROOT)
+    from keras_convnext.models.variants import VARIANTS, multiply_adds
+
+    variant = VARIANTS[model_name]
+    return variant, multiply_adds
+
+
+def keras_worker(args):
+    import keras
+
+    sys.path.insert(0, ROOT)
+    import keras_convnext
+
+    if args.precision != "float32":
+        keras.config.set_dtype_policy(args.precision)
+    baseline = _rss_mb()
+    shape = (args.resolution, args.resolution, 3)
+    if args.implementation == "keras_applications":
+        build = lambda: getattr(keras.applications, args.model)(
+            weights=None, input_shape=shape, classifier_activation=None
+        )
+    else:
+        build = lambda: keras_convnext.CONSTRUCTORS[args.model](input_shape=shape, classifier_activation=None)
+    model = build()
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, size=(args.batch_size,) + shape).astype("float32")
+    first, seconds = _timed(lambda: keras.ops.convert_to_numpy(model.predict_on_batch(images)), args.repeats)
+    peak = _peak_mb() - baseline
+    _, seconds_b1 = _timed(lambda: keras.ops.convert_to_numpy(model.predict_on_batch(images[:1])), args.repeats)
+    result = {
+        "inference_images_per_s": args.batch_size / seconds,
+        "batch1_latency_ms": seconds_b1 * 1000,
+        "first_call_s": first,
+        "peak_memory_mb": peak,
+    }
+    if args.train_batch_size:
+        train_images = rng.uniform(0, 255, size=(args.train_batch_size,) + shape).astype("float32")
+        labels = rng.integers(0, 1000, size=(args.train_batch_size,))
+        model.compile(
+            optimizer=keras.optimizers.AdamW(1e-4),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        train_first, train_seconds = _timed(
+            lambda: model.train_on_batch(train_images, labels), max(2, args.repeats // 2)
+        )
+        result.update({"train_steps_per_s": 1.0 / train_seconds, "train_first_call_s": train_first})
+    return result
+
+
+def reference_worker(args):
+    import torch
+    import transformers
+
+    variant, _ = _variant_shapes(args.model)
+    config_class, model_class = (
+        (transformers.ConvNextV2Config, transformers.ConvNextV2ForImageClassification)
+        if variant.version == "v2"
+        else (transformers.ConvNextConfig, transformers.ConvNextForImageClassification)
+    )
+    baseline = _rss_mb()
+    config = config_class(
+        depths=list(variant.stage_depths), hidden_sizes=list(variant.stage_dims), num_labels=1000
+    )
+    model = model_class(config).eval()
+    images = torch.rand(args.batch_size, 3, args.resolution, args.resolution)
+
+    def infer(batch):
+        with torch.no_grad():
+            return model(pixel_values=batch).logits
+
+    first, seconds = _timed(lambda: infer(images), args.repeats)
+    peak = _peak_mb() - baseline
+    _, seconds_b1 = _timed(lambda: infer(images[:1]), args.repeats)
+    result = {
+        "inference_images_per_s": args.batch_size / seconds,
+        "batch1_latency_ms": seconds_b1 * 1000,
+        "first_call_s": first,
+        "peak_memory_mb": peak,
+    }
+    if args.train_batch_size:
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        train_images = torch.rand(args.train_batch_size, 3, args.resolution, args.resolution)
+        labels = torch.randint(0, 1000, (args.train_batch_size,))
+
+        def step():
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(pixel_values=train_images).logits, labels)
+            loss.backward()
+            optimizer.step()
+
+        train_first, train_seconds = _timed(step, max(2, args.repeats // 2))
+        result.update({"train_steps_per_s": 1.0 / train_seconds, "train_first_call_s": train_first})
+    result["matmul_peak_gflops"] = _matmul_peak()
+    return result
+
+
+def _matmul_peak():
+    """Best float32 GFLOP/s of square matrix products on this machine (PyTorch/MKL)."""
+    import torch
+
+    best = 0.0
+    for size in (1024, 2048):
+        a, b = torch.rand(size, size), torch.rand(size, size)
+        _, seconds = _timed(lambda: torch.mm(a, b), 5)
+        best = max(best, 2 * size**3 / seconds / 1e9)
+    return best
+
+
+def _run_worker(args, backend, implementation):
+    command = [sys.executable, os.path.abspath(__file__), "--worker", implementation] + _forward(args)
+    environment = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    completed = subprocess.run(command, env=environment, capture_output=True, text=True)
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
+    if completed.returncode != 0 or not lines:
+        return {"error": (completed.stderr or completed.stdout).strip().splitlines()[-1:]}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def _forward(args):
+    return [
+        "--model", args.model, "--batch-size", str(args.batch_size), "--resolution", str(args.resolution),
+        "--precision", args.precision, "--repeats", str(args.repeats),
+        "--train-batch-size", str(args.train_batch_size),
+    ]
+
+
+def _versions():
+    import importlib.metadata as metadata
+
+    versions = {"python": platform.python_version()}
+    for package in ("keras", "tensorflow", "jax", "torch", "transformers"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _cpu():
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        return f"{names[0]} x{len(names)}"
+    except OSError:
+        return platform.processor()
+
+
+def markdown(report):
+    rows = report["results"]
+    reference = rows.get("pytorch-reference", {})
+    peak = reference.get("matmul_peak_gflops")
+    lines = [
+        f"### {report['model']}, batch {report['batch_size']}, {report['resolution']}x{report['resolution']}, "
+        f"{report['precision']}",
+        "",
+        f"{report['date']}, {report['machine']}, " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
+        "",
+        "| implementation | images/s | x ref | batch-1 ms | x ref | train steps/s (batch "
+        f"{report['train_batch_size']}) | x ref | first call s | peak MB | GFLOP/s | of matmul peak |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def ratio(row, key, inverse=False):
+        if key not in row or key not in reference:
+            return "-"
+        value = reference[key] / row[key] if inverse else row[key] / reference[key]
+        return f"{value:.2f}x"
+
+    for name, row in rows.items():
+        if "error" in row:
+            lines.append(f"| {name} | failed: {' '.join(row['error'])} |" + " |" * 10)
+            continue
+        gflops = row["inference_images_per_s"] * 2 * report["multiply_adds"] / 1e9
+        fraction = f"{gflops / peak:.0%}" if peak else "-"
+        lines.append(
+            f"| {name} | {row['inference_images_per_s']:.2f} | {ratio(row, 'inference_images_per_s')} "
+            f"| {row['batch1_latency_ms']:.1f} | {ratio(row, 'batch1_latency_ms', inverse=True)} "
+            f"| {row.get('train_steps_per_s', float('nan')):.3f} | {ratio(row, 'train_steps_per_s')} "
+            f"| {row['first_call_s']:.1f} | {row['peak_memory_mb']:.0f} | {gflops:.1f} "
+            f"| {fraction} |"
+        )
+    lines.append("")
+    lines.append(f"Matrix-multiply peak (PyTorch, float32): {peak:.1f} GFLOP/s." if peak else "")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="ConvNeXtV2Tiny", help="a keras_convnext constructor name")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--train-batch-size", type=int, default=16, help="0 skips the training step")
+    parser.add_argument("--resolution", type=int, default=224)
+    parser.add_argument("--precision", default="float32", choices=["float32", "mixed_bfloat16", "mixed_float16"])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    parser.add_argument("--keras-applications", action="store_true",
+                        help="also time keras.applications.<model> (V1 names only) on each backend")
+    parser.add_argument("--name", help="results file name (default: derived from the settings)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        args.implementation = args.worker
+        result = reference_worker(args) if args.worker == "reference" else keras_worker(args)
+        print("RESULT " + json.dumps(result))
+        return 0
+
+    _, multiply_adds = _variant_shapes(args.model)
+    variant = _variant_shapes(args.model)[0]
+    results = {"pytorch-reference": _run_worker(args, "torch", "reference")}
+    for backend in args.backends:
+        results[f"keras_convnext/{backend}"] = _run_worker(args, backend, "keras_convnext")
+        if args.keras_applications:
+            results[f"keras.applications/{backend}"] = _run_worker(args, backend, "keras_applications")
+    report = {
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "train_batch_size": args.train_batch_size,
+        "resolution": args.resolution,
+        "precision": args.precision,
+        "multiply_adds": multiply_adds(variant.stage_depths, variant.stage_dims, (args.resolution,) * 2),
+        "date": datetime.date.today().isoformat(),
+        "machine": _cpu(),
+        "versions": _versions(),
+        "results": results,
+    }
+    name = args.name or f"{args.model}_b{args.batch_size}_{args.resolution}_{args.precision}"
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    with open(os.path.join(HERE, "results", name + ".json"), "w") as f:
+        json.dump(report, f, indent=2)
+    text = markdown(report)
+    with open(os.path.join(HERE, "results", name + ".md"), "w") as f:
+        f.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,9 @@
+"""Backend fast paths, each beside its portable keras.ops formulation."""
+
+
+from keras_convnext.ops.depthwise import (
+    depthwise_conv2d,
+    portable_depthwise_conv2d,
+    shifted_depthwise_conv2d,
+)
+from keras_convnext.ops.pointwise import grn, linear, portable_grn, portable_linear

@@ -1,0 +1,125 @@
+import numpy as np
+import pytest
+
+import keras
+from keras import ops
+
+from keras_convnext import ops as convnext_ops
+from keras_convnext.layers import DepthwiseConv
+
+
+@pytest.mark.parametrize("shape", [(2, 9, 13, 5), (1, 3, 4, 8)])
+def test_depthwise_formulations_agree(shape):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=shape).astype("float32")
+    kernel = rng.normal(size=(7, 7, shape[-1], 1)).astype("float32")  # not symmetric
+    bias = rng.normal(size=shape[-1]).astype("float32")
+    expected = ops.convert_to_numpy(convnext_ops.portable_depthwise_conv2d(x, kernel, bias))
+    for fn in (convnext_ops.shifted_depthwise_conv2d, convnext_ops.depthwise_conv2d):
+        x_t, k_t, b_t = (ops.convert_to_tensor(a) for a in (x, kernel, bias))
+        np.testing.assert_allclose(ops.convert_to_numpy(fn(x_t, k_t, b_t)), expected, atol=1e-4)
+
+
+def _compiled_predict(layer, x):
+    inputs = keras.Input(x.shape[1:])
+    model = keras.Model(inputs, layer(inputs))
+    # jit_compile exercises the XLA formulation on TensorFlow
+    model.compile(jit_compile=keras.backend.backend() != "torch")
+    return model.predict(x, verbose=0)
+
+
+def test_depthwise_layer_matches_keras_layer_compiled():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2, 12, 10, 6)).astype("float32")
+    reference = keras.layers.DepthwiseConv2D(7, padding="same")
+    fast = DepthwiseConv(7)
+    reference.build(x.shape)
+    fast.build(x.shape)
+    weights = [rng.normal(size=w.shape).astype("float32") for w in reference.get_weights()]
+    reference.set_weights(weights)
+    fast.set_weights(weights)
+    np.testing.assert_allclose(_compiled_predict(fast, x), _compiled_predict(reference, x), atol=1e-4)
+    with pytest.raises(ValueError, match="stride 1"):
+        DepthwiseConv(7, strides=2)
+
+
+def test_depthwise_gradients_agree():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(2, 8, 8, 4)).astype("float32")
+    kernel = rng.normal(size=(7, 7, 4, 1)).astype("float32")
+    weights = rng.normal(size=(2, 8, 8, 4)).astype("float32")
+    grads = [_gradient(fn, x, kernel, weights) for fn in
+             (convnext_ops.portable_depthwise_conv2d, convnext_ops.depthwise_conv2d)]
+    for expected, actual in zip(grads[0], grads[1]):
+        np.testing.assert_allclose(actual, expected, atol=1e-4)
+
+
+def _gradient(fn, x, kernel, weights):
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.grad(lambda a, k: (fn(a, k) * weights).sum(), argnums=(0, 1))(x, kernel)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        a, k = tf.constant(x), tf.constant(kernel)
+        with tf.GradientTape() as tape:
+            tape.watch([a, k])
+            loss = tf.reduce_sum(fn(a, k) * weights)
+        return [g.numpy() for g in tape.gradient(loss, [a, k])]
+    import torch
+
+    a = torch.tensor(x, requires_grad=True)
+    k = torch.tensor(kernel, requires_grad=True)
+    (fn(a, k) * torch.from_numpy(weights)).sum().backward()
+    return [a.grad.numpy(), k.grad.numpy()]
+
+
+def test_pointwise_fast_paths_agree_with_portable():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 5, 6, 8)).astype("float32")
+    kernel = rng.normal(size=(8, 12)).astype("float32")
+    bias = rng.normal(size=12).astype("float32")
+    gamma, beta = rng.normal(size=(2, 8)).astype("float32")
+    x_t, k_t, b_t, g_t, be_t = (ops.convert_to_tensor(a) for a in (x, kernel, bias, gamma, beta))
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(convnext_ops.linear(x_t, k_t, b_t)),
+        ops.convert_to_numpy(convnext_ops.portable_linear(x_t, k_t, b_t)),
+        atol=1e-5,
+    )
+    # GRN as written in the paper, in numpy
+    norm = np.sqrt((x.astype("float64") ** 2).sum(axis=(1, 2), keepdims=True))
+    expected = x + gamma * (x * norm / (norm.mean(-1, keepdims=True) + 1e-6)) + beta
+    for fn in (convnext_ops.grn, convnext_ops.portable_grn):
+        np.testing.assert_allclose(ops.convert_to_numpy(fn(x_t, g_t, be_t)), expected, atol=1e-5)
+
+
+def test_pointwise_dense_equals_dense():
+    from keras_convnext.layers import PointwiseDense
+
+    x = np.random.default_rng(4).normal(size=(2, 3, 3, 8)).astype("float32")
+    dense, fast = keras.layers.Dense(5), PointwiseDense(5)
+    dense.build(x.shape)
+    fast.build(x.shape)
+    fast.set_weights(dense.get_weights())
+    np.testing.assert_allclose(ops.convert_to_numpy(fast(x)), ops.convert_to_numpy(dense(x)), atol=1e-5)
+
+
+def test_tensorflow_xla_context_is_detected():
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("TensorFlow-only dispatch")
+    import tensorflow as tf
+
+    from keras_convnext.ops.depthwise import _tensorflow_in_xla
+
+    seen = {}
+
+    def probe(x):
+        seen[len(seen)] = _tensorflow_in_xla()
+        return x
+
+    tf.function(probe, jit_compile=True)(tf.ones(1))
+    tf.function(probe, jit_compile=False)(tf.ones(1))
+    assert seen == {0: True, 1: False}
+    assert not _tensorflow_in_xla()
