@@ -96,7 +96,10 @@ def test_tflite_sizes_shrink_with_quantization(exported):
 
 
 def test_failed_verification_leaves_nothing_behind(tmp_path, monkeypatch):
-    from keras_convnext import export as export_module
+    import importlib
+
+    # The package attribute `keras_convnext.export` is the function; the module is this.
+    export_module = importlib.import_module("keras_convnext.export")
 
     def fake_writer(model, targets, image_size=224):
         for path in targets.values():
