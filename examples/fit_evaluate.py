@@ -63,6 +63,8 @@ def main(argv=None):
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--weights", help="start from a checkpoint file or registry tag (new head).")
     parser.add_argument("--distribute", action="store_true", help="data-parallel over all local devices.")
+    parser.add_argument("--no-evaluation", action="store_true",
+                        help="skip the confusion matrix and plots (training and validation loss only).")
     args = parse(parser, argv)
 
     import keras
@@ -92,9 +94,11 @@ def main(argv=None):
     model.save(os.path.join(args.output_dir, "model.keras"))
     with open(os.path.join(args.output_dir, "history.json"), "w") as f:
         json.dump(history, f, indent=1)
-    evaluation = evaluate_classifier(
-        model, datasets.validation, datasets.class_names, args.output_dir, history, verbose=not args.quiet
-    )
+    evaluation = None
+    if not args.no_evaluation:
+        evaluation = evaluate_classifier(
+            model, datasets.validation, datasets.class_names, args.output_dir, history, verbose=not args.quiet
+        )
     return {"model": model, "history": history, "evaluation": evaluation, "replicas": replicas}
 
 
