@@ -123,7 +123,7 @@ def build_classifier(args, num_classes, weights=None, drop_path_rate=0.0):
 def load_pretrained_body(model, weights, model_name):
     """Loads every pretrained weight except the classifier, which stays freshly initialized.
 
-    `weights` is a checkpoint file (official, timm, HF or Keras) or a
+    `weights` is a checkpoint file (official, timm or HF naming) or a
     registry tag of keras_convnext (e.g. "imagenet" where registered).
     """
     import keras_convnext
