@@ -1,0 +1,493 @@
+"""Export a Keras model to SavedModel, TFLite (float32, float16, int8) and ONNX, from any backend.
+
+    keras_convnext.export(model, "convnext_savedmodel", format="saved_model")
+    keras_convnext.export(model, "convnext.tflite", format="tflite-int8")
+    keras_convnext.export_formats(model, "exported/")   # every format, one conversion run
+
+The artifacts are written by TensorFlow. On the TensorFlow backend that
+happens in this process; on JAX and PyTorch the model is saved as `.keras`,
+rebuilt on the TensorFlow backend in a subprocess (same layers, same
+weights) and written there, because those backends cannot trace every
+ConvNeXt op into a TensorFlow graph (PyTorch's `torch.export` rejects the
+dynamic shapes).
+
+Each artifact is then checked against the Keras model in this process, on
+real photographs (scikit-image's sample images): the SavedModel reloaded
+in TensorFlow, TFLite through the LiteRT (or TF Lite) interpreter, ONNX
+through onnxruntime. Float32 formats must agree to `atol` (1e-4) in every
+output, quantized ones in top-1 class; size and latency are printed. Only
+a verified artifact is moved into place (atomic `os.replace`); a failed
+check leaves the destination untouched.
+
+Inputs of every artifact: float32 images `(batch, height, width, 3)` with
+pixels in [0, 255] (channels_last models; channels_first models take
+`(batch, 3, height, width)`). Batch size is dynamic in every format; the
+SavedModel and ONNX artifacts also take any resolution when the model was
+built with `input_shape=None`-style dynamic sizes or is fully convolutional.
+"""
+
+import argparse
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import numpy as np
+
+FORMATS = ("saved_model", "tflite", "tflite-fp16", "tflite-int8", "onnx")
+_SUFFIX = {"saved_model": "", "tflite": ".tflite", "tflite-fp16": "_fp16.tflite",
+           "tflite-int8": "_int8.tflite", "onnx": ".onnx"}
+_QUANTIZED = ("tflite-fp16", "tflite-int8")
+_ONNX_OPSET = 17
+
+
+class ExportError(RuntimeError):
+    """An export failed to convert, or the artifact disagreed with the Keras model."""
+
+
+@dataclasses.dataclass
+class ExportReport:
+    """What `export` wrote and how the artifact compared with the Keras model."""
+
+    format: str
+    path: str
+    size_bytes: int
+    max_abs_diff: float  # over all outputs on the check images
+    top1_agreement: float  # fraction of check images with the same top class
+    latency_ms: float  # median, batch of one image, CPU
+    images: int
+    dynamic_batch: bool
+    dynamic_resolution: bool
+
+    def __str__(self):
+        return (
+            f"{self.format:12s} {self.path}  {self.size_bytes / 2**20:.2f} MiB  "
+            f"max|diff| {self.max_abs_diff:.2e}  top-1 agreement {self.top1_agreement:.2f} "
+            f"({self.images} images)  latency {self.latency_ms:.2f} ms  "
+            f"dynamic batch {'yes' if self.dynamic_batch else 'no'}, "
+            f"resolution {'yes' if self.dynamic_resolution else 'no'}"
+        )
+
+
+def _check_format(format):
+    if format not in FORMATS:
+        raise ValueError(f"Unknown export format {format!r}; choose one of {', '.join(FORMATS)}.")
+
+
+def _layout(model):
+    """('channels_last' | 'channels_first', height, width) of the model's image input."""
+    shape = tuple(model.input_shape)
+    if len(shape) != 4:
+        raise ValueError(f"export expects a model with one image input (batch, h, w, c); got {shape}.")
+    if shape[-1] == 3 or (shape[1] != 3 and shape[-1] is not None):
+        return "channels_last", shape[1], shape[2]
+    return "channels_first", shape[2], shape[3]
+
+
+def _input_spec_shape(data_format, height, width, channels=3):
+    if data_format == "channels_last":
+        return (None, height, width, channels)
+    return (None, channels, height, width)
+
+
+# ---------------------------------------------------------------- writing (TensorFlow)
+
+
+def _serving_function(model, shape):
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32, name="images")])
+    def serve(images):
+        return model(images, training=False)
+
+    return serve
+
+
+def _resolution_free(model, data_format):
+    """A signature with free height/width if the model accepts it, else the fixed one."""
+    fixed = _input_spec_shape(data_format, *_layout(model)[1:])
+    free = _input_spec_shape(data_format, None, None)
+    if fixed == free:
+        return free
+    try:
+        _serving_function(model, free).get_concrete_function()
+        return free
+    except Exception:  # a layer that needs a static size: keep the model's own shape
+        return fixed
+
+
+def _write_saved_model(model, path, shape):
+    import tensorflow as tf
+
+    module = tf.Module()
+    module.model = model
+    module.serve = _serving_function(model, shape)
+    tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
+
+
+def _fixed_size_model(model, shape):
+    """`model` behind an input of static spatial size (TFLite wants one); the batch stays free."""
+    import keras
+
+    if tuple(model.input_shape) == tuple(shape):
+        return model
+    inputs = keras.Input(batch_shape=shape, name="images")
+    return keras.Model(inputs, model(inputs, training=False), name=model.name)
+
+
+def _write_tflite(model, path, format, shape):
+    import tensorflow as tf
+
+    # from_keras_model, not from a SavedModel or concrete function: with TF
+    # 2.21 those two paths produced NaN outputs for ConvNeXt in the
+    # interpreter, the Keras path is exact.
+    converter = tf.lite.TFLiteConverter.from_keras_model(_fixed_size_model(model, shape))
+    if format in _QUANTIZED:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if format == "tflite-fp16":
+        converter.target_spec.supported_types = [tf.float16]
+    # tflite-int8 with no representative data is dynamic-range quantization:
+    # int8 weights, float activations.
+    with open(path, "wb") as f:
+        f.write(converter.convert())
+
+
+_ERFC_REGISTERED = []
+
+
+def _register_erfc_for_onnx():
+    """Teaches tf2onnx TensorFlow's Erfc, which exact GELU lowers to: erfc(x) = 1 - erf(x).
+
+    ONNX has Erf but no Erfc. For GELU, x * erfc(-x / sqrt 2) / 2, the
+    cancellation in 1 - erf only affects outputs that are ~0 anyway.
+    """
+    if _ERFC_REGISTERED:
+        return
+    from tf2onnx import utils
+    from tf2onnx.handler import tf_op
+
+    @tf_op("Erfc")
+    class Erfc:  # noqa: F841  (registered by the decorator)
+        @classmethod
+        def version_9(cls, ctx, node, **kwargs):
+            node.type = "Erf"
+            dtype = utils.map_onnx_to_numpy_type(ctx.get_dtype(node.output[0]))
+            one = ctx.make_const(utils.make_name(node.name + "_one"), np.array(1, dtype=dtype))
+            ctx.insert_new_node_on_output(
+                "Sub", node.output[0], name=utils.make_name(node.name + "_erfc"),
+                inputs=[one.output[0], node.output[0]],
+            )
+
+    _ERFC_REGISTERED.append(Erfc)
+
+
+def _write_onnx(model, path, shape):
+    import tensorflow as tf
+    import tf2onnx
+
+    _register_erfc_for_onnx()
+
+    signature = [tf.TensorSpec(shape, tf.float32, name="images")]
+    tf2onnx.convert.from_function(
+        _serving_function(model, shape), input_signature=signature, opset=_ONNX_OPSET, output_path=path
+    )
+
+
+def write_artifacts(model, targets, image_size=224):
+    """Writes `{format: path}` with TensorFlow; the TensorFlow backend must be active.
+
+    `image_size` is the TFLite input side for models built without a fixed size.
+    Returns `{format: dynamic_resolution}`.
+    """
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        raise RuntimeError("write_artifacts runs on the TensorFlow backend; use export() from other backends.")
+    data_format, height, width = _layout(model)
+    free_shape = _resolution_free(model, data_format)
+    dynamic = free_shape[1:3] == (None, None) or free_shape[2:4] == (None, None)
+    fixed_shape = _input_spec_shape(data_format, height or image_size, width or image_size)
+    flags = {}
+    for format, path in targets.items():
+        _check_format(format)
+        if format == "saved_model":
+            _write_saved_model(model, path, free_shape)
+            flags[format] = dynamic
+        elif format == "onnx":
+            _write_onnx(model, path, free_shape)
+            flags[format] = dynamic
+        else:
+            _write_tflite(model, path, format, fixed_shape)
+            flags[format] = False
+    return flags
+
+
+def _write_in_tensorflow_subprocess(model, targets, image_size):
+    """Rebuilds `model` on the TensorFlow backend in a subprocess and writes `targets` there."""
+    with tempfile.TemporaryDirectory() as scratch:
+        keras_file = os.path.join(scratch, "model.keras")
+        model.save(keras_file)
+        command = [sys.executable, "-m", "keras_convnext.export", "--write", keras_file,
+                   "--image-size", str(image_size)]
+        for format, path in targets.items():
+            command += ["--target", f"{format}={path}"]
+        env = dict(os.environ, KERAS_BACKEND="tensorflow")
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join([package_root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        result = subprocess.run(command, env=env, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise ExportError(
+                "The TensorFlow export subprocess failed (exit code "
+                f"{result.returncode}):\n{result.stderr[-4000:]}"
+            )
+        flags = {}
+        for line in result.stdout.splitlines():
+            if line.startswith("DYNAMIC "):
+                format, value = line.split()[1:3]
+                flags[format] = value == "1"
+        return flags
+
+
+# ---------------------------------------------------------------- verification
+
+
+def sample_images(height=224, width=224, data_format="channels_last"):
+    """scikit-image's colour sample photographs, resized: float32 `(n, h, w, 3)` in [0, 255]."""
+    import skimage.data
+    import skimage.transform
+
+    photos = [skimage.data.astronaut(), skimage.data.chelsea(), skimage.data.coffee(), skimage.data.rocket()]
+    images = np.stack([
+        skimage.transform.resize(photo, (height, width), order=1, anti_aliasing=True, preserve_range=True)
+        for photo in photos
+    ]).astype("float32")
+    if data_format == "channels_first":
+        images = np.transpose(images, (0, 3, 1, 2))
+    return images
+
+
+def _runner(format, path):
+    """A function `images -> numpy outputs` running the artifact."""
+    if format == "saved_model":
+        import tensorflow as tf
+
+        loaded = tf.saved_model.load(path)
+        serve = loaded.signatures["serving_default"]
+
+        def run(images):
+            outputs = serve(images=tf.constant(images))
+            return np.asarray(next(iter(outputs.values())))
+
+        return run
+    if format == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+
+        def run(images):
+            return np.asarray(session.run(None, {name: images})[0])
+
+        return run
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter
+    interpreter = Interpreter(model_path=path)
+
+    def run(images):
+        detail = interpreter.get_input_details()[0]
+        interpreter.resize_tensor_input(detail["index"], images.shape)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(detail["index"], images)
+        interpreter.invoke()
+        return np.array(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]))
+
+    return run
+
+
+def _median_latency_ms(run, image, repeats=5):
+    run(image)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run(image)
+        times.append(time.perf_counter() - start)
+    return 1000.0 * float(np.median(times))
+
+
+def _size(path):
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+    return os.path.getsize(path)
+
+
+def verify(model, format, path, atol=1e-4, min_top1_agreement=1.0, images=None, dynamic_resolution=False,
+           image_size=224):
+    """Runs the artifact at `path` on real images and compares with `model`.
+
+    Float32 formats must match every output within `atol`; quantized ones
+    ("tflite-fp16", "tflite-int8") must give the same top-1 class on at
+    least `min_top1_agreement` of the images. Raises `ExportError`
+    otherwise; returns an `ExportReport`.
+    """
+    data_format, height, width = _layout(model)
+    height, width = height or image_size, width or image_size
+    if images is None:
+        images = sample_images(height, width, data_format)
+    images = np.asarray(images, "float32")
+    expected = np.asarray(model.predict(images, verbose=0))
+    run = _runner(format, path)
+    got = run(images)
+    if got.shape != expected.shape:
+        raise ExportError(f"{format} artifact returned shape {got.shape}; the Keras model returns {expected.shape}.")
+    max_diff = float(np.max(np.abs(got - expected)))
+    agreement = float(np.mean(np.argmax(got, -1) == np.argmax(expected, -1)))
+    if format in _QUANTIZED:
+        if agreement < min_top1_agreement:
+            raise ExportError(
+                f"{format} artifact agrees with the Keras model on the top-1 class for only "
+                f"{agreement:.0%} of {len(images)} images (needed {min_top1_agreement:.0%})."
+            )
+    elif not max_diff <= atol:
+        raise ExportError(
+            f"{format} artifact differs from the Keras model by up to {max_diff:.3g} (allowed {atol:g})."
+        )
+    if dynamic_resolution and format in ("saved_model", "onnx"):
+        # The same photos at another size must still match the model (which is
+        # fully convolutional up to the global pooling).
+        other = sample_images(height + 32, width + 32, data_format)[:2]
+        model_is_dynamic = None in tuple(model.input_shape)[1:]
+        reference = np.asarray(model.predict(other, verbose=0)) if model_is_dynamic else None
+        result = run(other)
+        if result.shape[0] != 2:
+            raise ExportError(f"{format} artifact did not accept a batch of 2 at {height + 32}x{width + 32}.")
+        if reference is not None and not np.max(np.abs(result - reference)) <= atol:
+            raise ExportError(f"{format} artifact differs from the model at {height + 32}x{width + 32} pixels.")
+    latency = _median_latency_ms(run, images[:1])
+    return ExportReport(format, path, _size(path), max_diff, agreement, latency, len(images), True, dynamic_resolution)
+
+
+# ---------------------------------------------------------------- public entry points
+
+
+def _temporary_sibling(path):
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(directory, exist_ok=True)
+    return os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+
+
+def _remove(path):
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+def _move_into_place(temporary, path):
+    """os.replace for files; for a directory the old one is moved aside first."""
+    if os.path.isdir(temporary) and os.path.exists(path):
+        aside = _temporary_sibling(path)
+        os.replace(path, aside)
+        os.replace(temporary, path)
+        _remove(aside)
+    else:
+        os.replace(temporary, path)
+
+
+def export_formats(model, targets, verify_artifacts=True, atol=1e-4, min_top1_agreement=1.0, verbose=True,
+                   image_size=224):
+    """Writes several formats with one conversion run (one subprocess off TensorFlow).
+
+    Args:
+        model: a Keras model with one image input.
+        targets: `{format: path}`, or a directory (every format, named
+            `model<suffix>` inside it).
+        verify_artifacts: check each artifact against `model` (see `verify`).
+        image_size: for models built without a fixed input size, the side
+            in pixels of the TFLite input and of the check images.
+
+    Returns:
+        `{format: ExportReport}` (reports with NaN numbers when not verified).
+    """
+    import keras
+
+    if isinstance(targets, (str, os.PathLike)):
+        directory = os.fspath(targets)
+        targets = {format: os.path.join(directory, "model" + _SUFFIX[format]) for format in FORMATS}
+    for format in targets:
+        _check_format(format)
+    temporary = {format: _temporary_sibling(path) for format, path in targets.items()}
+    try:
+        if keras.backend.backend() == "tensorflow":
+            flags = write_artifacts(model, temporary, image_size)
+        else:
+            flags = _write_in_tensorflow_subprocess(model, temporary, image_size)
+        reports = {}
+        for format, path in targets.items():
+            if verify_artifacts:
+                report = verify(model, format, temporary[format], atol, min_top1_agreement,
+                                dynamic_resolution=flags.get(format, False), image_size=image_size)
+            else:
+                report = ExportReport(format, path, _size(temporary[format]), float("nan"), float("nan"),
+                                      float("nan"), 0, True, flags.get(format, False))
+            report.path = path
+            reports[format] = report
+        for format, path in targets.items():
+            _move_into_place(temporary[format], path)
+    finally:
+        for path in temporary.values():
+            _remove(path)
+    if verbose:
+        for report in reports.values():
+            print(report)
+    return reports
+
+
+def export(model, path, format="saved_model", verify_artifact=True, atol=1e-4, min_top1_agreement=1.0, verbose=True,
+           image_size=224):
+    """Exports `model` to `path` in `format` from any Keras backend, then verifies it.
+
+    Args:
+        model: a Keras model with one image input (any keras_convnext classifier).
+        path: destination file (`.tflite`, `.onnx`) or directory (SavedModel).
+        format: one of `FORMATS`: "saved_model", "tflite", "tflite-fp16",
+            "tflite-int8" (dynamic-range: int8 weights) or "onnx".
+        verify_artifact: run the artifact on real images against `model`.
+        atol: allowed max |difference| of float32 formats.
+        min_top1_agreement: needed top-1 agreement of quantized formats.
+        image_size: TFLite/check input side for models without a fixed size.
+
+    Returns:
+        An `ExportReport` (size, max difference, top-1 agreement, latency).
+    """
+    _check_format(format)
+    return export_formats(model, {format: os.fspath(path)}, verify_artifact, atol, min_top1_agreement, verbose,
+                          image_size)[format]
+
+
+def _main(argv=None):
+    """Subprocess entry: load a `.keras` model on TensorFlow and write the targets."""
+    parser = argparse.ArgumentParser(description="Write export artifacts on the TensorFlow backend.")
+    parser.add_argument("--write", required=True, help=".keras model to load (safe mode)")
+    parser.add_argument("--target", action="append", default=[], help="FORMAT=PATH")
+    parser.add_argument("--image-size", type=int, default=224)
+    args = parser.parse_args(argv)
+    import keras
+
+    import keras_convnext  # noqa: F401  (registers the layers for loading)
+
+    model = keras.saving.load_model(args.write, safe_mode=True, compile=False)
+    targets = dict(item.split("=", 1) for item in args.target)
+    for format, dynamic in write_artifacts(model, targets, args.image_size).items():
+        print(f"DYNAMIC {format} {int(dynamic)}")
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,143 @@
+"""Export from the running backend to every format; artifacts checked by foreign runtimes.
+
+The model is built on the backend under test (on JAX and PyTorch the export
+goes through a TensorFlow subprocess). Each artifact is run here by the
+runtime that ships it (TensorFlow, LiteRT/TF Lite, onnxruntime) on
+scikit-image's photographs and compared with the Keras model's own outputs.
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+import keras
+
+import keras_convnext
+from keras_convnext.export import FORMATS, ExportError, export_formats, sample_images
+
+SIZE = 64
+
+
+def _small_model():
+    """A small ConvNeXt V2 with any input size and the same weights on every backend.
+
+    The weights come from numpy (backends draw different random numbers),
+    scaled like a trained network (unit-variance activations, norm scales
+    near 1, nonzero GRN), so the photos get distinct, well-separated top
+    classes; a freshly initialized head gives near-uniform scores, where an
+    int8 top-1 comparison would be a coin toss.
+    """
+    model = keras_convnext.ConvNeXt((1, 1, 2, 1), (16, 32, 64, 128), input_shape=(None, None, 3), classes=10)
+    rng = np.random.default_rng(7)
+    for variable in model.weights:
+        shape, name = tuple(variable.shape), variable.path
+        noise = rng.standard_normal(shape)
+        if len(shape) > 1:
+            fan_in = int(np.prod(shape[:-1])) if "dwconv" not in name else int(np.prod(shape[:2]))
+            value = noise / np.sqrt(fan_in)
+        elif name.endswith("gamma") and "grn" not in name:
+            value = 1.0 + 0.1 * noise
+        elif "grn" in name:
+            value = 0.3 * noise
+        else:
+            value = 0.05 * noise
+        variable.assign(value.astype("float32"))
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    model = _small_model()
+    directory = str(tmp_path_factory.mktemp("export"))
+    reports = export_formats(model, directory, image_size=SIZE)
+    return model, directory, reports
+
+
+def _run_artifact(format, path, images):
+    if format == "saved_model":
+        import tensorflow as tf
+
+        serve = tf.saved_model.load(path).signatures["serving_default"]
+        return np.asarray(next(iter(serve(images=tf.constant(images)).values())))
+    if format == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        return session.run(None, {session.get_inputs()[0].name: images})[0]
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=path)
+    index = interpreter.get_input_details()[0]["index"]
+    interpreter.resize_tensor_input(index, images.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(index, images)
+    interpreter.invoke()
+    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+
+
+@pytest.mark.parametrize("format", FORMATS)
+def test_artifact_matches_the_keras_model(exported, format):
+    model, directory, reports = exported
+    report = reports[format]
+    assert os.path.exists(report.path) and report.size_bytes > 0
+    assert report.latency_ms > 0 and report.images == 4
+    images = sample_images(SIZE, SIZE)
+    expected = np.asarray(model.predict(images, verbose=0))
+    got = _run_artifact(format, report.path, images)
+    assert got.shape == expected.shape == (4, 10)
+    if format in ("tflite-fp16", "tflite-int8"):
+        np.testing.assert_array_equal(np.argmax(got, -1), np.argmax(expected, -1))
+        assert report.top1_agreement == 1.0
+    else:
+        assert np.max(np.abs(got - expected)) <= 1e-4
+        assert report.max_abs_diff <= 1e-4
+    # The classes differ between the photos, so top-1 agreement is not trivial.
+    assert len(set(np.argmax(expected, -1))) > 1
+
+
+@pytest.mark.parametrize("format", ["saved_model", "onnx"])
+def test_dynamic_batch_and_resolution(exported, format):
+    model, _, reports = exported
+    assert reports[format].dynamic_batch and reports[format].dynamic_resolution
+    images = sample_images(SIZE + 32, SIZE + 32)[:3]
+    expected = np.asarray(model.predict(images, verbose=0))
+    got = _run_artifact(format, reports[format].path, images)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_tflite_sizes_shrink_with_quantization(exported):
+    _, _, reports = exported
+    float32, fp16, int8 = (reports[f].size_bytes for f in ("tflite", "tflite-fp16", "tflite-int8"))
+    assert int8 < fp16 < float32
+
+
+def test_failed_verification_leaves_nothing_behind(tmp_path, monkeypatch):
+    import importlib
+
+    # The package attribute `keras_convnext.export` is the function; the module is this.
+    export_module = importlib.import_module("keras_convnext.export")
+
+    def fake_writer(model, targets, image_size=224):
+        for path in targets.values():
+            with open(path, "wb") as f:
+                f.write(b"artifact")
+        return {}
+
+    def failing_check(*args, **kwargs):
+        raise ExportError("disagrees")
+
+    monkeypatch.setattr(export_module, "write_artifacts", fake_writer)
+    monkeypatch.setattr(export_module, "_write_in_tensorflow_subprocess", fake_writer)
+    monkeypatch.setattr(export_module, "verify", failing_check)
+    destination = tmp_path / "model.onnx"
+    destination.write_bytes(b"previous")
+    with pytest.raises(ExportError, match="disagrees"):
+        keras_convnext.export(_small_model(), str(destination), format="onnx")
+    assert destination.read_bytes() == b"previous"
+    assert sorted(os.listdir(tmp_path)) == ["model.onnx"]  # no temporary left
+
+
+def test_unknown_format_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="Unknown export format 'coreml'"):
+        keras_convnext.export(_small_model(), str(tmp_path / "m"), format="coreml")
