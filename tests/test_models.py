@@ -32,8 +32,8 @@ REFERENCE_PARAMS = {
 @pytest.fixture
 def cheap_init(monkeypatch):
     """Zero initialization: counting the parameters of Huge needs no random numbers."""
-    monkeypatch.setattr(block_module, "KERNEL_INIT", "zeros")
-    monkeypatch.setattr(convnext_module, "KERNEL_INIT", "zeros")
+    monkeypatch.setattr(block_module, "kernel_init", lambda: "zeros")
+    monkeypatch.setattr(convnext_module, "kernel_init", lambda: "zeros")
 
 
 def test_every_reference_variant_has_a_constructor():
@@ -48,6 +48,16 @@ def test_parameter_count_matches_reference(name, cheap_init):
     trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
     assert trainable == REFERENCE_PARAMS[name]
     assert len(model.non_trainable_weights) == 0
+
+
+def test_same_shaped_layers_start_with_different_weights():
+    model = kc.ConvNeXt((1, 1, 2, 1), (8, 16, 24, 32), classes=3, input_shape=(32, 32, 3))
+    first, second = model.get_layer("stage2_block0"), model.get_layer("stage2_block1")
+    for name in ("dwconv", "pwconv1", "pwconv2"):
+        a = keras.ops.convert_to_numpy(getattr(first, name).kernel)
+        b = keras.ops.convert_to_numpy(getattr(second, name).kernel)
+        assert not np.allclose(a, b), name
+        assert 0.01 < a.std() < 0.03  # truncated normal, std 0.02
 
 
 def test_generic_builder_custom_size():

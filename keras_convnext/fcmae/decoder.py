@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from keras_convnext.layers.block import KERNEL_INIT, ConvNeXtBlock
+from keras_convnext.layers.block import ConvNeXtBlock, kernel_init
 
 
 @keras.saving.register_keras_serializable(package="keras_convnext")
@@ -26,14 +26,14 @@ class FCMAEDecoder(keras.layers.Layer):
         self.patch_size = int(patch_size)
         self.channels = int(channels)
         self.proj = keras.layers.Conv2D(
-            self.decoder_dim, 1, kernel_initializer=KERNEL_INIT, name="proj", dtype=self.dtype_policy
+            self.decoder_dim, 1, kernel_initializer=kernel_init(), name="proj", dtype=self.dtype_policy
         )
         self.blocks = [
             ConvNeXtBlock(use_grn=True, data_format="channels_last", name=f"block{j}", dtype=self.dtype_policy)
             for j in range(self.decoder_depth)
         ]
         self.pred = keras.layers.Conv2D(
-            self.patch_size**2 * self.channels, 1, kernel_initializer=KERNEL_INIT,
+            self.patch_size**2 * self.channels, 1, kernel_initializer=kernel_init(),
             name="pred", dtype=self.dtype_policy,
         )
 

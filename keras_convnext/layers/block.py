@@ -11,8 +11,13 @@ from keras_convnext.layers.grn import GRN
 from keras_convnext.layers.layer_scale import LayerScale
 from keras_convnext.layers.pointwise import PointwiseDense
 
-# Official ConvNeXt initialization: truncated normal, std 0.02, zero biases.
-KERNEL_INIT = keras.initializers.TruncatedNormal(stddev=0.02)
+def kernel_init():
+    """Official ConvNeXt initialization: truncated normal, std 0.02 (biases start at zero).
+
+    A new initializer per layer: Keras gives an unseeded initializer object the
+    same values on every call, which would make same-shaped layers identical.
+    """
+    return keras.initializers.TruncatedNormal(stddev=0.02)
 LAYER_NORM_EPSILON = 1e-6
 
 
@@ -55,7 +60,7 @@ class ConvNeXtBlock(keras.layers.Layer):
         self.data_format = standardize_data_format(data_format)
         self.dwconv = DepthwiseConv(
             kernel_size=self.kernel_size,
-            depthwise_initializer=KERNEL_INIT,
+            depthwise_initializer=kernel_init(),
             name="dwconv",
             dtype=self.dtype_policy,
         )
@@ -89,10 +94,10 @@ class ConvNeXtBlock(keras.layers.Layer):
             raise ValueError("ConvNeXtBlock needs a known number of channels.")
         hidden = self.mlp_ratio * channels
         self.pwconv1 = PointwiseDense(
-            hidden, kernel_initializer=KERNEL_INIT, name="pwconv1", dtype=self.dtype_policy
+            hidden, kernel_initializer=kernel_init(), name="pwconv1", dtype=self.dtype_policy
         )
         self.pwconv2 = PointwiseDense(
-            channels, kernel_initializer=KERNEL_INIT, name="pwconv2", dtype=self.dtype_policy
+            channels, kernel_initializer=kernel_init(), name="pwconv2", dtype=self.dtype_policy
         )
         hidden_shape = tuple(input_shape[:-1]) + (hidden,)
         self.dwconv.build(input_shape)

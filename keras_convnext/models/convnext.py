@@ -3,7 +3,7 @@
 import numpy as np
 import keras
 
-from keras_convnext.layers.block import KERNEL_INIT, ConvNeXtBlock, layer_norm
+from keras_convnext.layers.block import ConvNeXtBlock, kernel_init, layer_norm
 from keras_convnext.layers.preprocessing import ImageNormalization
 from keras_convnext.models.variants import VARIANTS
 
@@ -125,7 +125,7 @@ def ConvNeXt(
 
     x = keras.layers.Conv2D(
         stage_dims[0], 4, strides=4, data_format="channels_last",
-        kernel_initializer=KERNEL_INIT, name="stem_conv",
+        kernel_initializer=kernel_init(), name="stem_conv",
     )(x)
     x = layer_norm("stem_norm")(x)
     total_blocks = sum(stage_depths)
@@ -136,7 +136,7 @@ def ConvNeXt(
             x = layer_norm(f"downsample{stage}_norm")(x)
             x = keras.layers.Conv2D(
                 dim, 2, strides=2, data_format="channels_last",
-                kernel_initializer=KERNEL_INIT, name=f"downsample{stage}_conv",
+                kernel_initializer=kernel_init(), name=f"downsample{stage}_conv",
             )(x)
         for block in range(depth):
             x = ConvNeXtBlock(
@@ -152,7 +152,7 @@ def ConvNeXt(
     if include_top:
         x = keras.layers.GlobalAveragePooling2D(data_format="channels_last", name="avg_pool")(x)
         x = layer_norm("head_norm")(x)
-        x = keras.layers.Dense(classes, kernel_initializer=KERNEL_INIT, name="predictions")(x)
+        x = keras.layers.Dense(classes, kernel_initializer=kernel_init(), name="predictions")(x)
         if classifier_activation is not None:
             x = keras.layers.Activation(classifier_activation, dtype="float32", name="activation")(x)
     elif pooling == "avg":
