@@ -3,28 +3,14 @@
 import os
 from collections.abc import Mapping
 
-import numpy as np
-
 from keras_convnext.weights.files import CheckpointError, flatten_state_dict, read_checkpoint
-from keras_convnext.weights.loader import convert_state_dict, detect_naming, plan_assignments
-from keras_convnext.weights.naming import FCMAE_DECODER, NON_ENCODER_KEYS, TRANSFORMS
+from keras_convnext.weights.loader import apply_table, convert_state_dict, detect_naming, plan_assignments
+from keras_convnext.weights.naming import FCMAE_DECODER, NON_ENCODER_KEYS
 
 
 def _convert_decoder(state_dict):
     """`{decoder weight name: (key, array)}` and the decoder keys no row maps."""
-    converted, unmatched = {}, []
-    for key, array in state_dict.items():
-        for pattern, template, transform in FCMAE_DECODER:
-            match = pattern.match(key)
-            if match:
-                array = np.asarray(array)
-                if TRANSFORMS[transform] is not None:
-                    array = TRANSFORMS[transform](array)
-                converted[template.format(**match.groupdict())] = (key, array)
-                break
-        else:
-            unmatched.append(key)
-    return converted, unmatched
+    return apply_table(state_dict, FCMAE_DECODER)
 
 
 def _plan_decoder(decoder, converted, unmatched):

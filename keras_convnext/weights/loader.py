@@ -50,12 +50,16 @@ def convert_state_dict(state_dict, naming=None):
     checkpoint, `NON_ENCODER_KEYS`) are skipped.
     """
     naming = naming or detect_naming(state_dict)
-    rows = NAMINGS[naming][2]
     skipped = NON_ENCODER_KEYS.get(naming)
+    if skipped is not None:
+        state_dict = {key: array for key, array in state_dict.items() if not skipped.match(key)}
+    return apply_table(state_dict, NAMINGS[naming][2])
+
+
+def apply_table(state_dict, rows):
+    """`(converted, unmatched)` for one naming table's rows (see `convert_state_dict`)."""
     converted, unmatched = {}, []
     for key, array in state_dict.items():
-        if skipped is not None and skipped.match(key):
-            continue
         for pattern, template, transform in rows:
             match = pattern.match(key)
             if match:
