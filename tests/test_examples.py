@@ -121,7 +121,10 @@ def test_finetune_recipe_on_digits_with_mixing(tmp_path):
         "--output-dir", str(tmp_path), *TINY,
     ])
     loss = result["history"]["loss"]
-    assert loss[-1] < loss[0], loss
+    # The loss on MixUp/CutMix targets is noisy from epoch to epoch; accuracy on
+    # clean images shows the recipe learns (chance is 0.1; 0.66 measured on TensorFlow).
+    assert min(loss[1:]) < loss[0], loss
+    assert result["evaluation"]["top1"] > 0.3, result["evaluation"]["top1"]
     with open(tmp_path / "history.json") as f:
         assert json.load(f)["loss"] == pytest.approx(loss)
 
