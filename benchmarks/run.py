@@ -52,6 +52,15 @@ def _timed(fn, repeats):
     return first, float(np.median(times))
 
 
+def _inference_result(args, first, seconds, seconds_b1, peak):
+    return {
+        "inference_images_per_s": args.batch_size / seconds,
+        "batch1_latency_ms": seconds_b1 * 1000,
+        "first_call_s": first,
+        "peak_memory_mb": peak,
+    }
+
+
 def _variant_shapes(model_name):
     sys.path.insert(0, ROOT)
     from keras_convnext.models.variants import VARIANTS, multiply_adds
@@ -82,12 +91,7 @@ def keras_worker(args):
     first, seconds = _timed(lambda: keras.ops.convert_to_numpy(model.predict_on_batch(images)), args.repeats)
     peak = _peak_mb() - baseline
     _, seconds_b1 = _timed(lambda: keras.ops.convert_to_numpy(model.predict_on_batch(images[:1])), args.repeats)
-    result = {
-        "inference_images_per_s": args.batch_size / seconds,
-        "batch1_latency_ms": seconds_b1 * 1000,
-        "first_call_s": first,
-        "peak_memory_mb": peak,
-    }
+    result = _inference_result(args, first, seconds, seconds_b1, peak)
     if args.train_batch_size:
         train_images = rng.uniform(0, 255, size=(args.train_batch_size,) + shape).astype("float32")
         labels = rng.integers(0, 1000, size=(args.train_batch_size,))
@@ -126,12 +130,7 @@ def reference_worker(args):
     first, seconds = _timed(lambda: infer(images), args.repeats)
     peak = _peak_mb() - baseline
     _, seconds_b1 = _timed(lambda: infer(images[:1]), args.repeats)
-    result = {
-        "inference_images_per_s": args.batch_size / seconds,
-        "batch1_latency_ms": seconds_b1 * 1000,
-        "first_call_s": first,
-        "peak_memory_mb": peak,
-    }
+    result = _inference_result(args, first, seconds, seconds_b1, peak)
     if args.train_batch_size:
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
