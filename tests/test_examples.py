@@ -117,14 +117,17 @@ def test_finetune_from_a_foreign_checkpoint(tmp_path):
 def test_finetune_recipe_on_digits_with_mixing(tmp_path):
     result = finetune.main([
         "--data", "digits", "--limit", "256", "--epochs", "3", "--batch-size", "32", "--image-size", "32",
-        "--learning-rate", "3e-3", "--layer-decay", "0.9", "--warmup-epochs", "0.5", "--quiet",
-        "--output-dir", str(tmp_path), *TINY,
+        "--learning-rate", "3e-3", "--layer-decay", "0.9", "--warmup-epochs", "0.5", "--no-randaugment",
+        "--quiet", "--output-dir", str(tmp_path), *TINY,
     ])
     loss = result["history"]["loss"]
     # The loss on MixUp/CutMix targets is noisy from epoch to epoch; accuracy on
-    # clean images shows the recipe learns (chance is 0.1; 0.66 measured on TensorFlow).
+    # clean images shows the recipe learns. Chance is 0.1; seeds 0-3 gave
+    # 0.86-0.92 on TensorFlow. RandAugment is off here: at magnitude 9 it
+    # distorts 8x8 digits so much that 24 steps reach only 0.25-0.47, too
+    # noisy for a bar (the foreign-checkpoint test above runs it).
     assert min(loss[1:]) < loss[0], loss
-    assert result["evaluation"]["top1"] > 0.3, result["evaluation"]["top1"]
+    assert result["evaluation"]["top1"] > 0.6, result["evaluation"]["top1"]
     with open(tmp_path / "history.json") as f:
         assert json.load(f)["loss"] == pytest.approx(loss)
 
