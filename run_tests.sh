@@ -16,7 +16,7 @@ python -m pip install -q -e ".[test]"
 failed=""
 for backend in ${BACKENDS:-tensorflow jax torch}; do
     echo "=== KERAS_BACKEND=$backend"
-    KERAS_BACKEND=$backend python -m pytest -q -p no:cacheprovider "$@" || failed="$failed $backend"
+    KERAS_BACKEND=$backend python -m pytest -q -p no:cacheprovider --durations=15 "$@" || failed="$failed $backend"
 done
 if [ -n "$failed" ]; then
     echo "test failures on:$failed"
