@@ -99,6 +99,26 @@ def test_pointwise_fast_paths_agree_with_portable():
         np.testing.assert_allclose(ops.convert_to_numpy(fn(x_t, g_t, be_t)), expected, atol=1e-5)
 
 
+# (2, 9, 8, 8) has 144 positions: a 1x1 convolution under PyTorch; (2, 5, 6, 8) has 60: `addmm`.
+@pytest.mark.parametrize("shape", [(2, 9, 8, 8), (2, 5, 6, 8), (3, 7, 8)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_fast_path_gradients_agree(shape, with_bias):
+    """Every formulation of `linear` (a 1x1 convolution on 4-D maps under PyTorch) and its gradients."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=shape).astype("float32")
+    kernel = rng.normal(size=(8, 12)).astype("float32")
+    bias = rng.normal(size=12).astype("float32") if with_bias else None
+    weights = rng.normal(size=shape[:-1] + (12,)).astype("float32")
+
+    def make(fn):
+        return lambda a, k: fn(a, k, None if bias is None else ops.convert_to_tensor(bias))
+
+    expected = _gradient(make(convnext_ops.portable_linear), x, kernel, weights)
+    actual = _gradient(make(convnext_ops.linear), x, kernel, weights)
+    for e, a in zip(expected, actual):
+        np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-4)
+
+
 def test_pointwise_dense_equals_dense():
     from keras_convnext.layers import PointwiseDense
 
