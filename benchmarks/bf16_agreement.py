@@ -1,0 +1,163 @@
+"""mixed_bfloat16 against float32: top-1 agreement on real images and speed, every backend.
+
+Top-1 agreement needs a model whose predictions mean something, and no
+pretrained weights can be downloaded here, so a ConvNeXt V2 classifier is
+first trained in float32 on scikit-learn's digits (real handwritten digits,
+upscaled), by `examples/fit_evaluate.py`. Each backend then loads those
+weights twice, into a float32 model and into a `mixed_bfloat16` one, and
+predicts the held-out images with both:
+
+    python benchmarks/bf16_agreement.py --model ConvNeXtV2Atto --image-size 64
+
+Reported per backend: top-1 agreement between the two precisions, held-out
+accuracy of each, and inference images/s of each at `--batch-size` (the
+speed at ImageNet resolution is `run.py --precision mixed_bfloat16`).
+Results go to `benchmarks/results/bf16_agreement_<model>.json` and `.md`.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+BACKENDS = ("tensorflow", "jax", "torch")
+sys.path.insert(0, HERE)
+
+from run import _cpu, _versions  # noqa: E402
+
+
+def _images_per_s(model, images, batch_size, repeats=5):
+    batch = images[:batch_size]
+    model.predict_on_batch(batch)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        np.asarray(model.predict_on_batch(batch))
+    return batch_size * repeats / (time.perf_counter() - start)
+
+
+def evaluate_worker(args):
+    """Predicts the held-out digits in float32 and in mixed_bfloat16 with the trained weights."""
+    import keras
+
+    sys.path.insert(0, ROOT)
+    import keras_convnext
+    from keras_convnext.data import digits_arrays
+
+    _, _, images, labels = digits_arrays(args.image_size)
+    images = images.astype("float32")
+    outputs = {}
+    for policy in ("float32", "mixed_bfloat16"):
+        keras.config.set_dtype_policy(policy)
+        model = keras_convnext.CONSTRUCTORS[args.model](
+            input_shape=(args.image_size, args.image_size, 3), classes=10, classifier_activation=None
+        )
+        model.load_weights(args.weights)
+        logits = np.concatenate([
+            keras.ops.convert_to_numpy(keras.ops.cast(model.predict_on_batch(images[i : i + 64]), "float32"))
+            for i in range(0, len(images), 64)
+        ])
+        outputs[policy] = {
+            "predictions": logits.argmax(-1),
+            "images_per_s": _images_per_s(model, images, args.batch_size),
+        }
+    fp32, bf16 = outputs["float32"], outputs["mixed_bfloat16"]
+    return {
+        "examples": int(len(labels)),
+        "top1_agreement": float(np.mean(fp32["predictions"] == bf16["predictions"])),
+        "float32_accuracy": float(np.mean(fp32["predictions"] == labels)),
+        "bfloat16_accuracy": float(np.mean(bf16["predictions"] == labels)),
+        "float32_images_per_s": fp32["images_per_s"],
+        "bfloat16_images_per_s": bf16["images_per_s"],
+    }
+
+
+def _train(args, directory):
+    """float32 training on the digits by the fit example, on the fastest backend for small images."""
+    command = [
+        sys.executable, os.path.join(ROOT, "examples", "fit_evaluate.py"), "--backend", args.train_backend,
+        "--data", "digits", "--model", args.model, "--epochs", str(args.epochs), "--batch-size", "64",
+        "--image-size", str(args.image_size), "--learning-rate", "1e-3", "--quiet", "--output-dir", directory,
+    ]
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    return os.path.join(directory, "model.keras")
+
+
+def markdown(report):
+    lines = [
+        f"### {report['model']} trained on digits ({report['image_size']}x{report['image_size']}), "
+        "mixed_bfloat16 against float32",
+        "",
+        f"{report['date']}, {report['machine']}, " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
+        "",
+        "| backend | held-out images | top-1 agreement | float32 accuracy | bfloat16 accuracy "
+        f"| float32 images/s | bfloat16 images/s (batch {report['batch_size']}) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for backend, row in report["results"].items():
+        if "error" in row:
+            lines.append(f"| {backend} | failed: {' '.join(row['error'])} | | | | | |")
+            continue
+        lines.append(
+            f"| {backend} | {row['examples']} | {row['top1_agreement']:.2%} | {row['float32_accuracy']:.2%} "
+            f"| {row['bfloat16_accuracy']:.2%} | {row['float32_images_per_s']:.0f} "
+            f"| {row['bfloat16_images_per_s']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="ConvNeXtV2Atto")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=32, help="batch of the speed measurement")
+    parser.add_argument("--train-backend", default="torch", choices=BACKENDS)
+    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    parser.add_argument("--weights", help="trained weights (.keras or .weights.h5); skips training")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        print("RESULT " + json.dumps(evaluate_worker(args)))
+        return 0
+
+    with tempfile.TemporaryDirectory() as directory:
+        weights = args.weights or _train(args, directory)
+        results = {}
+        for backend in args.backends:
+            command = [
+                sys.executable, os.path.abspath(__file__), "--worker", "--model", args.model,
+                "--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--weights", weights,
+            ]
+            environment = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+            done = subprocess.run(command, env=environment, capture_output=True, text=True)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            if done.returncode != 0 or not lines:
+                results[backend] = {"error": (done.stderr or done.stdout).strip().splitlines()[-1:]}
+            else:
+                results[backend] = json.loads(lines[-1][len("RESULT "):])
+    report = {
+        "model": args.model, "image_size": args.image_size, "epochs": args.epochs, "batch_size": args.batch_size,
+        "date": datetime.date.today().isoformat(), "machine": _cpu(), "versions": _versions(), "results": results,
+    }
+    name = f"bf16_agreement_{args.model}"
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    with open(os.path.join(HERE, "results", name + ".json"), "w") as f:
+        json.dump(report, f, indent=2)
+    text = markdown(report)
+    with open(os.path.join(HERE, "results", name + ".md"), "w") as f:
+        f.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
