@@ -31,7 +31,7 @@ ROOT = os.path.dirname(HERE)
 BACKENDS = ("tensorflow", "jax", "torch")
 sys.path.insert(0, HERE)
 
-from run import _cpu, _versions  # noqa: E402
+from run import _cpu, _versions, run_in_backend, write_report  # noqa: E402
 
 
 def _images_per_s(model, images, batch_size, repeats=5):
@@ -137,25 +137,12 @@ def main(argv=None):
                 sys.executable, os.path.abspath(__file__), "--worker", "--model", args.model,
                 "--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--weights", weights,
             ]
-            environment = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-            done = subprocess.run(command, env=environment, capture_output=True, text=True)
-            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-            if done.returncode != 0 or not lines:
-                results[backend] = {"error": (done.stderr or done.stdout).strip().splitlines()[-1:]}
-            else:
-                results[backend] = json.loads(lines[-1][len("RESULT "):])
+            results[backend] = run_in_backend(command, backend)
     report = {
         "model": args.model, "image_size": args.image_size, "epochs": args.epochs, "batch_size": args.batch_size,
         "date": datetime.date.today().isoformat(), "machine": _cpu(), "versions": _versions(), "results": results,
     }
-    name = f"bf16_agreement_{args.model}"
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", name + ".json"), "w") as f:
-        json.dump(report, f, indent=2)
-    text = markdown(report)
-    with open(os.path.join(HERE, "results", name + ".md"), "w") as f:
-        f.write(text)
-    print(text)
+    write_report(f"bf16_agreement_{args.model}", report, markdown(report))
     return 0
 
 

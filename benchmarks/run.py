@@ -248,6 +248,11 @@ def _keras_matmul_peak():
 
 def _run_worker(args, backend, implementation):
     command = [sys.executable, os.path.abspath(__file__), "--worker", implementation] + _forward(args)
+    return run_in_backend(command, backend)
+
+
+def run_in_backend(command, backend):
+    """Runs a worker command under `backend`; its last `RESULT <json>` line, or `{"error": [...]}`."""
     environment = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
     completed = subprocess.run(command, env=environment, capture_output=True, text=True)
     lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
@@ -386,15 +391,21 @@ def main(argv=None):
         "versions": _versions(),
         "results": results,
     }
-    name = args.name or f"{args.model}_b{args.batch_size}_{args.resolution}_{args.precision}"
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", name + ".json"), "w") as f:
-        json.dump(report, f, indent=2)
-    text = markdown(report)
-    with open(os.path.join(HERE, "results", name + ".md"), "w") as f:
-        f.write(text)
-    print(text)
+    write_report(args.name or f"{args.model}_b{args.batch_size}_{args.resolution}_{args.precision}",
+                 report, markdown(report))
     return 0
+
+
+def write_report(name, report, text):
+    """Writes `results/<name>.json` and `.md` (each to a temporary file, then renamed) and prints the table."""
+    directory = os.path.join(HERE, "results")
+    os.makedirs(directory, exist_ok=True)
+    for suffix, write in ((".json", lambda f: json.dump(report, f, indent=2)), (".md", lambda f: f.write(text))):
+        path = os.path.join(directory, name + suffix)
+        with open(path + ".tmp", "w") as f:
+            write(f)
+        os.replace(path + ".tmp", path)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,30 @@ def test_fit_evaluate_on_mock_tf_flowers(tmp_path):
     assert result["evaluation"]["confusion_matrix"].shape == (5, 5)
 
 
+def test_fit_evaluate_on_an_image_folder(tmp_path):
+    """`--data <folder>`: one sub-directory per class, read by image_dataset_from_directory."""
+    from PIL import Image
+
+    from keras_convnext.data import digits_arrays
+
+    images, labels, _, _ = digits_arrays(32)
+    root = tmp_path / "images"
+    for label in (0, 1, 2):
+        folder = root / f"digit_{label}"
+        folder.mkdir(parents=True)
+        for index, image in enumerate(images[labels == label][:20]):
+            Image.fromarray(image).save(folder / f"{index}.png")
+    result = fit_evaluate.main([
+        "--data", str(root), "--epochs", "3", "--batch-size", "8", "--image-size", "32",
+        "--learning-rate", "3e-3", "--quiet", "--output-dir", str(tmp_path / "run"), *TINY,
+    ])
+    assert result["model"].output_shape == (None, 3)
+    assert result["evaluation"]["examples"] == 12  # the 20% held out of 60 files
+    assert result["evaluation"]["confusion_matrix"].shape == (3, 3)
+    loss = result["history"]["loss"]
+    assert loss[-1] < loss[0], loss
+
+
 def test_finetune_from_a_foreign_checkpoint(tmp_path):
     """Fine-tunes from HF transformers weights (random, non-trivial) with the full recipe.
 

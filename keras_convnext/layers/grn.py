@@ -17,8 +17,9 @@ class GRN(keras.layers.Layer):
     Input and output: `(batch, height, width, channels)` for channels_last,
     `(batch, channels, height, width)` for channels_first. `gamma` and `beta`
     have shape `(channels,)` and start at zero, so a fresh GRN is the identity.
-    The norms are computed in float32 whatever the compute dtype: a float16
-    sum of squares over a 56x56 map overflows.
+    The norms are computed in float32 whatever the compute dtype (a float16
+    sum of squares over a 56x56 map overflows); the full-size scale-and-shift
+    runs in the compute dtype.
     """
 
     def __init__(self, epsilon=1e-6, data_format=None, **kwargs):
@@ -36,15 +37,13 @@ class GRN(keras.layers.Layer):
         self.beta = self.add_weight(name="beta", shape=(channels,), initializer="zeros")
 
     def call(self, inputs):
-        x = ops.cast(inputs, "float32")
-        gamma = ops.cast(self.gamma, "float32")
-        beta = ops.cast(self.beta, "float32")
+        x = ops.cast(inputs, self.compute_dtype)
         if self.data_format == "channels_first":
             x = ops.transpose(x, (0, 2, 3, 1))
-        outputs = grn(x, gamma, beta, self.epsilon)
+        outputs = grn(x, self.gamma, self.beta, self.epsilon)
         if self.data_format == "channels_first":
             outputs = ops.transpose(outputs, (0, 3, 1, 2))
-        return ops.cast(outputs, self.compute_dtype)
+        return outputs
 
     def compute_output_shape(self, input_shape):
         return input_shape

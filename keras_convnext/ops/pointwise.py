@@ -2,9 +2,9 @@
 
 PyTorch's eager mode runs each operation as its own pass over memory, so on
 that backend the fast paths fuse what they can: the Linear bias goes into
-the matrix product, and GRN's scale-and-shift is one `addcmul`. On a
-`(batch, height, width, channels)` map the Linear is a 1x1 convolution over
-the channels_last memory, which PyTorch hands to oneDNN: its kernels use
+the matrix product, and GRN's scale-and-shift is one `addcmul`. From 128
+positions up the Linear is a 1x1 convolution over the channels_last memory,
+which PyTorch hands to oneDNN: its kernels use
 AVX-512 where MKL's `addmm` does not on every processor (1.3x-2.5x faster
 forward, 1.6x-2.2x forward+backward at ConvNeXt V2 Tiny's shapes on an AMD
 EPYC, benchmarks/README.md). XLA (JAX, TensorFlow) fuses the portable
@@ -32,18 +32,20 @@ _TORCH_CONV_MIN_POSITIONS = 128
 def _torch_linear(inputs, kernel, bias=None):
     import torch
 
-    if (
-        inputs.ndim == 4
-        and inputs.dtype in (torch.float32, torch.bfloat16)
-        and inputs.shape[0] * inputs.shape[1] * inputs.shape[2] >= _TORCH_CONV_MIN_POSITIONS
-    ):
+    channels = inputs.shape[-1]
+    positions = inputs.numel() // max(channels, 1)
+    if inputs.dtype in (torch.float32, torch.bfloat16) and positions >= _TORCH_CONV_MIN_POSITIONS:
         import torch.nn.functional as F
 
-        # permute() only relabels strides: the 1x1 convolution reads the NHWC
-        # memory as a channels_last NCHW tensor and writes channels_last.
+        # Any other rank (the FCMAE fast path's gathered tokens) is viewed as
+        # one (1, positions, 1, channels) map. permute() only relabels strides:
+        # the 1x1 convolution reads the NHWC memory as a channels_last NCHW
+        # tensor and writes channels_last.
+        maps = inputs if inputs.ndim == 4 else inputs.reshape(1, positions, 1, channels)
         weight = kernel.t()[:, :, None, None]
-        return F.conv2d(inputs.permute(0, 3, 1, 2), weight, bias).permute(0, 2, 3, 1)
-    flat = inputs.reshape(-1, inputs.shape[-1])
+        outputs = F.conv2d(maps.permute(0, 3, 1, 2), weight, bias).permute(0, 2, 3, 1)
+        return outputs if inputs.ndim == 4 else outputs.reshape(*inputs.shape[:-1], kernel.shape[-1])
+    flat = inputs.reshape(-1, channels)
     outputs = torch.mm(flat, kernel) if bias is None else torch.addmm(bias, flat, kernel)
     return outputs.reshape(*inputs.shape[:-1], kernel.shape[-1])
 
@@ -55,10 +57,18 @@ def linear(inputs, kernel, bias=None):
     return portable_linear(inputs, kernel, bias)
 
 
-def _relative_norm(inputs, epsilon):
-    # Gx: L2 norm over the spatial axes per sample and channel; Nx = Gx / mean_c(Gx).
-    spatial_norm = ops.sqrt(ops.sum(ops.square(inputs), axis=(1, 2), keepdims=True))
-    return spatial_norm / (ops.mean(spatial_norm, axis=-1, keepdims=True) + epsilon)
+def _grn_scale(inputs, gamma, epsilon):
+    """The per-sample, per-channel factor `1 + gamma * Nx`, `(batch, 1, 1, channels)`.
+
+    `Gx` is the L2 norm over the spatial axes per sample and channel and
+    `Nx = Gx / mean_c(Gx)`. The statistics are computed in float32 whatever
+    the input dtype (a float16 sum of squares over a 56x56 map overflows); the
+    small factor is cast back, so the full-size tensor stays in its dtype.
+    """
+    squares = ops.square(ops.cast(inputs, "float32"))
+    spatial_norm = ops.sqrt(ops.sum(squares, axis=(1, 2), keepdims=True))
+    relative = spatial_norm / (ops.mean(spatial_norm, axis=-1, keepdims=True) + epsilon)
+    return ops.cast(1.0 + ops.cast(gamma, "float32") * relative, inputs.dtype)
 
 
 def portable_grn(inputs, gamma, beta, epsilon=1e-6):
@@ -68,13 +78,13 @@ def portable_grn(inputs, gamma, beta, epsilon=1e-6):
     the per-channel scale is formed on a `(batch, 1, 1, channels)` tensor, so
     the full-size tensor is read once instead of three times.
     """
-    return inputs * (1.0 + gamma * _relative_norm(inputs, epsilon)) + beta
+    return inputs * _grn_scale(inputs, gamma, epsilon) + ops.cast(beta, inputs.dtype)
 
 
 def _torch_grn(inputs, gamma, beta, epsilon=1e-6):
     import torch
 
-    return torch.addcmul(beta, inputs, 1.0 + gamma * _relative_norm(inputs, epsilon))
+    return torch.addcmul(ops.cast(beta, inputs.dtype), inputs, _grn_scale(inputs, gamma, epsilon))
 
 
 def grn(inputs, gamma, beta, epsilon=1e-6):
