@@ -136,3 +136,28 @@ def load_pretrained_body(model, weights, model_name):
     for variable in model.weights:
         if not variable.path.startswith("predictions/"):
             variable.assign(source[variable.path])
+
+
+def fit_and_save(model, datasets, args):
+    """Fits on `datasets` and writes `model.keras` and `history.json` into `--output-dir`.
+
+    Each file is written under a temporary name and then renamed, so an
+    interrupted run never leaves a half-written one. Returns the history as
+    `{metric: [float per epoch]}`.
+    """
+    import json
+
+    history = model.fit(
+        datasets.train, validation_data=datasets.validation, epochs=args.epochs,
+        steps_per_epoch=args.steps_per_epoch, verbose=0 if args.quiet else "auto",
+    ).history
+    history = {key: [float(v) for v in values] for key, values in history.items()}
+    os.makedirs(args.output_dir, exist_ok=True)
+    model_path = os.path.join(args.output_dir, "model.keras")
+    model.save(model_path + ".partial.keras")
+    os.replace(model_path + ".partial.keras", model_path)
+    history_path = os.path.join(args.output_dir, "history.json")
+    with open(history_path + ".partial", "w") as f:
+        json.dump(history, f, indent=1)
+    os.replace(history_path + ".partial", history_path)
+    return history

@@ -12,7 +12,6 @@ image, MixUp/CutMix per batch, drop path, and an EMA of the weights
 (`--ema`, copied into the model at the end of training).
 """
 
-import json
 import os
 import sys
 
@@ -22,7 +21,7 @@ if __name__ == "__main__":  # the backend must be chosen before keras is importe
 
     select_backend(sys.argv[1:])
 
-from common import base_parser, build_classifier, parse
+from common import base_parser, build_classifier, fit_and_save, parse
 from evaluate import evaluate_classifier
 
 
@@ -86,16 +85,7 @@ def main(argv=None):
         loss=training.classification_loss(args.label_smoothing),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
     )
-    history = model.fit(
-        datasets.train, validation_data=datasets.validation, epochs=args.epochs,
-        steps_per_epoch=args.steps_per_epoch, verbose=0 if args.quiet else "auto",
-    ).history
-    history = {key: [float(v) for v in values] for key, values in history.items()}
-
-    os.makedirs(args.output_dir, exist_ok=True)
-    model.save(os.path.join(args.output_dir, "model.keras"))
-    with open(os.path.join(args.output_dir, "history.json"), "w") as f:
-        json.dump(history, f, indent=1)
+    history = fit_and_save(model, datasets, args)
     evaluation = evaluate_classifier(
         model, datasets.validation, datasets.class_names, args.output_dir, history, verbose=not args.quiet
     )

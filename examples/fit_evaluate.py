@@ -14,7 +14,6 @@ Writes `model.keras`, `history.json`, `confusion_matrix.csv` and
 """
 
 import contextlib
-import json
 import os
 import sys
 
@@ -24,7 +23,7 @@ if __name__ == "__main__":  # the backend must be chosen before keras is importe
 
     select_backend(sys.argv[1:])
 
-from common import base_parser, build_classifier, parse
+from common import base_parser, build_classifier, fit_and_save, parse
 from evaluate import evaluate_classifier
 
 
@@ -83,17 +82,7 @@ def main(argv=None):
             loss=keras.losses.CategoricalCrossentropy(),
             metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
         )
-    verbose = 0 if args.quiet else "auto"
-    history = model.fit(
-        datasets.train, validation_data=datasets.validation, epochs=args.epochs,
-        steps_per_epoch=args.steps_per_epoch, verbose=verbose,
-    ).history
-    history = {key: [float(v) for v in values] for key, values in history.items()}
-
-    os.makedirs(args.output_dir, exist_ok=True)
-    model.save(os.path.join(args.output_dir, "model.keras"))
-    with open(os.path.join(args.output_dir, "history.json"), "w") as f:
-        json.dump(history, f, indent=1)
+    history = fit_and_save(model, datasets, args)
     evaluation = None
     if not args.no_evaluation:
         evaluation = evaluate_classifier(
