@@ -168,6 +168,8 @@ def keras_worker(args):
         result.update({"train_steps_per_s": 1.0 / train_seconds, "train_first_call_s": train_first})
     if args.implementation != "keras_applications":
         result["matmul_peak_gflops"] = _keras_matmul_peak()
+        if args.precision == "mixed_bfloat16":
+            result["bfloat16_matmul_peak_gflops"] = _keras_matmul_peak("bfloat16")
     return result
 
 
@@ -211,26 +213,28 @@ def reference_worker(args):
         train_first, train_seconds = _timed(step, max(2, args.repeats // 2))
         result.update({"train_steps_per_s": 1.0 / train_seconds, "train_first_call_s": train_first})
     result["matmul_peak_gflops"] = _matmul_peak()
+    if args.precision == "mixed_bfloat16":
+        result["bfloat16_matmul_peak_gflops"] = _matmul_peak("bfloat16")
     return result
 
 
 MATMUL_SIZES = (1024, 2048, 4096)
 
 
-def _matmul_peak():
-    """Best float32 GFLOP/s of square matrix products through PyTorch (MKL or oneDNN)."""
+def _matmul_peak(dtype="float32"):
+    """Best GFLOP/s of square matrix products through PyTorch (MKL or oneDNN)."""
     import torch
 
     best = 0.0
     for size in MATMUL_SIZES:
-        a, b = torch.rand(size, size), torch.rand(size, size)
+        a, b = (torch.rand(size, size).to(getattr(torch, dtype)) for _ in range(2))
         _, seconds = _timed(lambda: torch.mm(a, b), 5)
         best = max(best, 2 * size**3 / seconds / 1e9)
     return best
 
 
-def _keras_matmul_peak():
-    """Best float32 GFLOP/s of square matrix products through the Keras backend's own library.
+def _keras_matmul_peak(dtype="float32"):
+    """Best GFLOP/s of square matrix products through the Keras backend's own library.
 
     The libraries differ (MKL may take a slower code path on AMD processors,
     oneDNN and XLA's Eigen do not), so the machine's peak is the best of all.
@@ -239,8 +243,8 @@ def _keras_matmul_peak():
 
     best = 0.0
     for size in MATMUL_SIZES:
-        a = keras.random.uniform((size, size), seed=1)
-        b = keras.random.uniform((size, size), seed=2)
+        a = keras.random.uniform((size, size), seed=1, dtype=dtype)
+        b = keras.random.uniform((size, size), seed=2, dtype=dtype)
         _, seconds = _timed(lambda: keras.ops.convert_to_numpy(keras.ops.matmul(a, b)), 5)
         best = max(best, 2 * size**3 / seconds / 1e9)
     return best
@@ -341,6 +345,14 @@ def markdown(report):
             f"Matrix-multiply peak: {peak:.1f} GFLOP/s, the best float32 square product "
             f"({'/'.join(str(size) for size in MATMUL_SIZES)}) of any library in this run "
             f"(GFLOP/s: {measured})."
+        )
+    bf16_peaks = {name: row["bfloat16_matmul_peak_gflops"] for name, row in rows.items()
+                  if "bfloat16_matmul_peak_gflops" in row}
+    if bf16_peaks:
+        lines.append(
+            "bfloat16 square products, GFLOP/s: "
+            + ", ".join(f"{name.split('/')[-1]} {value:.1f}" for name, value in bf16_peaks.items())
+            + "."
         )
     lines.append("")
     lines.append(
