@@ -1,0 +1,59 @@
+"""The benchmark scripts' own arithmetic: ratios, peaks and memory measurement (no model is timed)."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+import run  # noqa: E402
+
+
+def _row(images_per_s, latency_ms, memory_mb, **extra):
+    return {
+        "inference_images_per_s": images_per_s, "batch1_latency_ms": latency_ms, "first_call_s": 1.0,
+        "first_call_peak_memory_mb": memory_mb * 2, "peak_memory_mb": memory_mb, **extra,
+    }
+
+
+def test_markdown_ratios_and_peaks():
+    report = {
+        "model": "ConvNeXtV2Tiny", "batch_size": 8, "train_batch_size": 16, "resolution": 224,
+        "precision": "mixed_bfloat16", "multiply_adds": 4_455_531_264, "date": "2026-11-25",
+        "machine": "test CPU", "versions": {"keras": "3"},
+        "results": {
+            "pytorch-reference": _row(10.0, 60.0, 300.0, train_steps_per_s=0.2, matmul_peak_gflops=220.0,
+                                      bfloat16_matmul_peak_gflops=900.0),
+            "keras_convnext/jax": _row(20.0, 30.0, 330.0, train_steps_per_s=0.1, matmul_peak_gflops=480.0),
+            "keras_convnext/torch": {"error": ["boom"]},
+        },
+    }
+    text = run.markdown(report)
+    jax_row = next(line for line in text.splitlines() if line.startswith("| keras_convnext/jax"))
+    cells = [cell.strip() for cell in jax_row.strip("|").split("|")]
+    # images/s x ref, batch-1 x ref (reference time / ours), train x ref, memory of ref
+    assert cells[2] == "2.00x" and cells[4] == "2.00x" and cells[6] == "0.50x" and cells[9] == "1.10x"
+    gflops = 20.0 * 2 * 4_455_531_264 / 1e9
+    assert cells[10] == f"{gflops:.1f}" and cells[11] == f"{gflops / 480.0:.0%}"
+    assert "Matrix-multiply peak: 480.0 GFLOP/s" in text and "jax 480.0" in text
+    assert "bfloat16 square products, GFLOP/s: pytorch-reference 900.0." in text
+    assert "| keras_convnext/torch | failed: boom |" in text
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_steady_inference_counts_later_calls_not_the_first():
+    kept = []
+
+    def call():
+        if not kept:  # the first call: a large transient, as tracing and compiling are
+            np.ones(200 * 2**20 // 8).sum()
+        buffer = np.ones(40 * 2**20 // 8)  # every call: 40 MB of working memory
+        kept.append(float(buffer[0]))
+
+    baseline = run._rss_mb()
+    first, seconds, first_peak, steady_peak = run._steady_inference(call, 2, baseline)
+    assert first > 0 and seconds > 0
+    assert first_peak >= 190
+    assert 30 <= steady_peak < 150
