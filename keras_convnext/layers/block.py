@@ -110,18 +110,25 @@ class ConvNeXtBlock(keras.layers.Layer):
             self.layer_scale.build(input_shape)
 
     def residual_branch(self, x, training=None):
-        """The block without its shortcut; channels_last in and out."""
-        x = self.dwconv(x)
-        x = self.norm(x)
-        x = self.pwconv1(x)
+        """The block without its shortcut; channels_last in and out.
+
+        The sublayers are built in `build` and share this block's dtype policy,
+        so their `call` runs directly: `Layer.__call__` would redo per sublayer
+        what this block's own call already did (input casting, autocast scope,
+        training flag), which in PyTorch's eager mode costs about 0.1 ms each,
+        over 10% of a batch-1 forward pass of V2 Tiny.
+        """
+        x = self.dwconv.call(x)
+        x = self.norm.call(x)
+        x = self.pwconv1.call(x)
         x = keras.activations.gelu(x, approximate=False)
         if self.grn is not None:
-            x = self.grn(x)
-        x = self.pwconv2(x)
+            x = self.grn.call(x)
+        x = self.pwconv2.call(x)
         if self.layer_scale is not None:
-            x = self.layer_scale(x)
+            x = self.layer_scale.call(x)
         if self.drop_path is not None:
-            x = self.drop_path(x, training=training)
+            x = self.drop_path.call(x, training=training)
         return x
 
     def call(self, inputs, training=None):
