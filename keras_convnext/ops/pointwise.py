@@ -4,11 +4,11 @@ PyTorch's eager mode runs each operation as its own pass over memory, so on
 that backend the fast paths fuse what they can: the Linear bias goes into
 the matrix product, and GRN's scale-and-shift is one `addcmul`. From 128
 positions up the Linear is a 1x1 convolution over the channels_last memory,
-which PyTorch hands to oneDNN: its kernels use
-AVX-512 where MKL's `addmm` does not on every processor (1.3x-2.5x faster
-forward, 1.6x-2.2x forward+backward at ConvNeXt V2 Tiny's shapes on an AMD
-EPYC, benchmarks/README.md). XLA (JAX, TensorFlow) fuses the portable
-formulations by itself.
+which PyTorch hands to oneDNN: its kernels use AVX-512 where MKL's `addmm`
+does not on every processor (1.3x-2.5x faster forward, 1.6x-2.2x
+forward+backward at ConvNeXt V2 Tiny's shapes on an AMD EPYC, see
+benchmarks/README.md). XLA (JAX, TensorFlow) fuses the portable formulations
+by itself.
 """
 
 import keras
