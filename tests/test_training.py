@@ -191,3 +191,26 @@ def test_augmentation_and_mixing_keep_shapes_and_mix_labels():
     _, cut_labels = training.batch_mixing(mixup_alpha=0.0, cutmix_alpha=1.0, seed=1)(images, labels)
     np.testing.assert_allclose(np.asarray(cut_labels).sum(-1), 1.0, rtol=1e-5)
     assert training.batch_mixing(0.0, 0.0) is None
+
+
+def test_randaugment_equalization_in_tf_data_equals_keras_own_layer():
+    """Inside tf.data the recipe's Equalization counts with TensorFlow's bincount.
+
+    On real photographs it must give exactly what a plain Keras Equalization
+    layer gives in the same pipeline (on JAX, Keras' per-bin counting).
+    """
+    import tensorflow as tf
+    from skimage import data as photos
+
+    equalization = training.augmentation_layers(rand_augment=True, random_erasing=0.0)[0].equalization
+    images = np.stack([
+        tf.image.resize(photo.astype("float32"), (48, 40)).numpy()
+        for photo in (photos.astronaut(), photos.coffee(), photos.chelsea())
+    ])
+
+    def in_pipeline(layer):
+        return next(iter(tf.data.Dataset.from_tensors(images).map(layer))).numpy()
+
+    ours = in_pipeline(equalization)
+    assert not np.allclose(ours, images, atol=1.0)  # equalization changed the photos
+    np.testing.assert_array_equal(ours, in_pipeline(keras.layers.Equalization(value_range=(0, 255))))
