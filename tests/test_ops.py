@@ -99,9 +99,9 @@ def test_pointwise_fast_paths_agree_with_portable():
         np.testing.assert_allclose(ops.convert_to_numpy(fn(x_t, g_t, be_t)), expected, atol=1e-5)
 
 
-# Under PyTorch, (2, 9, 8, 8) (144 positions) and (4, 40, 8) (160 gathered tokens) take the
-# 1x1 convolution; (2, 5, 6, 8) and (3, 7, 8) take `addmm`.
-@pytest.mark.parametrize("shape", [(2, 9, 8, 8), (4, 40, 8), (2, 5, 6, 8), (3, 7, 8)])
+# Under PyTorch, (2, 24, 24, 8) (1152 positions) and (4, 300, 8) (1200 gathered tokens) take
+# the 1x1 convolution; (2, 5, 6, 8) and (3, 7, 8) take `addmm`.
+@pytest.mark.parametrize("shape", [(2, 24, 24, 8), (4, 300, 8), (2, 5, 6, 8), (3, 7, 8)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_linear_fast_path_gradients_agree(shape, with_bias):
     """Every formulation of `linear` (a 1x1 convolution on 4-D maps under PyTorch) and its gradients."""

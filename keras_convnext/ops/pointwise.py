@@ -2,7 +2,7 @@
 
 PyTorch's eager mode runs each operation as its own pass over memory, so on
 that backend the fast paths fuse what they can: the Linear bias goes into
-the matrix product, and GRN's scale-and-shift is one `addcmul`. From 128
+the matrix product, and GRN's scale-and-shift is one `addcmul`. From 1024
 positions up the Linear is a 1x1 convolution over the channels_last memory,
 which PyTorch hands to oneDNN: its kernels use AVX-512 where MKL's `addmm`
 does not on every processor (1.3x-2.5x faster forward, 1.6x-2.2x
@@ -22,11 +22,14 @@ def portable_linear(inputs, kernel, bias=None):
 
 
 # Below this many positions the 1x1 convolution loses: oneDNN re-lays out the
-# whole weight on every call, which costs more than a small product (at
-# ConvNeXt V2 Tiny's last stage, batch 1: 7x7 = 49 positions, 768 -> 3072,
-# `addmm` 1.4 ms, the convolution 8 ms; at 196 positions, 384 -> 1536,
-# `addmm` 1.1 ms, the convolution 0.8 ms).
-_TORCH_CONV_MIN_POSITIONS = 128
+# whole weight on every call (about 4 ns per weight element), which costs more
+# than a small product saves. At ConvNeXt V2 Tiny's last stage, batch 1 (49
+# positions, 768 -> 3072): `addmm` 1.7 ms, the convolution 11.8 ms; at 196
+# positions, 384 -> 1536: 1.2 ms against 1.8 ms; from about 1000 positions on
+# they are even or the convolution wins. Whole-model A/B (V2 Tiny, same
+# process): from 1024 positions on, batch 1 took 80-84 ms against 88-94 ms
+# from 128 on, and batch 8 637-659 ms against 664-704 ms.
+_TORCH_CONV_MIN_POSITIONS = 1024
 
 
 def _torch_linear(inputs, kernel, bias=None):
