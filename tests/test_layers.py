@@ -107,3 +107,22 @@ def test_image_normalization():
     with pytest.raises(ValueError, match="input has 4"):
         layers.ImageNormalization()(np.zeros((1, 2, 2, 4), "float32"))
     _roundtrip(layer)
+
+
+def test_host_truncated_normal_distribution_seeding_and_config():
+    initializer = layers.HostTruncatedNormal(mean=0.1, stddev=0.02)
+    values = ops.convert_to_numpy(initializer((256, 512)))
+    assert values.shape == (256, 512) and values.dtype == np.float32
+    assert np.abs(values - 0.1).max() <= 0.04 + 1e-7  # redrawn beyond two standard deviations
+    # A normal cut at +-2 sigma has standard deviation 0.8796 sigma.
+    assert abs(values.std() - 0.8796 * 0.02) < 2e-4 and abs(values.mean() - 0.1) < 2e-4
+    assert not np.allclose(values, ops.convert_to_numpy(initializer((256, 512))))
+    keras.utils.set_random_seed(7)
+    first = ops.convert_to_numpy(initializer((64,)))
+    keras.utils.set_random_seed(7)
+    np.testing.assert_array_equal(first, ops.convert_to_numpy(initializer((64,))))
+    seeded = layers.HostTruncatedNormal(stddev=0.02, seed=3)
+    np.testing.assert_array_equal(ops.convert_to_numpy(seeded((5, 5))), ops.convert_to_numpy(seeded((5, 5))))
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(seeded))
+    assert isinstance(restored, layers.HostTruncatedNormal) and restored.get_config() == seeded.get_config()
+    assert ops.convert_to_numpy(initializer((3,), dtype="float16")).dtype == np.float16

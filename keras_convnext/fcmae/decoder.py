@@ -41,7 +41,7 @@ class FCMAEDecoder(keras.layers.Layer):
         self.mask_token = self.add_weight(
             name="mask_token",
             shape=(self.decoder_dim,),
-            initializer=keras.initializers.TruncatedNormal(stddev=0.02),
+            initializer=kernel_init(),
         )
         self.proj.build(features_shape)
         hidden_shape = tuple(features_shape[:-1]) + (self.decoder_dim,)

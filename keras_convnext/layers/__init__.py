@@ -4,6 +4,7 @@ from keras_convnext.layers.block import ConvNeXtBlock
 from keras_convnext.layers.depthwise import DepthwiseConv
 from keras_convnext.layers.drop_path import StochasticDepth
 from keras_convnext.layers.grn import GRN
+from keras_convnext.layers.initializers import HostTruncatedNormal
 from keras_convnext.layers.layer_scale import LayerScale
 from keras_convnext.layers.pointwise import PointwiseDense
 from keras_convnext.layers.preprocessing import ImageNormalization
@@ -12,6 +13,7 @@ __all__ = [
     "ConvNeXtBlock",
     "DepthwiseConv",
     "GRN",
+    "HostTruncatedNormal",
     "ImageNormalization",
     "LayerScale",
     "PointwiseDense",

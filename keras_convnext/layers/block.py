@@ -8,6 +8,7 @@ from keras import ops
 from keras_convnext.layers.depthwise import DepthwiseConv
 from keras_convnext.layers.drop_path import StochasticDepth
 from keras_convnext.layers.grn import GRN
+from keras_convnext.layers.initializers import HostTruncatedNormal
 from keras_convnext.layers.layer_scale import LayerScale
 from keras_convnext.layers.pointwise import PointwiseDense
 
@@ -17,7 +18,7 @@ def kernel_init():
     A new initializer per layer: Keras gives an unseeded initializer object the
     same values on every call, which would make same-shaped layers identical.
     """
-    return keras.initializers.TruncatedNormal(stddev=0.02)
+    return HostTruncatedNormal(stddev=0.02)
 LAYER_NORM_EPSILON = 1e-6
 
 
