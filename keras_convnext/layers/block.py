@@ -15,10 +15,12 @@ from keras_convnext.layers.pointwise import PointwiseDense
 def kernel_init():
     """Official ConvNeXt initialization: truncated normal, std 0.02 (biases start at zero).
 
-    A new initializer per layer: Keras gives an unseeded initializer object the
-    same values on every call, which would make same-shaped layers identical.
+    Drawn on the host (see `HostTruncatedNormal`); unseeded, so every layer
+    gets its own values.
     """
     return HostTruncatedNormal(stddev=0.02)
+
+
 LAYER_NORM_EPSILON = 1e-6
 
 
