@@ -138,7 +138,9 @@ def _loss_and_gradients(model, images, mask, fast_path):
         frozen = [v.value for v in model.non_trainable_variables]
 
         def loss_fn(values):
-            outputs, _ = model.stateless_call(values, frozen, images, patch_mask=mask, fast_path=fast_path)
+            outputs, _ = model.stateless_call(
+                values, frozen, images, training=True, patch_mask=mask, fast_path=fast_path
+            )
             return ops.mean(outputs["loss"])
 
         loss, grads = jax.jit(jax.value_and_grad(loss_fn))(trainable)
@@ -146,12 +148,12 @@ def _loss_and_gradients(model, images, mask, fast_path):
         import tensorflow as tf
 
         with tf.GradientTape() as tape:
-            loss = ops.mean(model(images, patch_mask=mask, fast_path=fast_path)["loss"])
+            loss = ops.mean(model(images, training=True, patch_mask=mask, fast_path=fast_path)["loss"])
         grads = tape.gradient(loss, variables)
     else:
         import torch
 
-        loss = ops.mean(model(images, patch_mask=mask, fast_path=fast_path)["loss"])
+        loss = ops.mean(model(images, training=True, patch_mask=mask, fast_path=fast_path)["loss"])
         grads = torch.autograd.grad(loss, [v.value for v in variables])
     return float(_np(loss)), [_np(g) for g in grads]
 
@@ -439,3 +441,78 @@ def test_example_pretrains_on_mocked_tfds_and_writes_figures(tmp_path):
     assert mpimg.imread(result["files"]["loss_curve.png"]).ndim == 3
     assert json.load(open(result["files"]["history.json"]))["loss"] == result["history"]
     assert os.path.getsize(result["files"]["encoder.weights.h5"]) > 0
+
+
+def test_training_step_predicts_only_masked_patches_with_the_same_values():
+    encoder = _tiny_encoder(input_shape=(96, 64, 3))
+    model = kc.FCMAE(encoder, input_shape=(96, 64, 3), decoder_dim=16, decoder_depth=2, seed=5)
+    _randomize(model, seed=6)
+    images = _pixels(3, 96, seed=7)[:, :, :64]
+    mask = model.random_mask(3)
+    full = model(images, training=False, patch_mask=mask)
+    trained = model(images, training=True, patch_mask=mask)
+    masked = _np(mask).astype(bool)
+    assert 0 < masked.sum() < masked.size
+    pred, full_pred = _np(trained["pred"]), _np(full["pred"])
+    scale = np.abs(full_pred).max()
+    assert scale > 0
+    np.testing.assert_allclose(pred[masked], full_pred[masked], rtol=0, atol=1e-5 * scale)
+    assert not pred[~masked].any()
+    np.testing.assert_allclose(_np(trained["loss"]), _np(full["loss"]), rtol=1e-5)
+
+
+def _gradient(fn, x):
+    """d sum(fn(x)) / dx on the running backend."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return _np(jax.grad(lambda value: ops.sum(fn(value)))(ops.convert_to_tensor(x)))
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        value = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(value)
+            total = ops.sum(fn(value))
+        return _np(tape.gradient(total, value))
+    import torch
+
+    value = torch.tensor(x, requires_grad=True)
+    (grad,) = torch.autograd.grad(ops.sum(fn(value)), value)
+    return _np(grad)
+
+
+def test_gather_and_scatter_of_visible_cells_match_the_portable_formulation():
+    from keras_convnext.fcmae import masking
+
+    rng = np.random.default_rng(8)
+    mask = random_patch_mask(3, (6, 5), 0.6, seed=11)
+    count = visible_count(30, 0.6)
+    positions = masking.VisiblePositions(mask, count)
+    features = rng.normal(size=(3, 6, 5, 4)).astype("float32")
+    tokens = rng.normal(size=(3, count, 4)).astype("float32")
+    weights = rng.normal(size=(3, count, 4)).astype("float32")
+    dense_weights = rng.normal(size=(3, 6, 5, 4)).astype("float32")
+    order, restore = _np(positions.order), _np(positions.restore)
+    visible = _np(mask).reshape(3, 30) == 0
+
+    gathered = _np(positions.gather(features))
+    expected = np.take_along_axis(features.reshape(3, 30, 4), order[:, :count, None], axis=1)
+    np.testing.assert_array_equal(gathered, expected)
+    np.testing.assert_array_equal(
+        gathered, _np(masking.portable_take_rows(features.reshape(3, 30, 4), positions.visible))
+    )
+    assert visible[np.arange(3)[:, None], order[:, :count]].all()
+
+    scattered = _np(positions.scatter(tokens)).reshape(3, 30, 4)
+    padded = np.concatenate([tokens, np.zeros((3, 30 - count, 4), "float32")], axis=1)
+    np.testing.assert_array_equal(scattered, np.take_along_axis(padded, restore, axis=1))
+    assert not scattered[~visible].any()
+
+    # Gradients: each operation's is the other one (exact, a permutation).
+    gather_grad = _gradient(lambda x: positions.gather(x) * ops.convert_to_tensor(weights), features)
+    np.testing.assert_allclose(gather_grad, _np(positions.scatter(weights)), rtol=1e-6)
+    scatter_grad = _gradient(lambda t: positions.scatter(t) * ops.convert_to_tensor(dense_weights), tokens)
+    np.testing.assert_allclose(scatter_grad, _np(positions.gather(dense_weights)), rtol=1e-6)
+    assert np.abs(gather_grad).max() > 0 and np.abs(scatter_grad).max() > 0

@@ -88,9 +88,34 @@ class VisiblePositions:
         return ops.reshape(dense, (-1, height, width, tokens.shape[-1]))
 
 
-def _take_rows(rows, indices):
-    """`(batch, M, C)`, integer `(batch, N, 1)` -> `(batch, N, C)`."""
+def portable_take_rows(rows, indices):
+    """`(batch, M, C)`, integer `(batch, N, 1)` -> `(batch, N, C)`: row `indices[b, n]` of image b."""
     return ops.take_along_axis(rows, indices, axis=1)
+
+
+def _take_rows(rows, indices):
+    """`portable_take_rows` through the fastest formulation for the backend.
+
+    Keras' `take_along_axis` broadcasts the row indices over the channels
+    and, on TensorFlow, transposes around the gather; a batched row gather
+    reads each row once. At (4, 3136, 160) -> 1254 rows on a 2-core CPU:
+    TensorFlow 9.8 ms -> 0.7 ms, PyTorch 2.5 ms -> 0.4 ms; JAX's is already
+    a row gather (0.26 ms). Same values (tests/test_fcmae.py).
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.gather(rows, indices[..., 0], batch_dims=1)
+    if backend == "torch":
+        import torch
+
+        batch, count, channels = rows.shape
+        offsets = torch.arange(batch, device=rows.device).reshape(batch, 1) * count
+        flat_indices = (indices[..., 0].long() + offsets).reshape(-1)
+        taken = rows.reshape(batch * count, channels).index_select(0, flat_indices)
+        return taken.reshape(batch, indices.shape[1], channels)
+    return portable_take_rows(rows, indices)
 
 
 def _scatter_rows(tokens, restore):
@@ -156,8 +181,42 @@ def _tf_gather_scatter():
     return gather, scatter
 
 
-# PyTorch's gather gradient (a scatter-add) is fast; the XLA backends get the pair.
-_PERMUTATION_PAIRS = {"jax": _jax_gather_scatter, "tensorflow": _tf_gather_scatter}
+def _torch_gather_scatter():
+    """The PyTorch version of `_jax_gather_scatter`: each backward is one row gather
+    instead of autograd's index_add into a zeroed map (2.6 ms against 0.4 ms
+    at the sizes in `_take_rows`)."""
+    import torch
+
+    class Gather(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, flat, visible, restore):
+            ctx.save_for_backward(visible, restore)
+            return _take_rows(flat, visible)
+
+        @staticmethod
+        def backward(ctx, grad):
+            _, restore = ctx.saved_tensors
+            return _scatter_rows(grad, restore), None, None
+
+    class Scatter(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, tokens, visible, restore):
+            ctx.save_for_backward(visible, restore)
+            return _scatter_rows(tokens, restore)
+
+        @staticmethod
+        def backward(ctx, grad):
+            visible, _ = ctx.saved_tensors
+            return _take_rows(grad, visible), None, None
+
+    return Gather.apply, Scatter.apply
+
+
+_PERMUTATION_PAIRS = {
+    "jax": _jax_gather_scatter,
+    "tensorflow": _tf_gather_scatter,
+    "torch": _torch_gather_scatter,
+}
 _PAIR_CACHE = {}
 
 

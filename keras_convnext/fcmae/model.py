@@ -6,7 +6,7 @@ from keras import ops
 from keras_convnext.fcmae import encoder as sparse
 from keras_convnext.fcmae.decoder import FCMAEDecoder
 from keras_convnext.fcmae.loss import NORM_PIX_EPSILON, masked_patch_loss, patch_targets, patchify, unpatchify
-from keras_convnext.fcmae.masking import random_patch_mask, visible_count
+from keras_convnext.fcmae.masking import VisiblePositions, random_patch_mask, visible_count
 from keras_convnext.models.convnext import CONSTRUCTORS
 
 
@@ -87,7 +87,9 @@ class FCMAE(keras.Model):
     Calling the model returns a dict: `loss` `(batch,)`, the per-image masked
     loss; `pred` `(batch, gh, gw, patch_size**2 * 3)`, the predicted patches
     (`keras_convnext.fcmae.unpatchify` turns them into images); `mask`
-    `(batch, gh, gw)`, 1 = masked.
+    `(batch, gh, gw)`, 1 = masked. In training on the fast path the decoder
+    predicts only the masked patches, which are all the loss uses, and the
+    visible ones are 0 in `pred`.
     """
 
     def __init__(
@@ -188,9 +190,20 @@ class FCMAE(keras.Model):
         if patch_mask is None:
             patch_mask = self.random_mask(ops.shape(images)[0])
         patch_mask = ops.cast(patch_mask, "float32")
+        fast_path = self.fast_path if fast_path is None else fast_path
         features = self.encode(images, patch_mask, training=training, fast_path=fast_path)
-        pred = self.decoder(features, patch_mask)
-        loss = masked_patch_loss(pred, self.reconstruction_targets(images), patch_mask)
+        targets = self.reconstruction_targets(images)
+        num_patches = self.grid_shape[0] * self.grid_shape[1]
+        if not (fast_path and training) or self.num_visible == num_patches:
+            pred = self.decoder(features, patch_mask)
+            return {"loss": masked_patch_loss(pred, targets, patch_mask), "pred": pred, "mask": patch_mask}
+        # Training on the fast path: the loss needs the masked patches only,
+        # so the decoder predicts just those; visible patches stay 0 in `pred`.
+        masked = VisiblePositions(1.0 - patch_mask, num_patches - self.num_visible)
+        tokens = self.decoder.predict_patches(features, patch_mask, masked)
+        errors = ops.square(ops.cast(tokens, "float32") - masked.gather(targets))
+        loss = ops.mean(errors, axis=(1, 2))
+        pred = ops.stop_gradient(masked.scatter(tokens))
         return {"loss": loss, "pred": pred, "mask": patch_mask}
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
