@@ -508,6 +508,9 @@ def test_gather_and_scatter_of_visible_cells_match_the_portable_formulation():
     scattered = _np(positions.scatter(tokens)).reshape(3, 30, 4)
     padded = np.concatenate([tokens, np.zeros((3, 30 - count, 4), "float32")], axis=1)
     np.testing.assert_array_equal(scattered, np.take_along_axis(padded, restore, axis=1))
+    np.testing.assert_array_equal(
+        scattered, _np(masking.portable_scatter_rows(tokens, positions.restore))
+    )
     assert not scattered[~visible].any()
 
     # Gradients: each operation's is the other one (exact, a permutation).
