@@ -63,8 +63,8 @@ class FCMAEDecoder(keras.layers.Layer):
         the patches the loss needs, the masked ones in training. Everything up
         to the last block's GRN runs on the whole grid (the depthwise conv
         mixes neighbours and GRN's statistics cover every position); the last
-        block's second Linear, its residual and the prediction, 40% of the
-        decoder's multiply-adds at decoder width 512, run on those patches
+        block's second Linear, its residual and the prediction, two thirds of
+        the decoder's multiply-adds at decoder width 512, run on those patches
         alone. Same values as gathering `call`'s output (tested).
         """
         x = self._input_map(features, patch_mask)

@@ -126,9 +126,13 @@ def _torch_flat_rows(indices, count):
 
 def portable_scatter_rows(tokens, restore):
     """`(batch, N, C)` -> `(batch, M, C)`: the rows `[tokens, zeros]` in the order `restore` `(batch, M, 1)`."""
+    return portable_take_rows(_with_zero_rows(tokens, restore.shape[1]), restore)
+
+
+def _with_zero_rows(tokens, cells):
     batch, count, channels = ops.shape(tokens)[0], tokens.shape[1], tokens.shape[-1]
-    hidden = ops.zeros((batch, restore.shape[1] - count, channels), dtype=tokens.dtype)
-    return portable_take_rows(ops.concatenate([tokens, hidden], axis=1), restore)
+    hidden = ops.zeros((batch, cells - count, channels), dtype=tokens.dtype)
+    return ops.concatenate([tokens, hidden], axis=1)
 
 
 def _scatter_rows(tokens, visible, restore):
@@ -145,9 +149,7 @@ def _scatter_rows(tokens, visible, restore):
         dense = tokens.new_zeros(batch * cells, channels)
         dense.index_copy_(0, _torch_flat_rows(visible, cells), tokens.reshape(batch * count, channels))
         return dense.reshape(batch, cells, channels)
-    batch, count, channels = ops.shape(tokens)[0], tokens.shape[1], tokens.shape[-1]
-    hidden = ops.zeros((batch, restore.shape[1] - count, channels), dtype=tokens.dtype)
-    return _take_rows(ops.concatenate([tokens, hidden], axis=1), restore)
+    return _take_rows(_with_zero_rows(tokens, restore.shape[1]), restore)
 
 
 def _jax_gather_scatter():
