@@ -43,11 +43,14 @@ def test_depthwise_layer_matches_keras_layer_compiled():
         DepthwiseConv(7, strides=2)
 
 
-def test_depthwise_gradients_agree():
+# Under XLA, maps below 144 positions take the matrix-product kernel gradient,
+# larger ones the FFT: one shape for each.
+@pytest.mark.parametrize("shape", [(2, 8, 11, 4), (2, 13, 12, 3)])
+def test_depthwise_gradients_agree(shape):
     rng = np.random.default_rng(2)
-    x = rng.normal(size=(2, 8, 11, 4)).astype("float32")
-    kernel = rng.normal(size=(7, 7, 4, 1)).astype("float32")
-    weights = rng.normal(size=(2, 8, 11, 4)).astype("float32")
+    x = rng.normal(size=shape).astype("float32")
+    kernel = rng.normal(size=(7, 7, shape[-1], 1)).astype("float32")
+    weights = rng.normal(size=shape).astype("float32")
     grads = [_gradient(fn, x, kernel, weights) for fn in
              (convnext_ops.portable_depthwise_conv2d, convnext_ops.depthwise_conv2d)]
     for expected, actual in zip(grads[0], grads[1]):
