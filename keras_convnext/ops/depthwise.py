@@ -58,8 +58,9 @@ def depthwise_kernel_gradient(inputs, upstream, size):
     XLA (JAX, TensorFlow with `jit_compile`).
     """
     _, height, width, _ = upstream.shape  # static under XLA, where this runs
+    inputs, upstream = ops.cast(inputs, "float32"), ops.cast(upstream, "float32")
     if height * width < _FFT_MIN_POSITIONS:
-        return _product_kernel_gradient(ops.cast(inputs, "float32"), ops.cast(upstream, "float32"), size)
+        return _product_kernel_gradient(inputs, upstream, size)
     return _fft_kernel_gradient(inputs, upstream, size)
 
 
@@ -71,8 +72,6 @@ def _fft_kernel_gradient(inputs, upstream, size):
     pad = size // 2
     _, height, width, _ = upstream.shape  # static under XLA, where this runs
     rows, cols = _fft_length(height + 2 * pad), _fft_length(width + 2 * pad)
-    inputs = ops.cast(inputs, "float32")
-    upstream = ops.cast(upstream, "float32")
     if keras.backend.backend() == "jax":
         import jax.numpy as jnp
 
