@@ -73,11 +73,8 @@ class FCMAEDecoder(keras.layers.Layer):
         for block in self.blocks[:-1]:
             x = block(x)
         last = self.blocks[-1]
-        branch = last.dwconv.call(x)
-        branch = last.norm.call(branch)
-        branch = keras.activations.gelu(last.pwconv1.call(branch), approximate=False)
-        branch = positions.gather(last.grn.call(branch))
-        tokens = positions.gather(x) + last.pwconv2.call(branch)
+        branch = positions.gather(last.expand(last.dwconv.call(x)))
+        tokens = positions.gather(x) + last.project(branch)
         return self._pointwise(self.pred, tokens)
 
     def _input_map(self, features, patch_mask):

@@ -129,11 +129,6 @@ def dense_masked_forward(layers, x, patch_mask, patch_size, training=None):
     return x
 
 
-def _grn_tokens(grn, tokens):
-    # GRN sums over its two spatial axes; the token axis plays both.
-    return ops.squeeze(grn(ops.expand_dims(tokens, 2)), 2)
-
-
 def fast_forward(layers, x, patch_mask, patch_size, mask_ratio, training=None):
     """Same result as `dense_masked_forward`; pointwise layers see visible tokens only."""
     masks = cell_masks(patch_mask, patch_size)
@@ -151,11 +146,8 @@ def fast_forward(layers, x, patch_mask, patch_size, mask_ratio, training=None):
             x = layers.downsample_convs[stage - 1](positions[stage - 1].scatter(tokens))
             tokens = positions[stage].gather(x)
         for block in blocks:
-            branch = positions[stage].gather(block.dwconv(positions[stage].scatter(tokens)))
-            branch = block.norm(branch)
-            branch = keras.activations.gelu(block.pwconv1(branch), approximate=False)
-            branch = block.pwconv2(_grn_tokens(block.grn, branch))
-            if block.drop_path is not None:
-                branch = block.drop_path(branch, training=training)
-            tokens = tokens + branch
+            branch = positions[stage].gather(block.dwconv.call(positions[stage].scatter(tokens)))
+            # As a (batch, tokens, 1, channels) map, GRN's spatial sums cover the visible tokens.
+            branch = ops.squeeze(block.expand(ops.expand_dims(branch, 2)), 2)
+            tokens = tokens + block.project(branch, training)
     return positions[3].scatter(tokens)

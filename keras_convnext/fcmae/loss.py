@@ -53,7 +53,23 @@ def masked_patch_loss(pred, target, patch_mask):
         the batch mean equals the official loss (sum over all masked patches
         of the batch divided by their count).
     """
-    per_patch = ops.mean(ops.square(ops.cast(pred, "float32") - target), axis=-1)
+    per_patch = _patch_errors(pred, target)
     mask = ops.cast(patch_mask, "float32")
     masked_sum = ops.sum(per_patch * mask, axis=(1, 2))
     return masked_sum / ops.maximum(ops.sum(mask, axis=(1, 2)), 1.0)
+
+
+def gathered_patch_loss(pred, target):
+    """`masked_patch_loss` for patches already gathered: the mean over all of them.
+
+    Args:
+        pred, target: `(batch, patches, p*p*C)`, the masked patches of each image.
+
+    Returns:
+        float32 `(batch,)`.
+    """
+    return ops.mean(_patch_errors(pred, target), axis=-1)
+
+
+def _patch_errors(pred, target):
+    return ops.mean(ops.square(ops.cast(pred, "float32") - target), axis=-1)

@@ -5,7 +5,14 @@ from keras import ops
 
 from keras_convnext.fcmae import encoder as sparse
 from keras_convnext.fcmae.decoder import FCMAEDecoder
-from keras_convnext.fcmae.loss import NORM_PIX_EPSILON, masked_patch_loss, patch_targets, patchify, unpatchify
+from keras_convnext.fcmae.loss import (
+    NORM_PIX_EPSILON,
+    gathered_patch_loss,
+    masked_patch_loss,
+    patch_targets,
+    patchify,
+    unpatchify,
+)
 from keras_convnext.fcmae.masking import VisiblePositions, random_patch_mask, visible_count
 from keras_convnext.models.convnext import CONSTRUCTORS
 
@@ -201,8 +208,7 @@ class FCMAE(keras.Model):
         # so the decoder predicts just those; visible patches stay 0 in `pred`.
         masked = VisiblePositions(1.0 - patch_mask, num_patches - self.num_visible)
         tokens = self.decoder.predict_patches(features, patch_mask, masked)
-        errors = ops.square(ops.cast(tokens, "float32") - masked.gather(targets))
-        loss = ops.mean(errors, axis=(1, 2))
+        loss = gathered_patch_loss(tokens, masked.gather(targets))
         pred = ops.stop_gradient(masked.scatter(tokens))
         return {"loss": loss, "pred": pred, "mask": patch_mask}
 

@@ -121,12 +121,24 @@ class ConvNeXtBlock(keras.layers.Layer):
         training flag), which in PyTorch's eager mode costs about 0.1 ms each,
         over 10% of a batch-1 forward pass of V2 Tiny.
         """
-        x = self.dwconv.call(x)
+        return self.project(self.expand(self.dwconv.call(x)), training)
+
+    def expand(self, x):
+        """LayerNorm, the widening Linear, GELU and GRN: the branch after the depthwise conv.
+
+        Per position, except for GRN's statistics, which sum over axes 1 and
+        2: a `(batch, positions, 1, channels)` map of gathered positions (the
+        FCMAE fast path) gets GRN over those positions.
+        """
         x = self.norm.call(x)
-        x = self.pwconv1.call(x)
-        x = keras.activations.gelu(x, approximate=False)
-        if self.grn is not None:
-            x = self.grn.call(x)
+        x = keras.activations.gelu(self.pwconv1.call(x), approximate=False)
+        return x if self.grn is None else self.grn.call(x)
+
+    def project(self, x, training=None):
+        """The narrowing Linear, layer scale and stochastic depth: the end of the branch.
+
+        Per position, so it takes any rank with channels last.
+        """
         x = self.pwconv2.call(x)
         if self.layer_scale is not None:
             x = self.layer_scale.call(x)
