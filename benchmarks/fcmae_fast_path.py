@@ -2,7 +2,8 @@
 
 One training step is `model.train_on_batch(images)` (forward, masked loss,
 backward, AdamW update), compiled the way Keras compiles on the current
-backend (XLA jit on JAX and TensorFlow, eager on PyTorch). Both paths run
+backend (XLA on JAX; a graph on TensorFlow, where Keras turns XLA off on
+machines without a GPU; eager on PyTorch). Both paths run
 the same encoder, decoder and masks; the fast path runs the pointwise
 layers only on the visible positions.
 
@@ -37,12 +38,11 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def step_times(model_name, fast_path, images, args):
+def build(model_name, fast_path, images, args):
     import keras
 
     import keras_convnext as kc
 
-    keras.backend.clear_session()
     model = kc.FCMAE(
         model_name,
         input_shape=images.shape[1:],
@@ -55,13 +55,32 @@ def step_times(model_name, fast_path, images, args):
     for _ in range(args.warmup):
         model.train_on_batch(images)
     print(f"  {model_name} fast_path={fast_path}: warm-up {time.perf_counter() - start:.1f} s", flush=True)
-    times = []
+    return model
+
+
+def timed_step(model, images):
+    start = time.perf_counter()
+    loss = model.train_on_batch(images)
+    float(np.asarray(loss))  # wait for the device
+    return time.perf_counter() - start
+
+
+def step_times(model_name, images, args):
+    """Step times `(dense, fast)` in seconds, the two paths' steps alternating.
+
+    The load of a shared machine drifts over a run; alternating the steps
+    puts each drift on both paths alike instead of on whichever ran later.
+    """
+    import keras
+
+    keras.backend.clear_session()
+    dense_model = build(model_name, False, images, args)
+    fast_model = build(model_name, True, images, args)
+    dense, fast = [], []
     for _ in range(args.steps):
-        start = time.perf_counter()
-        loss = model.train_on_batch(images)
-        float(np.asarray(loss))  # wait for the device
-        times.append(time.perf_counter() - start)
-    return times
+        dense.append(timed_step(dense_model, images))
+        fast.append(timed_step(fast_model, images))
+    return dense, fast
 
 
 def _atomic_write(text, path):
@@ -77,7 +96,8 @@ def markdown(report):
         "",
         f"Training step (`train_on_batch`, AdamW), batch {report['batch_size']}, "
         f"{report['image_size']}x{report['image_size']} images, mask ratio {report['mask_ratio']}, "
-        f"median of {report['steps']} steps after {report['warmup']} warm-up steps. "
+        f"median of {report['steps']} steps per path, the paths alternating, after "
+        f"{report['warmup']} warm-up steps each. "
         f"Device: {report['device']}.",
         "",
         "| model | dense masked (ms/step) | fast path (ms/step) | speedup |",
@@ -99,9 +119,19 @@ def main(argv=None):
     images = rng.uniform(0, 255, (args.batch_size, args.image_size, args.image_size, 3)).astype("float32")
     results = []
     for name in args.models:
-        dense = statistics.median(step_times(name, False, images, args)) * 1000
-        fast = statistics.median(step_times(name, True, images, args)) * 1000
-        results.append({"model": name, "dense_ms": dense, "fast_ms": fast, "speedup": dense / fast})
+        dense_times, fast_times = step_times(name, images, args)
+        dense = statistics.median(dense_times) * 1000
+        fast = statistics.median(fast_times) * 1000
+        results.append(
+            {
+                "model": name,
+                "dense_ms": dense,
+                "fast_ms": fast,
+                "speedup": dense / fast,
+                "dense_step_ms": [round(t * 1000, 1) for t in dense_times],
+                "fast_step_ms": [round(t * 1000, 1) for t in fast_times],
+            }
+        )
         print(f"{backend} {name}: dense {dense:.1f} ms, fast {fast:.1f} ms, speedup {dense / fast:.2f}x", flush=True)
     report = {
         "backend": backend,
