@@ -52,7 +52,7 @@ def test_steady_inference_counts_later_calls_not_the_first():
         buffer = np.ones(40 * 2**20 // 8)  # every call: 40 MB of working memory
         kept.append(float(buffer[0]))
 
-    baseline = run._rss_mb()
+    baseline = run._baseline_mb()
     first, seconds, first_peak, steady_peak = run._steady_inference(call, 2, baseline)
     assert first > 0 and seconds > 0
     assert first_peak >= 190
