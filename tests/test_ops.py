@@ -134,6 +134,42 @@ def test_pointwise_dense_equals_dense():
     np.testing.assert_allclose(ops.convert_to_numpy(fast(x)), ops.convert_to_numpy(dense(x)), atol=1e-5)
 
 
+# (2, 9, 10, 5) with 2x2 patches drops a row, as a "valid" strided conv does;
+# 4x4 patches of a 3-channel map are the stem's shape.
+@pytest.mark.parametrize("shape, size", [((2, 8, 6, 5), 2), ((2, 9, 10, 5), 2), ((1, 16, 12, 3), 4)])
+def test_patch_conv_as_linear_agrees_with_strided_conv(shape, size):
+    """Patches through `linear` (PyTorch, JAX) and the strided conv: values and gradients."""
+    from keras_convnext.ops.pointwise import _patch_linear
+
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=shape).astype("float32")
+    kernel = rng.normal(size=(size, size, shape[-1], 7)).astype("float32")  # not symmetric
+    bias = ops.convert_to_tensor(rng.normal(size=7).astype("float32"))
+    weights = rng.normal(size=(shape[0], shape[1] // size, shape[2] // size, 7)).astype("float32")
+
+    expected = _gradient(lambda a, k: convnext_ops.portable_patch_conv2d(a, k, bias), x, kernel, weights)
+    values = ops.convert_to_numpy(convnext_ops.portable_patch_conv2d(x, kernel, bias))
+    for fn in (_patch_linear, convnext_ops.patch_conv2d):
+        np.testing.assert_allclose(ops.convert_to_numpy(fn(x, kernel, bias)), values, rtol=1e-5, atol=1e-4)
+        actual = _gradient(lambda a, k: fn(a, k, bias), x, kernel, weights)
+        for e, a in zip(expected, actual):
+            np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-4)
+
+
+def test_patch_conv_layer_equals_conv2d():
+    from keras_convnext.layers import PatchConv2D
+
+    x = np.random.default_rng(7).normal(size=(2, 8, 8, 6)).astype("float32")
+    conv, fast = keras.layers.Conv2D(5, 2, strides=2), PatchConv2D(5, 2)
+    conv.build(x.shape)
+    fast.build(x.shape)
+    fast.set_weights([w + 0.5 for w in conv.get_weights()])  # a nonzero bias
+    conv.set_weights(fast.get_weights())
+    np.testing.assert_allclose(ops.convert_to_numpy(fast(x)), ops.convert_to_numpy(conv(x)), atol=1e-5)
+    with pytest.raises(ValueError, match="strides equal to the kernel size"):
+        PatchConv2D(5, 2, strides=1)
+
+
 def test_tensorflow_xla_context_is_detected():
     if keras.backend.backend() != "tensorflow":
         pytest.skip("TensorFlow-only dispatch")

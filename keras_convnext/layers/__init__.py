@@ -6,7 +6,7 @@ from keras_convnext.layers.drop_path import StochasticDepth
 from keras_convnext.layers.grn import GRN
 from keras_convnext.layers.initializers import HostTruncatedNormal
 from keras_convnext.layers.layer_scale import LayerScale
-from keras_convnext.layers.pointwise import PointwiseDense
+from keras_convnext.layers.pointwise import PatchConv2D, PointwiseDense
 from keras_convnext.layers.preprocessing import ImageNormalization
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "HostTruncatedNormal",
     "ImageNormalization",
     "LayerScale",
+    "PatchConv2D",
     "PointwiseDense",
     "StochasticDepth",
 ]

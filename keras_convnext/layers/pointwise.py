@@ -1,9 +1,9 @@
-"""The block's Linear layers (1x1 convolutions on channels_last maps)."""
+"""Layers that are Linear maps at heart: the block's 1x1 convolutions, the patch convolutions."""
 
 import keras
 from keras import ops
 
-from keras_convnext.ops.pointwise import linear
+from keras_convnext.ops.pointwise import linear, patch_conv2d
 
 
 @keras.saving.register_keras_serializable(package="keras_convnext")
@@ -21,6 +21,45 @@ class PointwiseDense(keras.layers.Dense):
         kernel = ops.cast(self.kernel, self.compute_dtype)
         bias = ops.cast(self.bias, self.compute_dtype) if self.use_bias else None
         outputs = linear(inputs, kernel, bias)
+        if self.activation is not None:
+            outputs = self.activation(outputs)
+        return outputs
+
+
+@keras.saving.register_keras_serializable(package="keras_convnext")
+class PatchConv2D(keras.layers.Conv2D):
+    """A channels_last `keras.layers.Conv2D` whose stride equals its kernel size.
+
+    ConvNeXt's stem (4x4, stride 4) and downsampling layers (2x2, stride 2)
+    cut the map into non-overlapping patches. Same weights and arguments as
+    Conv2D (`kernel` `(p, p, in, out)`); the computation goes through
+    `keras_convnext.ops.patch_conv2d`. Quantized or LoRA-enabled layers fall
+    back to Conv2D itself.
+    """
+
+    def __init__(self, filters, kernel_size, **kwargs):
+        kwargs.setdefault("strides", kernel_size)
+        kwargs.setdefault("data_format", "channels_last")
+        super().__init__(filters, kernel_size, **kwargs)
+        if (
+            self.strides != self.kernel_size
+            or self.kernel_size[0] != self.kernel_size[1]
+            or self.padding != "valid"
+            or self.data_format != "channels_last"
+            or self.dilation_rate != (1, 1)
+            or self.groups != 1
+        ):
+            raise ValueError(
+                "PatchConv2D supports square kernels with strides equal to the kernel size, "
+                f"'valid' padding, channels_last, dilation 1 and one group; got {self.get_config()}."
+            )
+
+    def call(self, inputs):
+        if self.quantization_mode is not None or getattr(self, "lora_enabled", False):
+            return super().call(inputs)
+        kernel = ops.cast(self.kernel, self.compute_dtype)
+        bias = ops.cast(self.bias, self.compute_dtype) if self.use_bias else None
+        outputs = patch_conv2d(inputs, kernel, bias)
         if self.activation is not None:
             outputs = self.activation(outputs)
         return outputs

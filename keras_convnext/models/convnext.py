@@ -4,6 +4,7 @@ import numpy as np
 import keras
 
 from keras_convnext.layers.block import ConvNeXtBlock, kernel_init, layer_norm
+from keras_convnext.layers.pointwise import PatchConv2D
 from keras_convnext.layers.preprocessing import ImageNormalization
 from keras_convnext.models.variants import VARIANTS
 
@@ -123,10 +124,7 @@ def ConvNeXt(
         # Every layer below computes in channels_last; the weights do not change.
         x = keras.layers.Permute((2, 3, 1), name="to_channels_last")(x)
 
-    x = keras.layers.Conv2D(
-        stage_dims[0], 4, strides=4, data_format="channels_last",
-        kernel_initializer=kernel_init(), name="stem_conv",
-    )(x)
+    x = PatchConv2D(stage_dims[0], 4, kernel_initializer=kernel_init(), name="stem_conv")(x)
     x = layer_norm("stem_norm")(x)
     total_blocks = sum(stage_depths)
     block_rates = np.linspace(0.0, drop_path_rate, total_blocks) if total_blocks else []
@@ -134,10 +132,7 @@ def ConvNeXt(
     for stage, (depth, dim) in enumerate(zip(stage_depths, stage_dims)):
         if stage > 0:
             x = layer_norm(f"downsample{stage}_norm")(x)
-            x = keras.layers.Conv2D(
-                dim, 2, strides=2, data_format="channels_last",
-                kernel_initializer=kernel_init(), name=f"downsample{stage}_conv",
-            )(x)
+            x = PatchConv2D(dim, 2, kernel_initializer=kernel_init(), name=f"downsample{stage}_conv")(x)
         for block in range(depth):
             x = ConvNeXtBlock(
                 use_grn=version == "v2",

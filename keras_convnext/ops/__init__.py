@@ -6,4 +6,11 @@ from keras_convnext.ops.depthwise import (
     portable_depthwise_conv2d,
     shifted_depthwise_conv2d,
 )
-from keras_convnext.ops.pointwise import grn, linear, portable_grn, portable_linear
+from keras_convnext.ops.pointwise import (
+    grn,
+    linear,
+    patch_conv2d,
+    portable_grn,
+    portable_linear,
+    portable_patch_conv2d,
+)
