@@ -8,7 +8,9 @@ in the same invocation, so the ratios compare like with like:
 Measured per backend: inference images/s (batch B and batch 1), first-call
 (compile) time, training steps/s (AdamW, batch `--train-batch-size`), peak
 resident memory added by the model, and achieved GFLOP/s against the
-machine's measured float32 matrix-multiply peak. The reference is HF
+machine's measured float32 matrix-multiply peak. With `--rounds N` every
+implementation runs N times, in turn, and the table reports medians, with
+each round's ratios listed below it. The reference is HF
 transformers' PyTorch ConvNeXt (V2 or V1) in eager mode. Results go to
 `benchmarks/results/<name>.json` and `.md`.
 """
@@ -364,6 +366,24 @@ def markdown(report):
             + ", ".join(f"{name.split('/')[-1]} {value:.1f}" for name, value in bf16_peaks.items())
             + "."
         )
+    rounds = report.get("rounds", [])
+    if len(rounds) > 1:
+        lines.append("")
+        lines.append(
+            f"Medians of {len(rounds)} rounds (every implementation once per round, in turn). "
+            "Ratios to the reference of the same round, lowest-highest:"
+        )
+        for label, key, inverse in (
+            ("images/s", "inference_images_per_s", False),
+            ("batch-1", "batch1_latency_ms", True),
+            ("train", "train_steps_per_s", False),
+        ):
+            spans = round_ratios(rounds, key, inverse)
+            if spans:
+                lines.append(
+                    f"- {label}: "
+                    + ", ".join(f"{name} {min(v):.2f}x-{max(v):.2f}x" for name, v in spans.items())
+                )
     lines.append("")
     lines.append(
         "Peak MB: resident memory above the process's memory before the model was built, during "
@@ -381,6 +401,8 @@ def main(argv=None):
     parser.add_argument("--resolution", type=int, default=224)
     parser.add_argument("--precision", default="float32", choices=["float32", "mixed_bfloat16", "mixed_float16"])
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every implementation this many times, in turn; report the medians")
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     parser.add_argument("--keras-applications", action="store_true",
                         help="also time keras.applications.<model> (V1 names only) on each backend")
@@ -396,11 +418,14 @@ def main(argv=None):
 
     _, multiply_adds = _variant_shapes(args.model)
     variant = _variant_shapes(args.model)[0]
-    results = {"pytorch-reference": _run_worker(args, "torch", "reference")}
-    for backend in args.backends:
-        results[f"keras_convnext/{backend}"] = _run_worker(args, backend, "keras_convnext")
-        if args.keras_applications:
-            results[f"keras.applications/{backend}"] = _run_worker(args, backend, "keras_applications")
+    rounds = []
+    for _ in range(args.rounds):
+        results = {"pytorch-reference": _run_worker(args, "torch", "reference")}
+        for backend in args.backends:
+            results[f"keras_convnext/{backend}"] = _run_worker(args, backend, "keras_convnext")
+            if args.keras_applications:
+                results[f"keras.applications/{backend}"] = _run_worker(args, backend, "keras_applications")
+        rounds.append(results)
     report = {
         "model": args.model,
         "batch_size": args.batch_size,
@@ -411,11 +436,46 @@ def main(argv=None):
         "date": datetime.date.today().isoformat(),
         "machine": _cpu(),
         "versions": _versions(),
-        "results": results,
+        "results": median_results(rounds),
+        "rounds": rounds,
     }
     write_report(args.name or f"{args.model}_b{args.batch_size}_{args.resolution}_{args.precision}",
                  report, markdown(report))
     return 0
+
+
+def median_results(rounds):
+    """Per implementation, the median of each number over the rounds where it ran.
+
+    The implementations run in turn within a round, so a drift in the
+    machine's load hits them in every round alike; the medians keep one slow
+    round from deciding a ratio. An implementation that failed in every
+    round keeps its first error.
+    """
+    merged = {}
+    for name in rounds[0]:
+        rows = [results[name] for results in rounds if "error" not in results[name]]
+        if not rows:
+            merged[name] = rounds[0][name]
+            continue
+        merged[name] = {
+            key: float(np.median([row[key] for row in rows if key in row]))
+            for key in rows[0]
+            if isinstance(rows[0][key], (int, float))
+        }
+    return merged
+
+
+def round_ratios(rounds, key, inverse=False):
+    """`{implementation: [ratio to the reference in each round]}` for one number."""
+    ratios = {}
+    for results in rounds:
+        reference = results.get("pytorch-reference", {})
+        for name, row in results.items():
+            if name == "pytorch-reference" or key not in row or key not in reference:
+                continue
+            ratios.setdefault(name, []).append(reference[key] / row[key] if inverse else row[key] / reference[key])
+    return ratios
 
 
 def write_report(name, report, text):

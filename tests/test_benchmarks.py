@@ -42,6 +42,36 @@ def test_markdown_ratios_and_peaks():
     assert "| keras_convnext/torch | failed: boom |" in text
 
 
+def test_rounds_report_medians_and_each_rounds_ratios():
+    def round_(reference_ips, jax_ips, torch_row):
+        return {
+            "pytorch-reference": _row(reference_ips, 60.0, 300.0, train_steps_per_s=0.2),
+            "keras_convnext/jax": _row(jax_ips, 30.0, 330.0, train_steps_per_s=0.1),
+            "keras_convnext/torch": torch_row,
+        }
+
+    rounds = [
+        round_(10.0, 20.0, {"error": ["boom"]}),
+        round_(20.0, 30.0, _row(25.0, 40.0, 310.0)),
+        round_(12.0, 18.0, {"error": ["bang"]}),
+    ]
+    merged = run.median_results(rounds)
+    assert merged["pytorch-reference"]["inference_images_per_s"] == 12.0
+    assert merged["keras_convnext/jax"]["inference_images_per_s"] == 20.0
+    assert merged["keras_convnext/torch"]["inference_images_per_s"] == 25.0  # the one round it ran
+    assert run.median_results([rounds[0]])["keras_convnext/torch"] == {"error": ["boom"]}
+    # per round: 20/10, 30/20, 18/12
+    assert run.round_ratios(rounds, "inference_images_per_s")["keras_convnext/jax"] == [2.0, 1.5, 1.5]
+    report = {
+        "model": "ConvNeXtV2Tiny", "batch_size": 8, "train_batch_size": 16, "resolution": 224,
+        "precision": "float32", "multiply_adds": 4_455_531_264, "date": "2026-11-25",
+        "machine": "test CPU", "versions": {"keras": "3"}, "results": merged, "rounds": rounds,
+    }
+    text = run.markdown(report)
+    assert "Medians of 3 rounds" in text
+    assert "- images/s: keras_convnext/jax 1.50x-2.00x, keras_convnext/torch 1.25x-1.25x" in text
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
 def test_steady_inference_counts_later_calls_not_the_first():
     kept = []
