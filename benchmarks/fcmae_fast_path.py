@@ -87,6 +87,7 @@ def _atomic_write(text, path):
     handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path))
     with os.fdopen(handle, "w") as file:
         file.write(text)
+    os.chmod(temporary, 0o644)  # mkstemp creates files readable by their owner only
     os.replace(temporary, path)
 
 
