@@ -102,6 +102,20 @@ def test_pointwise_fast_paths_agree_with_portable():
         np.testing.assert_allclose(ops.convert_to_numpy(fn(x_t, g_t, be_t)), expected, atol=1e-5)
 
 
+def test_grn_in_bfloat16_agrees_with_float32_statistics():
+    """PyTorch sums bfloat16 squares into float32; the portable GRN casts to float32 first."""
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(2, 9, 11, 16)).astype("float32")
+    x[0, :, :, 3] *= 300.0  # squares far beyond float16's range, and uneven channel norms
+    gamma, beta = rng.normal(size=(2, 16)).astype("float32")
+    x_bf16 = ops.cast(ops.convert_to_tensor(x), "bfloat16")
+    expected = ops.convert_to_numpy(ops.cast(convnext_ops.portable_grn(x_bf16, gamma, beta), "float32"))
+    actual = ops.convert_to_numpy(ops.cast(convnext_ops.grn(x_bf16, gamma, beta), "float32"))
+    # one bfloat16 rounding of the output apart, at most
+    np.testing.assert_allclose(actual, expected, rtol=1e-2, atol=1e-2)
+    assert not np.allclose(expected, ops.convert_to_numpy(ops.cast(x_bf16, "float32")), atol=1e-1)
+
+
 # Under PyTorch, (2, 24, 24, 8) (1152 positions) and (4, 300, 8) (1200 gathered tokens) take
 # the 1x1 convolution; (2, 5, 6, 8) and (3, 7, 8) take `addmm`.
 @pytest.mark.parametrize("shape", [(2, 24, 24, 8), (4, 300, 8), (2, 5, 6, 8), (3, 7, 8)])

@@ -109,16 +109,19 @@ def patch_conv2d(inputs, kernel, bias=None):
     return portable_patch_conv2d(inputs, kernel, bias)
 
 
-def _grn_scale(inputs, gamma, epsilon):
+def _grn_scale(inputs, gamma, epsilon, sum_of_squares=None):
     """The per-sample, per-channel factor `1 + gamma * Nx`, `(batch, 1, 1, channels)`.
 
     `Gx` is the L2 norm over the spatial axes per sample and channel and
     `Nx = Gx / mean_c(Gx)`. The statistics are computed in float32 whatever
     the input dtype (a float16 sum of squares over a 56x56 map overflows); the
     small factor is cast back, so the full-size tensor stays in its dtype.
+    `sum_of_squares` (float32, `(batch, 1, 1, channels)`) may be given by a
+    backend's own formulation.
     """
-    squares = ops.square(ops.cast(inputs, "float32"))
-    spatial_norm = ops.sqrt(ops.sum(squares, axis=(1, 2), keepdims=True))
+    if sum_of_squares is None:
+        sum_of_squares = ops.sum(ops.square(ops.cast(inputs, "float32")), axis=(1, 2), keepdims=True)
+    spatial_norm = ops.sqrt(sum_of_squares)
     relative = spatial_norm / (ops.mean(spatial_norm, axis=-1, keepdims=True) + epsilon)
     return ops.cast(1.0 + ops.cast(gamma, "float32") * relative, inputs.dtype)
 
@@ -136,7 +139,15 @@ def portable_grn(inputs, gamma, beta, epsilon=1e-6):
 def _torch_grn(inputs, gamma, beta, epsilon=1e-6):
     import torch
 
-    return torch.addcmul(ops.cast(beta, inputs.dtype), inputs, _grn_scale(inputs, gamma, epsilon))
+    sum_of_squares = None
+    if inputs.dtype == torch.bfloat16:
+        # bfloat16 has float32's exponent range, so its squares cannot overflow;
+        # summing them into float32 saves the full-size float32 copy (V2 Tiny,
+        # (8, 56, 56, 384): 16 ms against 30 ms). The squares' rounding moves
+        # the norm by about 2e-4, far below bfloat16's own resolution.
+        sum_of_squares = inputs.square().sum(dim=(1, 2), keepdim=True, dtype=torch.float32)
+    scale = _grn_scale(inputs, gamma, epsilon, sum_of_squares)
+    return torch.addcmul(ops.cast(beta, inputs.dtype), inputs, scale)
 
 
 def grn(inputs, gamma, beta, epsilon=1e-6):
