@@ -201,3 +201,46 @@ def test_tensorflow_xla_context_is_detected():
     tf.function(probe, jit_compile=False)(tf.ones(1))
     assert seen == {0: True, 1: False}
     assert not _tensorflow_in_xla()
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 6, 8), (3, 8)])
+def test_layer_norm_fast_path_agrees_with_keras(shape):
+    """`layer_norm` (PyTorch's kernel on PyTorch) against Keras' op: values, gradients, bfloat16."""
+    rng = np.random.default_rng(9)
+    x = (rng.normal(size=shape) * 3 + 1).astype("float32")
+    gamma, beta = (rng.normal(size=(2, 8)) + 1).astype("float32")
+    weights = rng.normal(size=shape).astype("float32")
+
+    def make(fn):
+        return lambda a, g: fn(a, g, ops.convert_to_tensor(beta), 1e-6)
+
+    expected = _gradient(make(convnext_ops.portable_layer_norm), x, gamma, weights)
+    actual = _gradient(make(convnext_ops.layer_norm), x, gamma, weights)
+    for e, a in zip(expected, actual):
+        np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-4)
+    x_bf16 = ops.cast(ops.convert_to_tensor(x), "bfloat16")
+    outputs = convnext_ops.layer_norm(x_bf16, gamma, beta, 1e-6)
+    assert ops.dtype(outputs) == "bfloat16"
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(ops.cast(outputs, "float32")),
+        ops.convert_to_numpy(ops.cast(convnext_ops.portable_layer_norm(x_bf16, gamma, beta, 1e-6), "float32")),
+        rtol=2e-2, atol=2e-2,
+    )
+
+
+def test_layer_norm_layer_equals_keras_layer_norm():
+    from keras_convnext.layers import LayerNorm
+
+    x = np.random.default_rng(10).normal(size=(2, 4, 4, 6)).astype("float32")
+    reference, fast = keras.layers.LayerNormalization(epsilon=1e-6), LayerNorm(epsilon=1e-6)
+    reference.build(x.shape)
+    fast.build(x.shape)
+    fast.set_weights([w + 0.5 for w in reference.get_weights()])  # nonzero beta, gamma not 1
+    reference.set_weights(fast.get_weights())
+    np.testing.assert_allclose(ops.convert_to_numpy(fast(x)), ops.convert_to_numpy(reference(x)), atol=1e-5)
+    other_axes = LayerNorm(axis=[1, 2, 3], epsilon=1e-6)  # falls back to Keras' own computation
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(other_axes(x)),
+        ops.convert_to_numpy(keras.layers.LayerNormalization(axis=[1, 2, 3], epsilon=1e-6)(x)),
+        atol=1e-5,
+    )

@@ -5,6 +5,7 @@ from keras_convnext.layers.depthwise import DepthwiseConv
 from keras_convnext.layers.drop_path import StochasticDepth
 from keras_convnext.layers.grn import GRN
 from keras_convnext.layers.initializers import HostTruncatedNormal
+from keras_convnext.layers.layer_norm import LayerNorm
 from keras_convnext.layers.layer_scale import LayerScale
 from keras_convnext.layers.pointwise import PatchConv2D, PointwiseDense
 from keras_convnext.layers.preprocessing import ImageNormalization
@@ -15,6 +16,7 @@ __all__ = [
     "GRN",
     "HostTruncatedNormal",
     "ImageNormalization",
+    "LayerNorm",
     "LayerScale",
     "PatchConv2D",
     "PointwiseDense",

@@ -1,16 +1,17 @@
 """The ConvNeXt block, V1 (layer scale) and V2 (GRN) in one layer."""
 
 import keras
-
-from keras_convnext.layers.data_format import standardize_data_format
 from keras import ops
 
+from keras_convnext.layers.data_format import standardize_data_format
 from keras_convnext.layers.depthwise import DepthwiseConv
 from keras_convnext.layers.drop_path import StochasticDepth
 from keras_convnext.layers.grn import GRN
 from keras_convnext.layers.initializers import HostTruncatedNormal
+from keras_convnext.layers.layer_norm import LayerNorm
 from keras_convnext.layers.layer_scale import LayerScale
 from keras_convnext.layers.pointwise import PointwiseDense
+
 
 def kernel_init():
     """Official ConvNeXt initialization: truncated normal, std 0.02 (biases start at zero).
@@ -25,7 +26,7 @@ LAYER_NORM_EPSILON = 1e-6
 
 
 def layer_norm(name):
-    return keras.layers.LayerNormalization(epsilon=LAYER_NORM_EPSILON, name=name)
+    return LayerNorm(epsilon=LAYER_NORM_EPSILON, name=name)
 
 
 @keras.saving.register_keras_serializable(package="keras_convnext")
@@ -67,9 +68,7 @@ class ConvNeXtBlock(keras.layers.Layer):
             name="dwconv",
             dtype=self.dtype_policy,
         )
-        self.norm = keras.layers.LayerNormalization(
-            epsilon=LAYER_NORM_EPSILON, name="norm", dtype=self.dtype_policy
-        )
+        self.norm = LayerNorm(epsilon=LAYER_NORM_EPSILON, name="norm", dtype=self.dtype_policy)
         self.pwconv1 = None
         self.pwconv2 = None
         self.grn = GRN(data_format="channels_last", name="grn", dtype=self.dtype_policy) if self.use_grn else None

@@ -8,9 +8,11 @@ from keras_convnext.ops.depthwise import (
 )
 from keras_convnext.ops.pointwise import (
     grn,
+    layer_norm,
     linear,
     patch_conv2d,
     portable_grn,
+    portable_layer_norm,
     portable_linear,
     portable_patch_conv2d,
 )
