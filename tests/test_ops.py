@@ -244,3 +244,63 @@ def test_layer_norm_layer_equals_keras_layer_norm():
         ops.convert_to_numpy(keras.layers.LayerNormalization(axis=[1, 2, 3], epsilon=1e-6)(x)),
         atol=1e-5,
     )
+
+
+# (2, 24, 24, 8): 1152 positions, where PyTorch fuses GELU into its 1x1 convolution at inference.
+@pytest.mark.parametrize("shape", [(2, 24, 24, 8), (2, 5, 6, 8), (4, 300, 8)])
+def test_linear_gelu_agrees_with_portable(shape):
+    """`linear_gelu` against GELU after the portable Linear: inference, gradients, bfloat16."""
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=shape).astype("float32")
+    kernel = rng.normal(size=(8, 12)).astype("float32")
+    bias = ops.convert_to_tensor(rng.normal(size=12).astype("float32"))
+    expected = ops.convert_to_numpy(convnext_ops.portable_linear_gelu(x, kernel, bias))
+    assert expected.min() < -0.1  # GELU's negative lobe is exercised
+    with _inference():
+        actual = convnext_ops.linear_gelu(ops.convert_to_tensor(x), ops.convert_to_tensor(kernel), bias)
+        np.testing.assert_allclose(ops.convert_to_numpy(actual), expected, rtol=1e-5, atol=1e-4)
+        x_bf16, kernel_bf16, bias_bf16 = (ops.cast(ops.convert_to_tensor(a), "bfloat16") for a in (x, kernel, bias))
+        actual_bf16 = ops.cast(convnext_ops.linear_gelu(x_bf16, kernel_bf16, bias_bf16), "float32")
+        np.testing.assert_allclose(ops.convert_to_numpy(actual_bf16), expected, rtol=5e-2, atol=1e-1)
+    weights = rng.normal(size=shape[:-1] + (12,)).astype("float32")
+    expected_gradients = _gradient(lambda a, k: convnext_ops.portable_linear_gelu(a, k, bias), x, kernel, weights)
+    gradients = _gradient(lambda a, k: convnext_ops.linear_gelu(a, k, bias), x, kernel, weights)
+    for e, a in zip(expected_gradients, gradients):
+        np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-4)
+
+
+def _inference():
+    """No gradient tape where the backend has a global one (PyTorch), as in `predict`."""
+    if keras.backend.backend() == "torch":
+        import torch
+
+        return torch.no_grad()
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def test_block_gelu_is_in_pwconv1_once():
+    """The block's branch equals LayerNorm -> Linear -> GELU -> GRN -> Linear written out in numpy."""
+    from keras_convnext.layers import ConvNeXtBlock
+
+    rng = np.random.default_rng(12)
+    block = ConvNeXtBlock(use_grn=True)
+    x = rng.normal(size=(1, 33, 33, 4)).astype("float32")  # 1089 positions: the fused path on PyTorch
+    block.build(x.shape)
+    for variable in block.weights:
+        variable.assign(rng.normal(size=variable.shape).astype("float32") * 0.5)
+    with _inference():
+        actual = ops.convert_to_numpy(block(x))
+    from math import erf
+
+    h = ops.convert_to_numpy(block.dwconv(x)).astype("float64")
+    h = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-6)
+    h = h * ops.convert_to_numpy(block.norm.gamma) + ops.convert_to_numpy(block.norm.beta)
+    h = h @ ops.convert_to_numpy(block.pwconv1.kernel) + ops.convert_to_numpy(block.pwconv1.bias)
+    h = h * 0.5 * (1 + np.vectorize(erf)(h / np.sqrt(2)))
+    norm = np.sqrt((h**2).sum(axis=(1, 2), keepdims=True))
+    gamma, beta = ops.convert_to_numpy(block.grn.gamma), ops.convert_to_numpy(block.grn.beta)
+    h = h + gamma * (h * norm / (norm.mean(-1, keepdims=True) + 1e-6)) + beta
+    h = h @ ops.convert_to_numpy(block.pwconv2.kernel) + ops.convert_to_numpy(block.pwconv2.bias)
+    np.testing.assert_allclose(actual, x + h, rtol=1e-4, atol=1e-3)

@@ -21,7 +21,6 @@ image's features independent of its batch mates.
 
 from typing import NamedTuple
 
-import keras
 from keras import ops
 
 from keras_convnext.fcmae.masking import VisiblePositions, upsample_mask, visible_count
@@ -119,7 +118,7 @@ def dense_masked_forward(layers, x, patch_mask, patch_size, training=None):
         for block in blocks:
             branch = block.dwconv(x) * visible
             branch = block.norm(branch)
-            branch = keras.activations.gelu(block.pwconv1(branch), approximate=False)
+            branch = block.pwconv1(branch)  # with its GELU
             # Masked cells must be zero for GRN's spatial norm to cover visible ones only.
             branch = block.grn(branch * visible)
             branch = block.pwconv2(branch) * visible

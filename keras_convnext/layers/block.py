@@ -35,7 +35,7 @@ class ConvNeXtBlock(keras.layers.Layer):
 
     `x + drop_path(scale(pwconv2(grn(gelu(pwconv1(norm(dwconv(x))))))))`, where
     the depthwise conv is `kernel_size` x `kernel_size`, `pwconv1` widens the
-    channels by `mlp_ratio`, GRN is present when `use_grn` (ConvNeXt V2) and the
+    channels by `mlp_ratio` and applies the exact GELU (its `activation`), GRN is present when `use_grn` (ConvNeXt V2) and the
     layer scale when `layer_scale_init_value` is not None (ConvNeXt V1).
 
     Input and output: `(batch, height, width, channels)`, or
@@ -95,8 +95,9 @@ class ConvNeXtBlock(keras.layers.Layer):
         if channels is None:
             raise ValueError("ConvNeXtBlock needs a known number of channels.")
         hidden = self.mlp_ratio * channels
+        # GELU belongs to pwconv1, so that a backend can apply it as the product is written.
         self.pwconv1 = PointwiseDense(
-            hidden, kernel_initializer=kernel_init(), name="pwconv1", dtype=self.dtype_policy
+            hidden, activation="gelu", kernel_initializer=kernel_init(), name="pwconv1", dtype=self.dtype_policy
         )
         self.pwconv2 = PointwiseDense(
             channels, kernel_initializer=kernel_init(), name="pwconv2", dtype=self.dtype_policy
@@ -129,8 +130,7 @@ class ConvNeXtBlock(keras.layers.Layer):
         2: a `(batch, positions, 1, channels)` map of gathered positions (the
         FCMAE fast path) gets GRN over those positions.
         """
-        x = self.norm.call(x)
-        x = keras.activations.gelu(self.pwconv1.call(x), approximate=False)
+        x = self.pwconv1.call(self.norm.call(x))
         return x if self.grn is None else self.grn.call(x)
 
     def project(self, x, training=None):

@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from keras_convnext.ops.pointwise import linear, patch_conv2d
+from keras_convnext.ops.pointwise import linear, linear_gelu, patch_conv2d
 
 
 @keras.saving.register_keras_serializable(package="keras_convnext")
@@ -11,7 +11,8 @@ class PointwiseDense(keras.layers.Dense):
     """`keras.layers.Dense` over the last axis, through `keras_convnext.ops.linear`.
 
     Same weights and arguments as Dense (`kernel` `(in, out)`, `bias` `(out,)`);
-    plain float layers take the backend's fastest formulation, and quantized
+    plain float layers take the backend's fastest formulation (with
+    `activation="gelu"`, the exact GELU, one that may fuse it), and quantized
     or LoRA-enabled layers fall back to Dense itself.
     """
 
@@ -20,6 +21,8 @@ class PointwiseDense(keras.layers.Dense):
             return super().call(inputs, training=training)
         kernel = ops.cast(self.kernel, self.compute_dtype)
         bias = ops.cast(self.bias, self.compute_dtype) if self.use_bias else None
+        if self.activation is keras.activations.gelu:
+            return linear_gelu(inputs, kernel, bias)
         outputs = linear(inputs, kernel, bias)
         if self.activation is not None:
             outputs = self.activation(outputs)

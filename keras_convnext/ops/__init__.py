@@ -10,9 +10,11 @@ from keras_convnext.ops.pointwise import (
     grn,
     layer_norm,
     linear,
+    linear_gelu,
     patch_conv2d,
     portable_grn,
     portable_layer_norm,
     portable_linear,
+    portable_linear_gelu,
     portable_patch_conv2d,
 )
