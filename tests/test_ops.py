@@ -256,6 +256,10 @@ def test_linear_gelu_agrees_with_portable(shape):
     bias = ops.convert_to_tensor(rng.normal(size=12).astype("float32"))
     expected = ops.convert_to_numpy(convnext_ops.portable_linear_gelu(x, kernel, bias))
     assert expected.min() < -0.1  # GELU's negative lobe is exercised
+    if keras.backend.backend() == "torch":
+        from keras_convnext.ops.pointwise import _torch_fused_conv_gelu_works
+
+        assert _torch_fused_conv_gelu_works(), "the fused path would go untested on this PyTorch"
     with _inference():
         actual = convnext_ops.linear_gelu(ops.convert_to_tensor(x), ops.convert_to_tensor(kernel), bias)
         np.testing.assert_allclose(ops.convert_to_numpy(actual), expected, rtol=1e-5, atol=1e-4)

@@ -11,6 +11,8 @@ benchmarks/README.md). XLA (JAX, TensorFlow) fuses the portable formulations
 by itself.
 """
 
+import functools
+
 import keras
 from keras import ops
 
@@ -75,8 +77,31 @@ def _torch_fused_conv_gelu_applies(inputs):
         and inputs.device.type == "cpu"
         and inputs.dtype in (torch.float32, torch.bfloat16)
         and positions >= _TORCH_CONV_MIN_POSITIONS
-        and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+        and _torch_fused_conv_gelu_works()
     )
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_fused_conv_gelu_works():
+    """Whether this PyTorch has oneDNN's fused 1x1 convolution + GELU, with the expected result.
+
+    The operator is internal to PyTorch (it serves `torch.compile`), so it is
+    checked once against the separate operations before it is used.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    try:
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(1, 3, 4, 4, generator=generator)
+        weight, bias = torch.randn(5, 3, 1, 1, generator=generator), torch.randn(5, generator=generator)
+        with torch.no_grad():
+            fused = torch.ops.mkldnn._convolution_pointwise(
+                x, weight, bias, [0, 0], [1, 1], [1, 1], 1, "gelu", [None], "none"
+            )
+            return bool(torch.allclose(fused, F.gelu(F.conv2d(x, weight, bias)), atol=1e-5))
+    except (AttributeError, RuntimeError, TypeError):
+        return False
 
 
 def _torch_linear_gelu(inputs, kernel, bias=None):
