@@ -116,8 +116,9 @@ def test_grn_in_bfloat16_agrees_with_float32_statistics():
     assert not np.allclose(expected, ops.convert_to_numpy(ops.cast(x_bf16, "float32")), atol=1e-1)
 
 
-# Under PyTorch, (2, 24, 24, 8) (1152 positions) and (4, 300, 8) (1200 gathered tokens) take
-# the 1x1 convolution; (2, 5, 6, 8) and (3, 7, 8) take `addmm`.
+# Under PyTorch, in training, (2, 24, 24, 8) (1152 positions) and (4, 300, 8) (1200 gathered
+# tokens) take the 1x1 convolution, (2, 5, 6, 8) and (3, 7, 8) `addmm`; at inference all take
+# oneDNN's product.
 @pytest.mark.parametrize("shape", [(2, 24, 24, 8), (4, 300, 8), (2, 5, 6, 8), (3, 7, 8)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_linear_fast_path_gradients_agree(shape, with_bias):
@@ -135,6 +136,13 @@ def test_linear_fast_path_gradients_agree(shape, with_bias):
     actual = _gradient(make(convnext_ops.linear), x, kernel, weights)
     for e, a in zip(expected, actual):
         np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-4)
+    with _inference():  # PyTorch: oneDNN's product
+        x_t, k_t = ops.convert_to_tensor(x), ops.convert_to_tensor(kernel)
+        np.testing.assert_allclose(
+            ops.convert_to_numpy(make(convnext_ops.linear)(x_t, k_t)),
+            ops.convert_to_numpy(make(convnext_ops.portable_linear)(x_t, k_t)),
+            rtol=1e-5, atol=1e-4,
+        )
 
 
 def test_pointwise_dense_equals_dense():
@@ -246,7 +254,8 @@ def test_layer_norm_layer_equals_keras_layer_norm():
     )
 
 
-# (2, 24, 24, 8): 1152 positions, where PyTorch fuses GELU into its 1x1 convolution at inference.
+# At inference PyTorch fuses GELU into oneDNN's product; in training (2, 24, 24, 8), 1152
+# positions, takes the 1x1 convolution and (2, 5, 6, 8) `addmm`.
 @pytest.mark.parametrize("shape", [(2, 24, 24, 8), (2, 5, 6, 8), (4, 300, 8)])
 def test_linear_gelu_agrees_with_portable(shape):
     """`linear_gelu` against GELU after the portable Linear: inference, gradients, bfloat16."""
@@ -257,9 +266,9 @@ def test_linear_gelu_agrees_with_portable(shape):
     expected = ops.convert_to_numpy(convnext_ops.portable_linear_gelu(x, kernel, bias))
     assert expected.min() < -0.1  # GELU's negative lobe is exercised
     if keras.backend.backend() == "torch":
-        from keras_convnext.ops.pointwise import _torch_fused_conv_gelu_works
+        from keras_convnext.ops.pointwise import _torch_inference_matmul_works
 
-        assert _torch_fused_conv_gelu_works(), "the fused path would go untested on this PyTorch"
+        assert _torch_inference_matmul_works(), "the fused path would go untested on this PyTorch"
     with _inference():
         actual = convnext_ops.linear_gelu(ops.convert_to_tensor(x), ops.convert_to_tensor(kernel), bias)
         np.testing.assert_allclose(ops.convert_to_numpy(actual), expected, rtol=1e-5, atol=1e-4)
@@ -290,7 +299,7 @@ def test_block_gelu_is_in_pwconv1_once():
 
     rng = np.random.default_rng(12)
     block = ConvNeXtBlock(use_grn=True)
-    x = rng.normal(size=(1, 33, 33, 4)).astype("float32")  # 1089 positions: the fused path on PyTorch
+    x = rng.normal(size=(1, 33, 33, 4)).astype("float32")
     block.build(x.shape)
     for variable in block.weights:
         variable.assign(rng.normal(size=variable.shape).astype("float32") * 0.5)
