@@ -2,10 +2,11 @@
 
 PyTorch's eager mode runs each operation as its own pass over memory, so on
 that backend the fast paths fuse what they can: the Linear bias goes into
-the matrix product, and GRN's scale-and-shift is one `addcmul`. From 1024
-positions up the Linear is a 1x1 convolution over the channels_last memory,
-which PyTorch hands to oneDNN: its kernels use AVX-512 where MKL's `addmm`
-does not on every processor (1.3x-2.5x faster forward, 1.6x-2.2x
+the matrix product, and GRN's scale-and-shift is one `addcmul`. oneDNN's
+kernels use AVX-512 where MKL's `addmm` does not on every processor: at
+inference the Linear is oneDNN's matrix product, with GELU applied as it
+writes; in training, from 1024 positions up, it is a 1x1 convolution over
+the channels_last memory, which PyTorch hands to oneDNN (1.6x-2.2x faster
 forward+backward at ConvNeXt V2 Tiny's shapes on an AMD EPYC, see
 benchmarks/README.md). XLA (JAX, TensorFlow) fuses the portable formulations
 by itself.
@@ -114,14 +115,10 @@ def portable_linear_gelu(inputs, kernel, bias=None):
     return keras.activations.gelu(portable_linear(inputs, kernel, bias), approximate=False)
 
 
-def _torch_linear_gelu(inputs, kernel, bias=None):
-    return _torch_linear(inputs, kernel, bias, gelu=True)
-
-
 def linear_gelu(inputs, kernel, bias=None):
     """`portable_linear_gelu` through the fastest formulation for the backend."""
     if keras.backend.backend() == "torch":
-        return _torch_linear_gelu(inputs, kernel, bias)
+        return _torch_linear(inputs, kernel, bias, gelu=True)
     return portable_linear_gelu(inputs, kernel, bias)
 
 
