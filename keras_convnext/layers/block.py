@@ -35,8 +35,9 @@ class ConvNeXtBlock(keras.layers.Layer):
 
     `x + drop_path(scale(pwconv2(grn(gelu(pwconv1(norm(dwconv(x))))))))`, where
     the depthwise conv is `kernel_size` x `kernel_size`, `pwconv1` widens the
-    channels by `mlp_ratio` and applies the exact GELU (its `activation`), GRN is present when `use_grn` (ConvNeXt V2) and the
-    layer scale when `layer_scale_init_value` is not None (ConvNeXt V1).
+    channels by `mlp_ratio` and applies the exact GELU (its `activation`), GRN
+    is present when `use_grn` (ConvNeXt V2) and the layer scale when
+    `layer_scale_init_value` is not None (ConvNeXt V1).
 
     Input and output: `(batch, height, width, channels)`, or
     `(batch, channels, height, width)` with `data_format="channels_first"`
