@@ -9,6 +9,13 @@ predicts the held-out images with both:
 
     python benchmarks/bf16_agreement.py --model ConvNeXtV2Atto --image-size 64
 
+On a machine without TensorFlow (whose image resizing prepares the
+digits), train and prepare the images elsewhere, then bring both:
+
+    python benchmarks/bf16_agreement.py --save-weights atto.weights.h5 --arrays digits64.npz
+    python benchmarks/bf16_agreement.py --weights atto.weights.h5 --arrays digits64.npz \
+        --device cuda --backends jax torch
+
 Reported per backend: top-1 agreement between the two precisions, held-out
 accuracy of each, and inference images/s of each at `--batch-size` (the
 speed at ImageNet resolution is `run.py --precision mixed_bfloat16`).
@@ -19,6 +26,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,7 +39,7 @@ ROOT = os.path.dirname(HERE)
 BACKENDS = ("tensorflow", "jax", "torch")
 sys.path.insert(0, HERE)
 
-from run import _cpu, _versions, run_in_backend, write_report  # noqa: E402
+from run import _cpu, _gpu, _versions, device_environment, run_in_backend, write_report  # noqa: E402
 
 
 def _images_per_s(model, images, batch_size, repeats=5):
@@ -51,7 +59,11 @@ def evaluate_worker(args):
     import keras_convnext
     from keras_convnext.data import digits_arrays
 
-    _, _, images, labels = digits_arrays(args.image_size)
+    if args.arrays:
+        with np.load(args.arrays) as arrays:
+            images, labels = arrays["images"], arrays["labels"]
+    else:
+        _, _, images, labels = digits_arrays(args.image_size)
     images = images.astype("float32")
     outputs = {}
     for policy in ("float32", "mixed_bfloat16"):
@@ -86,8 +98,20 @@ def _train(args, directory):
         "--data", "digits", "--model", args.model, "--epochs", str(args.epochs), "--batch-size", "64",
         "--image-size", str(args.image_size), "--learning-rate", "1e-3", "--quiet", "--output-dir", directory,
     ]
-    subprocess.run(command, check=True, capture_output=True, text=True)
+    environment = dict(os.environ, **device_environment(args.device))
+    subprocess.run(command, check=True, capture_output=True, text=True, env=environment)
     return os.path.join(directory, "model.keras")
+
+
+def _save_arrays(path, image_size):
+    """Writes the held-out digits (`images`, `labels`) to `path`, through a temporary file."""
+    sys.path.insert(0, ROOT)
+    from keras_convnext.data import digits_arrays
+
+    _, _, images, labels = digits_arrays(image_size)
+    with open(path + ".tmp", "wb") as f:
+        np.savez(f, images=images, labels=labels)
+    os.replace(path + ".tmp", path)
 
 
 def markdown(report):
@@ -122,6 +146,9 @@ def main(argv=None):
     parser.add_argument("--train-backend", default="torch", choices=BACKENDS)
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     parser.add_argument("--weights", help="trained weights (.keras or .weights.h5); skips training")
+    parser.add_argument("--save-weights", help="also keep the trained model here (.keras)")
+    parser.add_argument("--arrays", help="held-out images and labels (.npz); written first if missing")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -129,20 +156,28 @@ def main(argv=None):
         print("RESULT " + json.dumps(evaluate_worker(args)))
         return 0
 
+    if args.arrays and not os.path.exists(args.arrays):
+        _save_arrays(args.arrays, args.image_size)
     with tempfile.TemporaryDirectory() as directory:
         weights = args.weights or _train(args, directory)
+        if args.save_weights and not args.weights:
+            shutil.copyfile(weights, args.save_weights + ".tmp")
+            os.replace(args.save_weights + ".tmp", args.save_weights)
         results = {}
         for backend in args.backends:
             command = [
                 sys.executable, os.path.abspath(__file__), "--worker", "--model", args.model,
                 "--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--weights", weights,
-            ]
-            results[backend] = run_in_backend(command, backend)
+            ] + (["--arrays", args.arrays] if args.arrays else [])
+            results[backend] = run_in_backend(command, backend, args.device)
     report = {
         "model": args.model, "image_size": args.image_size, "epochs": args.epochs, "batch_size": args.batch_size,
-        "date": datetime.date.today().isoformat(), "machine": _cpu(), "versions": _versions(), "results": results,
+        "date": datetime.date.today().isoformat(),
+        "machine": _cpu() if args.device == "cpu" else f"{_gpu()}, host {_cpu()}",
+        "versions": _versions(), "results": results,
     }
-    write_report(f"bf16_agreement_{args.model}", report, markdown(report))
+    suffix = "" if args.device == "cpu" else f"_{args.device}"
+    write_report(f"bf16_agreement_{args.model}{suffix}", report, markdown(report))
     return 0
 
 

@@ -7,8 +7,14 @@ in the same invocation, so the ratios compare like with like:
 
 Measured per backend: inference images/s (batch B and batch 1), first-call
 (compile) time, training steps/s (AdamW, batch `--train-batch-size`), peak
-resident memory added by the model, and achieved GFLOP/s against the
-machine's measured float32 matrix-multiply peak. With `--rounds N` every
+memory added by the model, and achieved GFLOP/s against the machine's
+measured float32 matrix-multiply peak. `--device cuda` runs every
+implementation on the GPU instead (the reference included); memory is then
+the GPU's, as its allocator counts it, and every timed call waits for the
+device (Keras returns NumPy arrays; the reference copies its logits to the
+host and synchronizes after each training step). Under mixed precision the
+reference also runs under `torch.autocast` in bfloat16, as a second row;
+ratios stay against the float32 reference. With `--rounds N` every
 implementation runs N times, in turn, and the table reports medians, with
 each round's ratios listed below it. The reference is HF
 transformers' PyTorch ConvNeXt (V2 or V1) in eager mode. Results go to
@@ -85,22 +91,110 @@ def _baseline_mb():
     return _rss_mb()
 
 
-def _steady_inference(fn, repeats, baseline):
+class ResidentMemory:
+    """Host memory of this process: resident MB, from Linux's /proc."""
+
+    def baseline(self):
+        return _baseline_mb()
+
+    def peak(self):
+        """Peak MB since the process started (or since the last successful `reset`)."""
+        return _peak_mb()
+
+    def reset(self):
+        """Starts a new peak; False where that is not possible."""
+        _release_free_memory()
+        return _reset_peak()
+
+    def high_water(self):
+        return _high_water_mb()
+
+
+class TorchDeviceMemory:
+    """GPU memory that PyTorch's caching allocator hands out, in MB."""
+
+    def __init__(self):
+        import torch
+
+        self.cuda = torch.cuda
+
+    def baseline(self):
+        return self.cuda.memory_allocated() / 2**20
+
+    def peak(self):
+        return self.cuda.max_memory_allocated() / 2**20
+
+    def reset(self):
+        self.cuda.reset_peak_memory_stats()
+        return True
+
+    high_water = peak
+
+
+class JaxDeviceMemory:
+    """GPU memory in use by JAX's allocator, in MB. Its peak cannot be reset."""
+
+    def __init__(self):
+        import jax
+
+        self.device = jax.devices()[0]
+
+    def _stat(self, key):
+        return (self.device.memory_stats() or {}).get(key, 0) / 2**20
+
+    def baseline(self):
+        return self._stat("bytes_in_use")
+
+    def peak(self):
+        return self._stat("peak_bytes_in_use")
+
+    def reset(self):
+        return False
+
+    high_water = peak
+
+
+class TensorFlowDeviceMemory:
+    """GPU memory in use by TensorFlow's allocator, in MB."""
+
+    def __init__(self):
+        import tensorflow as tf
+
+        self.experimental = tf.config.experimental
+
+    def _info(self):
+        return self.experimental.get_memory_info("GPU:0")
+
+    def baseline(self):
+        return self._info()["current"] / 2**20
+
+    def peak(self):
+        return self._info()["peak"] / 2**20
+
+    def reset(self):
+        self.experimental.reset_memory_stats("GPU:0")
+        return True
+
+    high_water = peak
+
+
+def _steady_inference(fn, repeats, baseline, memory=None):
     """(first call s, median s, peak MB of the first call, peak MB of the later calls).
 
-    Both peaks are resident memory above `baseline` (taken before the model was
+    Both peaks are memory above `baseline` (taken before the model was
     built), so they include the weights. The first call's peak also holds
-    tracing and compilation; the later calls' peak is what serving costs.
+    tracing and compilation; the later calls' peak is what serving costs. It
+    is None where `memory` cannot restart its peak (JAX on a GPU).
     """
+    memory = memory or ResidentMemory()
     start = time.perf_counter()
     fn()
     first = time.perf_counter() - start
-    first_peak = _peak_mb() - baseline
-    _release_free_memory()
+    first_peak = memory.peak() - baseline
     steady_peak = None
-    if _reset_peak():
+    if memory.reset():
         fn()
-        steady_peak = _high_water_mb() - baseline
+        steady_peak = memory.high_water() - baseline
     _, seconds = _timed(fn, repeats, warm=True)
     return first, seconds, first_peak, steady_peak
 
@@ -127,7 +221,51 @@ def _inference_result(args, first, seconds, seconds_b1, first_peak, steady_peak)
         "first_call_s": first,
         "first_call_peak_memory_mb": first_peak,
         "peak_memory_mb": steady_peak if steady_peak is not None else first_peak,
+        "peak_memory_includes_first_call": steady_peak is None,
     }
+
+
+def _keras_device(args):
+    """(memory meter, device label) for this Keras backend; raises if it is not on `args.device`."""
+    import keras
+
+    backend = keras.backend.backend()
+    if args.device == "cpu":
+        return ResidentMemory(), "cpu"
+    if backend == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        on_gpu, memory = device.platform == "gpu", (lambda: JaxDeviceMemory())
+    elif backend == "torch":
+        import torch
+
+        on_gpu, memory = torch.cuda.is_available(), (lambda: TorchDeviceMemory())
+        device = torch.cuda.get_device_name() if on_gpu else "cpu"
+    else:
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        on_gpu, device, memory = bool(gpus), (gpus[0].name if gpus else "cpu"), (lambda: TensorFlowDeviceMemory())
+    if not on_gpu:
+        raise RuntimeError(f"--device cuda: the {backend} backend sees no GPU")
+    return memory(), str(device)
+
+
+def _precision_settings(backend):
+    """How float32 products and convolutions are computed on a GPU (TF32 or full float32)."""
+    if backend == "torch":
+        import torch
+
+        return {"torch_matmul_tf32": torch.backends.cuda.matmul.allow_tf32,
+                "torch_cudnn_tf32": torch.backends.cudnn.allow_tf32}
+    if backend == "jax":
+        import jax
+
+        return {"jax_default_matmul_precision": str(jax.config.jax_default_matmul_precision or "default")}
+    import tensorflow as tf
+
+    return {"tensorflow_tf32": tf.config.experimental.tensor_float_32_execution_enabled()}
 
 
 def _variant_shapes(model_name):
@@ -149,9 +287,10 @@ def keras_worker(args):
     # measurement come last: allocators keep freed memory, which would hide
     # the model's own from the memory measurement.
     keras.ops.convert_to_numpy(keras.ops.matmul(keras.ops.ones((64, 64)), keras.ops.ones((64, 64))))
+    memory, device = _keras_device(args)
     if args.precision != "float32":
         keras.config.set_dtype_policy(args.precision)
-    baseline = _baseline_mb()
+    baseline = memory.baseline()
     shape = (args.resolution, args.resolution, 3)
     if args.implementation == "keras_applications":
         build = lambda: getattr(keras.applications, args.model)(
@@ -163,10 +302,13 @@ def keras_worker(args):
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, size=(args.batch_size,) + shape).astype("float32")
     first, seconds, first_peak, steady_peak = _steady_inference(
-        lambda: keras.ops.convert_to_numpy(model.predict_on_batch(images)), args.repeats, baseline
+        lambda: keras.ops.convert_to_numpy(model.predict_on_batch(images)), args.repeats, baseline, memory
     )
     _, seconds_b1 = _timed(lambda: keras.ops.convert_to_numpy(model.predict_on_batch(images[:1])), args.repeats)
     result = _inference_result(args, first, seconds, seconds_b1, first_peak, steady_peak)
+    result["device"] = device
+    if args.device != "cpu":
+        result.update(_precision_settings(keras.backend.backend()))
     if args.train_batch_size:
         train_images = rng.uniform(0, 255, size=(args.train_batch_size,) + shape).astype("float32")
         labels = rng.integers(0, 1000, size=(args.train_batch_size,))
@@ -179,9 +321,10 @@ def keras_worker(args):
         )
         result.update({"train_steps_per_s": 1.0 / train_seconds, "train_first_call_s": train_first})
     if args.implementation != "keras_applications":
-        result["matmul_peak_gflops"] = _keras_matmul_peak()
+        on_gpu = args.device != "cpu"
+        result["matmul_peak_gflops"] = _keras_matmul_peak("float32", on_gpu)
         if args.precision == "mixed_bfloat16":
-            result["bfloat16_matmul_peak_gflops"] = _keras_matmul_peak("bfloat16")
+            result["bfloat16_matmul_peak_gflops"] = _keras_matmul_peak("bfloat16", on_gpu)
     return result
 
 
@@ -195,57 +338,81 @@ def reference_worker(args):
         if variant.version == "v2"
         else (transformers.ConvNextConfig, transformers.ConvNextForImageClassification)
     )
-    torch.mm(torch.ones(64, 64), torch.ones(64, 64))  # as for Keras: the runtime starts before the baseline
-    baseline = _baseline_mb()
+    device = torch.device(args.device)
+    # As for Keras: the runtime starts before the baseline.
+    torch.mm(torch.ones(64, 64, device=device), torch.ones(64, 64, device=device)).cpu()
+    memory = ResidentMemory() if args.device == "cpu" else TorchDeviceMemory()
+    baseline = memory.baseline()
     config = config_class(
         depths=list(variant.stage_depths), hidden_sizes=list(variant.stage_dims), num_labels=1000
     )
-    model = model_class(config).eval()
-    images = torch.rand(args.batch_size, 3, args.resolution, args.resolution)
+    model = model_class(config).eval().to(device)
+    images = torch.rand(args.batch_size, 3, args.resolution, args.resolution, device=device)
+    autocast = args.implementation == "reference_autocast"
+
+    def precision():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast)
 
     def infer(batch):
-        with torch.no_grad():
-            return model(pixel_values=batch).logits
+        with torch.no_grad(), precision():
+            return model(pixel_values=batch).logits.cpu()
 
-    first, seconds, first_peak, steady_peak = _steady_inference(lambda: infer(images), args.repeats, baseline)
+    first, seconds, first_peak, steady_peak = _steady_inference(
+        lambda: infer(images), args.repeats, baseline, memory
+    )
     _, seconds_b1 = _timed(lambda: infer(images[:1]), args.repeats)
     result = _inference_result(args, first, seconds, seconds_b1, first_peak, steady_peak)
+    result["device"] = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    if device.type == "cuda":
+        result.update(_precision_settings("torch"))
     if args.train_batch_size:
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        train_images = torch.rand(args.train_batch_size, 3, args.resolution, args.resolution)
-        labels = torch.randint(0, 1000, (args.train_batch_size,))
+        train_images = torch.rand(args.train_batch_size, 3, args.resolution, args.resolution, device=device)
+        labels = torch.randint(0, 1000, (args.train_batch_size,), device=device)
 
         def step():
             optimizer.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(pixel_values=train_images).logits, labels)
-            loss.backward()
+            with precision():
+                logits = model(pixel_values=train_images).logits
+            torch.nn.functional.cross_entropy(logits.float(), labels).backward()
             optimizer.step()
+            _synchronize(device)
 
         train_first, train_seconds = _timed(step, max(2, args.repeats // 2))
         result.update({"train_steps_per_s": 1.0 / train_seconds, "train_first_call_s": train_first})
-    result["matmul_peak_gflops"] = _matmul_peak()
-    if args.precision == "mixed_bfloat16":
-        result["bfloat16_matmul_peak_gflops"] = _matmul_peak("bfloat16")
+    if not autocast:
+        result["matmul_peak_gflops"] = _matmul_peak("float32", device)
+        if args.precision == "mixed_bfloat16":
+            result["bfloat16_matmul_peak_gflops"] = _matmul_peak("bfloat16", device)
     return result
 
 
+def _synchronize(device):
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
 MATMUL_SIZES = (1024, 2048, 4096)
+GPU_MATMUL_SIZES = (2048, 4096, 8192)
 
 
-def _matmul_peak(dtype="float32"):
-    """Best GFLOP/s of square matrix products through PyTorch (MKL or oneDNN)."""
+def _matmul_peak(dtype="float32", device=None):
+    """Best GFLOP/s of square matrix products through PyTorch (MKL or oneDNN, or cuBLAS)."""
     import torch
 
+    device = device or torch.device("cpu")
     best = 0.0
-    for size in MATMUL_SIZES:
-        a, b = (torch.rand(size, size).to(getattr(torch, dtype)) for _ in range(2))
-        _, seconds = _timed(lambda: torch.mm(a, b), 5)
+    for size in GPU_MATMUL_SIZES if device.type == "cuda" else MATMUL_SIZES:
+        a, b = (torch.rand(size, size, device=device).to(getattr(torch, dtype)) for _ in range(2))
+        _, seconds = _timed(lambda: (torch.mm(a, b), _synchronize(device)), 5)
         best = max(best, 2 * size**3 / seconds / 1e9)
     return best
 
 
-def _keras_matmul_peak(dtype="float32"):
+def _keras_matmul_peak(dtype="float32", on_gpu=False):
     """Best GFLOP/s of square matrix products through the Keras backend's own library.
 
     The libraries differ (MKL may take a slower code path on AMD processors,
@@ -254,22 +421,38 @@ def _keras_matmul_peak(dtype="float32"):
     import keras
 
     best = 0.0
-    for size in MATMUL_SIZES:
+    for size in GPU_MATMUL_SIZES if on_gpu else MATMUL_SIZES:
         a = keras.random.uniform((size, size), seed=1, dtype=dtype)
         b = keras.random.uniform((size, size), seed=2, dtype=dtype)
-        _, seconds = _timed(lambda: keras.ops.convert_to_numpy(keras.ops.matmul(a, b)), 5)
+        # The product's sum comes back, not the product: that waits for the
+        # device without timing a copy of the whole matrix.
+        product_sum = lambda: keras.ops.cast(keras.ops.sum(keras.ops.matmul(a, b)), "float32")
+        _, seconds = _timed(lambda: keras.ops.convert_to_numpy(product_sum()), 5)
         best = max(best, 2 * size**3 / seconds / 1e9)
     return best
 
 
 def _run_worker(args, backend, implementation):
     command = [sys.executable, os.path.abspath(__file__), "--worker", implementation] + _forward(args)
-    return run_in_backend(command, backend)
+    return run_in_backend(command, backend, args.device)
 
 
-def run_in_backend(command, backend):
-    """Runs a worker command under `backend`; its last `RESULT <json>` line, or `{"error": [...]}`."""
-    environment = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+def device_environment(device):
+    """Environment variables that put every backend on `device` ("cpu" or "cuda").
+
+    On "cpu" the GPUs are hidden, so a machine with one measures its
+    processor. On "cuda", JAX and TensorFlow take GPU memory as they need it
+    instead of reserving most of it up front, so that their memory use can
+    be read.
+    """
+    if device == "cpu":
+        return {"CUDA_VISIBLE_DEVICES": "", "JAX_PLATFORMS": "cpu"}
+    return {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "TF_FORCE_GPU_ALLOW_GROWTH": "true"}
+
+
+def run_in_backend(command, backend, device="cpu"):
+    """Runs a worker command under `backend` on `device`; its last `RESULT <json>` line, or `{"error": [...]}`."""
+    environment = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3", **device_environment(device))
     completed = subprocess.run(command, env=environment, capture_output=True, text=True)
     lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
     if completed.returncode != 0 or not lines:
@@ -281,7 +464,7 @@ def _forward(args):
     return [
         "--model", args.model, "--batch-size", str(args.batch_size), "--resolution", str(args.resolution),
         "--precision", args.precision, "--repeats", str(args.repeats),
-        "--train-batch-size", str(args.train_batch_size),
+        "--train-batch-size", str(args.train_batch_size), "--device", args.device,
     ]
 
 
@@ -311,6 +494,19 @@ def _cpu():
     flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
     features = [label for flag, label in CPU_FEATURES.items() if flag in flags]
     return f"{names[0]} x{len(names)} ({', '.join(features) or 'no AVX2'})"
+
+
+def _gpu():
+    """The first GPU's name, from nvidia-smi; "GPU" where it cannot be read."""
+    try:
+        completed = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "GPU"
+    lines = completed.stdout.strip().splitlines()
+    return lines[0].strip() if completed.returncode == 0 and lines else "GPU"
 
 
 def markdown(report):
@@ -385,6 +581,20 @@ def markdown(report):
                     + ", ".join(f"{name} {min(v):.2f}x-{max(v):.2f}x" for name, v in spans.items())
                 )
     lines.append("")
+    if report.get("device", "cpu") != "cpu":
+        settings = {}
+        for row in rows.values():
+            settings.update({key: value for key, value in row.items() if "tf32" in key or "precision" in key})
+        lines.append(
+            "Peak MB: GPU memory that the framework's allocator handed out, above what it held before the model "
+            "was built, during inference after the first call"
+            + (" (JAX: since the process started, its peak cannot be reset)" if any(
+                row.get("peak_memory_includes_first_call") for row in rows.values()) else "")
+            + ". Every timed call waits for the GPU. float32 settings: "
+            + (", ".join(f"{key} {value}" for key, value in sorted(settings.items())) or "not recorded")
+            + "."
+        )
+        return "\n".join(lines) + "\n"
     lines.append(
         "Peak MB: resident memory above the process's memory before the model was built, during "
         "inference after the first call (weights included; tracing and compilation excluded; "
@@ -406,13 +616,15 @@ def main(argv=None):
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     parser.add_argument("--keras-applications", action="store_true",
                         help="also time keras.applications.<model> (V1 names only) on each backend")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where every implementation runs (cuda: the first GPU)")
     parser.add_argument("--name", help="results file name (default: derived from the settings)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
         args.implementation = args.worker
-        result = reference_worker(args) if args.worker == "reference" else keras_worker(args)
+        result = reference_worker(args) if args.worker.startswith("reference") else keras_worker(args)
         print("RESULT " + json.dumps(result))
         return 0
 
@@ -421,6 +633,8 @@ def main(argv=None):
     rounds = []
     for _ in range(args.rounds):
         results = {"pytorch-reference": _run_worker(args, "torch", "reference")}
+        if args.precision == "mixed_bfloat16":
+            results["pytorch-reference/autocast-bf16"] = _run_worker(args, "torch", "reference_autocast")
         for backend in args.backends:
             results[f"keras_convnext/{backend}"] = _run_worker(args, backend, "keras_convnext")
             if args.keras_applications:
@@ -434,12 +648,14 @@ def main(argv=None):
         "precision": args.precision,
         "multiply_adds": multiply_adds(variant.stage_depths, variant.stage_dims, (args.resolution,) * 2),
         "date": datetime.date.today().isoformat(),
-        "machine": _cpu(),
+        "machine": _cpu() if args.device == "cpu" else f"{_gpu()}, host {_cpu()}",
+        "device": args.device,
         "versions": _versions(),
         "results": median_results(rounds),
         "rounds": rounds,
     }
-    write_report(args.name or f"{args.model}_b{args.batch_size}_{args.resolution}_{args.precision}",
+    suffix = "" if args.device == "cpu" else f"_{args.device}"
+    write_report(args.name or f"{args.model}_b{args.batch_size}_{args.resolution}_{args.precision}{suffix}",
                  report, markdown(report))
     return 0
 

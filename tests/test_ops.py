@@ -211,6 +211,31 @@ def test_tensorflow_xla_context_is_detected():
     assert not _tensorflow_in_xla()
 
 
+def test_jax_depthwise_dispatch_follows_the_device(monkeypatch):
+    """Shifted multiply-adds on XLA:CPU; on a GPU the grouped convolution that XLA gives cuDNN."""
+    if keras.backend.backend() != "jax":
+        pytest.skip("JAX-only dispatch")
+    import jax
+
+    from keras_convnext.ops import depthwise
+
+    x, kernel = np.ones((1, 9, 9, 4), "float32"), np.full((7, 7, 4, 1), 0.5, "float32")
+
+    def primitives():
+        # a new function each time: JAX caches traces by function
+        jaxpr = jax.make_jaxpr(lambda a, k: depthwise.depthwise_conv2d(a, k))(x, kernel)
+        return {equation.primitive.name for equation in jaxpr.jaxpr.eqns}
+
+    assert jax.default_backend() == "cpu"
+    assert "conv_general_dilated" not in primitives()
+    monkeypatch.setattr(depthwise, "_jax_on_cpu", lambda: False)
+    assert "conv_general_dilated" in primitives()
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(depthwise.depthwise_conv2d(x, kernel)),
+        ops.convert_to_numpy(depthwise.shifted_depthwise_conv2d(x, kernel)), rtol=1e-5,
+    )
+
+
 @pytest.mark.parametrize("shape", [(2, 5, 6, 8), (3, 8)])
 def test_layer_norm_fast_path_agrees_with_keras(shape):
     """`layer_norm` (PyTorch's kernel on PyTorch) against Keras' op: values, gradients, bfloat16."""

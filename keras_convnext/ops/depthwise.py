@@ -210,17 +210,24 @@ def _tensorflow_in_xla():
     return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
 
 
+def _jax_on_cpu():
+    import jax
+
+    return jax.default_backend() == "cpu"
+
+
 def depthwise_conv2d(inputs, kernel, bias=None):
     """Depthwise convolution through the fastest formulation for the backend.
 
-    JAX, and TensorFlow inside XLA compilation, use the shifted multiply-adds
-    (with a gradient of the same kind, see `depthwise_kernel_gradient`);
-    PyTorch its channels_last kernel; TensorFlow outside XLA its native op.
-    All agree with `portable_depthwise_conv2d` up to float rounding
-    (tests/test_ops.py).
+    JAX on the CPU, and TensorFlow inside XLA compilation, use the shifted
+    multiply-adds (with a gradient of the same kind, see
+    `depthwise_kernel_gradient`); PyTorch its channels_last kernel;
+    TensorFlow outside XLA, and JAX on a GPU (where XLA hands the grouped
+    convolution to cuDNN), the native op. All agree with
+    `portable_depthwise_conv2d` up to float rounding (tests/test_ops.py).
     """
     backend = keras.backend.backend()
-    if backend == "jax" or (backend == "tensorflow" and _tensorflow_in_xla()):
+    if (backend == "jax" and _jax_on_cpu()) or (backend == "tensorflow" and _tensorflow_in_xla()):
         return _xla_depthwise_conv2d(inputs, kernel, bias)
     if backend == "torch":
         return _torch_channels_last_depthwise_conv2d(inputs, kernel, bias)
