@@ -28,29 +28,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from run import _cpu, _gpu, _versions, run_in_backend, write_report  # noqa: E402
+from run import _cpu, _gpu, _versions, run_in_backend, set_tf32, write_report  # noqa: E402
 
 BACKENDS = ("tensorflow", "jax", "torch")
 ATTO = ((2, 2, 6, 2), (40, 80, 160, 320))
 SHAPES = ((4, 224, 224), (2, 45, 70))
-
-
-def _set_full_float32(enabled):
-    """TF32 off (True) or each framework's default (False), for PyTorch and the Keras backend."""
-    import keras
-    import torch
-
-    torch.backends.cuda.matmul.allow_tf32 = False if enabled else torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = not enabled
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-
-        jax.config.update("jax_default_matmul_precision", "highest" if enabled else None)
-    elif backend == "tensorflow":
-        import tensorflow as tf
-
-        tf.config.experimental.enable_tensor_float_32_execution(not enabled)
 
 
 def _errors(logits, expected):
@@ -81,7 +63,8 @@ def worker(args):
             constructor = kc.ConvNeXtV2Atto if version == "v2" else kc.ConvNeXtAtto
             rows = {}
             for setting in ("full_float32", "defaults", "mixed_bfloat16"):
-                _set_full_float32(setting == "full_float32")
+                for framework in {"torch", keras.backend.backend()}:  # the reference's and the backend's
+                    set_tf32("off" if setting == "full_float32" else "default", framework)
                 keras.config.set_dtype_policy("mixed_bfloat16" if setting == "mixed_bfloat16" else "float32")
                 model = constructor(weights=path, include_preprocessing=False, classifier_activation=None)
                 worst = {"max_abs": 0.0, "relative": 0.0}
@@ -91,7 +74,7 @@ def worker(args):
                     with torch.no_grad():
                         pixels = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device)
                         expected = reference(pixel_values=pixels).logits.double().cpu().numpy()
-                    logits = keras.ops.convert_to_numpy(keras.ops.cast(model(images, training=False), "float32"))
+                    logits = np.asarray(model.predict_on_batch(images), "float32")
                     errors = _errors(logits.astype("float64"), expected)
                     worst = {key: max(worst[key], errors[key]) for key in worst}
                 rows[setting] = worst

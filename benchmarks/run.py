@@ -26,6 +26,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -252,6 +253,30 @@ def _keras_device(args):
     return memory(), str(device)
 
 
+def set_tf32(mode, backend):
+    """float32 products and convolutions on a GPU: "default", "on" (TF32) or "off" (full float32).
+
+    "default" restores each framework's own choice: PyTorch uses TF32 in
+    cuDNN's convolutions but not in its matrix products; JAX and TensorFlow
+    use it in both. The PyTorch reference follows the same setting as the
+    Keras backend it is compared with.
+    """
+    if backend == "torch":
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = mode == "on"
+        torch.backends.cudnn.allow_tf32 = mode != "off"
+    elif backend == "jax":
+        import jax
+
+        jax.config.update("jax_default_matmul_precision",
+                          {"default": None, "on": "tensorfloat32", "off": "highest"}[mode])
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_tensor_float_32_execution(mode != "off")
+
+
 def _precision_settings(backend):
     """How float32 products and convolutions are computed on a GPU (TF32 or full float32)."""
     if backend == "torch":
@@ -288,6 +313,8 @@ def keras_worker(args):
     # the model's own from the memory measurement.
     keras.ops.convert_to_numpy(keras.ops.matmul(keras.ops.ones((64, 64)), keras.ops.ones((64, 64))))
     memory, device = _keras_device(args)
+    if args.device != "cpu":
+        set_tf32(args.tf32, keras.backend.backend())
     if args.precision != "float32":
         keras.config.set_dtype_policy(args.precision)
     baseline = memory.baseline()
@@ -339,6 +366,8 @@ def reference_worker(args):
         else (transformers.ConvNextConfig, transformers.ConvNextForImageClassification)
     )
     device = torch.device(args.device)
+    if device.type == "cuda":
+        set_tf32(args.tf32, "torch")
     # As for Keras: the runtime starts before the baseline.
     torch.mm(torch.ones(64, 64, device=device), torch.ones(64, 64, device=device)).cpu()
     memory = ResidentMemory() if args.device == "cpu" else TorchDeviceMemory()
@@ -456,15 +485,26 @@ def run_in_backend(command, backend, device="cpu"):
     completed = subprocess.run(command, env=environment, capture_output=True, text=True)
     lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
     if completed.returncode != 0 or not lines:
-        return {"error": (completed.stderr or completed.stdout).strip().splitlines()[-1:]}
+        return {"error": _error_lines(completed.stderr or completed.stdout)}
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def _error_lines(output):
+    """The last exception line (`SomeError: ...`), the line after it (Keras puts the message
+    there) and the output's last line, each once."""
+    lines = [line.strip() for line in output.strip().splitlines() if line.strip()]
+    if not lines:
+        return ["no output"]
+    found = [i for i, line in enumerate(lines) if re.match(r"^[\w.]*(Error|Exception)\b", line)]
+    picked = lines[found[-1] : found[-1] + 2] if found else []
+    return list(dict.fromkeys(picked + lines[-1:]))
 
 
 def _forward(args):
     return [
         "--model", args.model, "--batch-size", str(args.batch_size), "--resolution", str(args.resolution),
         "--precision", args.precision, "--repeats", str(args.repeats),
-        "--train-batch-size", str(args.train_batch_size), "--device", args.device,
+        "--train-batch-size", str(args.train_batch_size), "--device", args.device, "--tf32", args.tf32,
     ]
 
 
@@ -548,10 +588,11 @@ def markdown(report):
         )
     lines.append("")
     if peak:
+        sizes = MATMUL_SIZES if report.get("device", "cpu") == "cpu" else GPU_MATMUL_SIZES
         measured = ", ".join(f"{name.split('/')[-1]} {value:.1f}" for name, value in peaks.items())
         lines.append(
             f"Matrix-multiply peak: {peak:.1f} GFLOP/s, the best float32 square product "
-            f"({'/'.join(str(size) for size in MATMUL_SIZES)}) of any library in this run "
+            f"({'/'.join(str(size) for size in sizes)}) of any library in this run "
             f"(GFLOP/s: {measured})."
         )
     bf16_peaks = {name: row["bfloat16_matmul_peak_gflops"] for name, row in rows.items()
@@ -618,6 +659,9 @@ def main(argv=None):
                         help="also time keras.applications.<model> (V1 names only) on each backend")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="where every implementation runs (cuda: the first GPU)")
+    parser.add_argument("--tf32", default="default", choices=["default", "on", "off"],
+                        help="on a GPU: TF32 in float32 products and convolutions for every implementation "
+                             "(default: each framework's own choice, which differ)")
     parser.add_argument("--name", help="results file name (default: derived from the settings)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -665,8 +709,8 @@ def median_results(rounds):
 
     The implementations run in turn within a round, so a drift in the
     machine's load hits them in every round alike; the medians keep one slow
-    round from deciding a ratio. An implementation that failed in every
-    round keeps its first error.
+    round from deciding a ratio. Settings (flags, names) come from the first
+    round. An implementation that failed in every round keeps its first error.
     """
     merged = {}
     for name in rounds[0]:
@@ -676,8 +720,8 @@ def median_results(rounds):
             continue
         merged[name] = {
             key: float(np.median([row[key] for row in rows if key in row]))
-            for key in rows[0]
-            if isinstance(rows[0][key], (int, float))
+            if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+            for key, value in rows[0].items()
         }
     return merged
 

@@ -87,3 +87,77 @@ def test_steady_inference_counts_later_calls_not_the_first():
     assert first > 0 and seconds > 0
     assert first_peak >= 190
     assert 30 <= steady_peak < 150
+
+
+def test_medians_keep_settings_and_gpu_markdown_names_its_memory_and_precision():
+    def gpu_row(images_per_s, **extra):
+        return _row(images_per_s, 5.0, 250.0, device="NVIDIA H100", **{"peak_memory_includes_first_call": False, **extra})
+
+    rounds = [
+        {"pytorch-reference": gpu_row(1000.0, torch_cudnn_tf32=True),
+         "keras_convnext/jax": gpu_row(1500.0, jax_default_matmul_precision="default",
+                                      peak_memory_includes_first_call=True)},
+        {"pytorch-reference": gpu_row(1200.0, torch_cudnn_tf32=True),
+         "keras_convnext/jax": gpu_row(1300.0, jax_default_matmul_precision="default",
+                                      peak_memory_includes_first_call=True)},
+    ]
+    merged = run.median_results(rounds)
+    assert merged["pytorch-reference"]["inference_images_per_s"] == 1100.0
+    assert merged["pytorch-reference"]["device"] == "NVIDIA H100"
+    assert merged["pytorch-reference"]["torch_cudnn_tf32"] is True
+    assert merged["keras_convnext/jax"]["peak_memory_includes_first_call"] is True
+    report = {
+        "model": "ConvNeXtV2Tiny", "batch_size": 8, "train_batch_size": 16, "resolution": 224,
+        "precision": "float32", "multiply_adds": 4_455_531_264, "date": "2026-11-26",
+        "machine": "NVIDIA H100", "device": "cuda", "versions": {"keras": "3"}, "results": merged, "rounds": rounds,
+    }
+    text = run.markdown(report)
+    assert "GPU memory that the framework's allocator handed out" in text
+    assert "(JAX: since the process started" in text
+    assert "jax_default_matmul_precision default, torch_cudnn_tf32 True" in text
+    assert "resident memory" not in text
+
+
+def test_device_environment_hides_or_shares_the_gpu():
+    assert run.device_environment("cpu") == {"CUDA_VISIBLE_DEVICES": "", "JAX_PLATFORMS": "cpu"}
+    cuda = run.device_environment("cuda")
+    assert cuda["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false" and "CUDA_VISIBLE_DEVICES" not in cuda
+
+
+def test_steady_inference_without_a_resettable_peak_reports_the_first_calls():
+    class Meter:  # as JAX's GPU allocator: a peak since the start, no reset
+        peak_mb = 0.0
+
+        def peak(self):
+            return self.peak_mb
+
+        def reset(self):
+            return False
+
+    meter = Meter()
+
+    def call():
+        meter.peak_mb = max(meter.peak_mb, 120.0)
+
+    first, seconds, first_peak, steady_peak = run._steady_inference(call, 2, 20.0, meter)
+    assert first_peak == 100.0 and steady_peak is None
+    result = run._inference_result(
+        type("Args", (), {"batch_size": 4})(), first, seconds, seconds, first_peak, steady_peak
+    )
+    assert result["peak_memory_mb"] == 100.0 and result["peak_memory_includes_first_call"] is True
+
+
+def test_worker_errors_keep_the_exception_line():
+    output = (
+        "Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+        "RuntimeError: Exception encountered when calling LayerNorm.call().\n\n"
+        "expected scalar type BFloat16 but found Float\n\nArguments received by LayerNorm.call():\n"
+        "  • inputs=torch.Tensor(shape=torch.Size([8, 56, 56, 96]), dtype=bfloat16)\n"
+    )
+    assert run._error_lines(output) == [
+        "RuntimeError: Exception encountered when calling LayerNorm.call().",
+        "expected scalar type BFloat16 but found Float",
+        "• inputs=torch.Tensor(shape=torch.Size([8, 56, 56, 96]), dtype=bfloat16)",
+    ]
+    assert run._error_lines("ValueError: bad\n") == ["ValueError: bad"]
+    assert run._error_lines("") == ["no output"]

@@ -261,6 +261,35 @@ def test_layer_norm_fast_path_agrees_with_keras(shape):
     )
 
 
+def test_torch_layer_norm_on_a_device_that_wants_one_dtype(monkeypatch):
+    """Off the CPU (CUDA), PyTorch's kernel refuses bfloat16 inputs with float32 weights."""
+    if keras.backend.backend() != "torch":
+        pytest.skip("PyTorch-only formulation")
+    import torch.nn.functional as F
+
+    from keras_convnext.ops import pointwise
+
+    layer_norm = F.layer_norm
+
+    def one_dtype_only(inputs, shape, weight, bias, epsilon):
+        if inputs.dtype != weight.dtype:
+            raise RuntimeError("expected scalar type BFloat16 but found Float")
+        return layer_norm(inputs, shape, weight, bias, epsilon)
+
+    monkeypatch.setattr(F, "layer_norm", one_dtype_only)
+    monkeypatch.setattr(pointwise, "_layer_norm_takes_mixed_dtypes", lambda device: False)
+    rng = np.random.default_rng(11)
+    x = ops.cast(ops.convert_to_tensor((rng.normal(size=(2, 3, 3, 8)) * 3 + 1).astype("float32")), "bfloat16")
+    gamma, beta = (rng.normal(size=(2, 8)) + 1).astype("float32")
+    outputs = convnext_ops.layer_norm(x, gamma, beta, 1e-6)
+    assert ops.dtype(outputs) == "bfloat16"
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(ops.cast(outputs, "float32")),
+        ops.convert_to_numpy(ops.cast(convnext_ops.portable_layer_norm(x, gamma, beta, 1e-6), "float32")),
+        rtol=2e-2, atol=2e-2,
+    )
+
+
 def test_layer_norm_layer_equals_keras_layer_norm():
     from keras_convnext.layers import LayerNorm
 
