@@ -14,7 +14,8 @@ the GPU's, as its allocator counts it, and every timed call waits for the
 device (Keras returns NumPy arrays; the reference copies its logits to the
 host and synchronizes after each training step). Under mixed precision the
 reference also runs under `torch.autocast` in bfloat16, as a second row;
-ratios stay against the float32 reference. With `--rounds N` every
+ratios stay against the float32 reference. `--torch-compile` adds a row for the
+PyTorch backend with `jit_compile=True` (torch.compile; its first calls compile). With `--rounds N` every
 implementation runs N times, in turn, and the table reports medians, with
 each round's ratios listed below it. The reference is HF
 transformers' PyTorch ConvNeXt (V2 or V1) in eager mode. Results go to
@@ -326,6 +327,9 @@ def keras_worker(args):
     else:
         build = lambda: keras_convnext.CONSTRUCTORS[args.model](input_shape=shape, classifier_activation=None)
     model = build()
+    jit_compile = args.implementation == "keras_convnext_jit"
+    if jit_compile:  # torch.compile on PyTorch; the first calls compile
+        model.compile(jit_compile=True)
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, size=(args.batch_size,) + shape).astype("float32")
     first, seconds, first_peak, steady_peak = _steady_inference(
@@ -342,10 +346,14 @@ def keras_worker(args):
         model.compile(
             optimizer=keras.optimizers.AdamW(1e-4),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            jit_compile=jit_compile or "auto",
         )
-        train_first, train_seconds = _timed(
-            lambda: model.train_on_batch(train_images, labels), max(2, args.repeats // 2)
-        )
+        step = lambda: model.train_on_batch(train_images, labels)
+        start = time.perf_counter()
+        for _ in range(2 if jit_compile else 1):  # torch.compile compiles the second step again
+            step()
+        train_first = time.perf_counter() - start
+        _, train_seconds = _timed(step, max(2, args.repeats // 2), warm=True)
         result.update({"train_steps_per_s": 1.0 / train_seconds, "train_first_call_s": train_first})
     if args.implementation != "keras_applications":
         on_gpu = args.device != "cpu"
@@ -662,6 +670,8 @@ def main(argv=None):
     parser.add_argument("--tf32", default="default", choices=["default", "on", "off"],
                         help="on a GPU: TF32 in float32 products and convolutions for every implementation "
                              "(default: each framework's own choice, which differ)")
+    parser.add_argument("--torch-compile", action="store_true",
+                        help="also time the PyTorch backend with jit_compile=True (torch.compile)")
     parser.add_argument("--name", help="results file name (default: derived from the settings)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -681,6 +691,8 @@ def main(argv=None):
             results["pytorch-reference/autocast-bf16"] = _run_worker(args, "torch", "reference_autocast")
         for backend in args.backends:
             results[f"keras_convnext/{backend}"] = _run_worker(args, backend, "keras_convnext")
+            if args.torch_compile and backend == "torch":
+                results["keras_convnext/torch+jit_compile"] = _run_worker(args, backend, "keras_convnext_jit")
             if args.keras_applications:
                 results[f"keras.applications/{backend}"] = _run_worker(args, backend, "keras_applications")
         rounds.append(results)

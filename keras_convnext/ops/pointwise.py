@@ -72,6 +72,7 @@ def _torch_inference_matmul_applies(inputs):
 
     return (
         not torch.is_grad_enabled()  # the fused kernel has no gradient
+        and not torch.compiler.is_compiling()  # torch.compile picks its own kernels
         and inputs.device.type == "cpu"
         and inputs.dtype in (torch.float32, torch.bfloat16)
         and _torch_inference_matmul_works()
