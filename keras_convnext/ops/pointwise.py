@@ -72,11 +72,22 @@ def _torch_inference_matmul_applies(inputs):
 
     return (
         not torch.is_grad_enabled()  # the fused kernel has no gradient
-        and not torch.compiler.is_compiling()  # torch.compile picks its own kernels
+        and not _torch_compiling()  # torch.compile picks its own kernels
         and inputs.device.type == "cpu"
         and inputs.dtype in (torch.float32, torch.bfloat16)
         and _torch_inference_matmul_works()
     )
+
+
+def _torch_compiling():
+    import torch
+
+    is_compiling = getattr(torch.compiler, "is_compiling", None)  # PyTorch 2.3 and later
+    if is_compiling is None:
+        import torch._dynamo
+
+        is_compiling = torch._dynamo.is_compiling
+    return bool(is_compiling())
 
 
 @functools.lru_cache(maxsize=None)
