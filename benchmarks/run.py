@@ -14,10 +14,10 @@ the GPU's, as its allocator counts it, and every timed call waits for the
 device (Keras returns NumPy arrays; the reference copies its logits to the
 host and synchronizes after each training step). Under mixed precision the
 reference also runs under `torch.autocast` in bfloat16, as a second row;
-ratios stay against the float32 reference. `--torch-compile` adds a row for the
-PyTorch backend with `jit_compile=True` (torch.compile; its first calls compile). With `--rounds N` every
-implementation runs N times, in turn, and the table reports medians, with
-each round's ratios listed below it. The reference is HF
+ratios stay against the float32 reference. `--torch-compile` adds a row for
+the PyTorch backend with `jit_compile=True` (torch.compile; its first calls
+compile). With `--rounds N` every implementation runs N times, in turn, and
+the table reports medians, with each round's ratios listed below it. The reference is HF
 transformers' PyTorch ConvNeXt (V2 or V1) in eager mode. Results go to
 `benchmarks/results/<name>.json` and `.md`.
 """
@@ -237,21 +237,21 @@ def _keras_device(args):
     if backend == "jax":
         import jax
 
-        device = jax.devices()[0]
-        on_gpu, memory = device.platform == "gpu", (lambda: JaxDeviceMemory())
+        first = jax.devices()[0]
+        on_gpu, device, meter = first.platform == "gpu", str(first), JaxDeviceMemory
     elif backend == "torch":
         import torch
 
-        on_gpu, memory = torch.cuda.is_available(), (lambda: TorchDeviceMemory())
+        on_gpu, meter = torch.cuda.is_available(), TorchDeviceMemory
         device = torch.cuda.get_device_name() if on_gpu else "cpu"
     else:
         import tensorflow as tf
 
         gpus = tf.config.list_physical_devices("GPU")
-        on_gpu, device, memory = bool(gpus), (gpus[0].name if gpus else "cpu"), (lambda: TensorFlowDeviceMemory())
+        on_gpu, device, meter = bool(gpus), (gpus[0].name if gpus else "cpu"), TensorFlowDeviceMemory
     if not on_gpu:
         raise RuntimeError(f"--device cuda: the {backend} backend sees no GPU")
-    return memory(), str(device)
+    return meter(), device
 
 
 def set_tf32(mode, backend):
