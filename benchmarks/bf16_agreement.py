@@ -12,8 +12,8 @@ predicts the held-out images with both:
 On a machine without TensorFlow (whose image resizing prepares the
 digits), train and prepare the images elsewhere, then bring both:
 
-    python benchmarks/bf16_agreement.py --save-weights atto.weights.h5 --arrays digits64.npz
-    python benchmarks/bf16_agreement.py --weights atto.weights.h5 --arrays digits64.npz \
+    python benchmarks/bf16_agreement.py --save-weights atto.keras --arrays digits64.npz
+    python benchmarks/bf16_agreement.py --weights atto.keras --arrays digits64.npz \
         --device cuda --backends jax torch
 
 Reported per backend: top-1 agreement between the two precisions, held-out
@@ -39,7 +39,7 @@ ROOT = os.path.dirname(HERE)
 BACKENDS = ("tensorflow", "jax", "torch")
 sys.path.insert(0, HERE)
 
-from run import _cpu, _gpu, _versions, device_environment, run_in_backend, write_report  # noqa: E402
+from run import _versions, device_environment, machine, run_in_backend, write_report  # noqa: E402
 
 
 def _images_per_s(model, images, batch_size, repeats=5):
@@ -173,7 +173,7 @@ def main(argv=None):
     report = {
         "model": args.model, "image_size": args.image_size, "epochs": args.epochs, "batch_size": args.batch_size,
         "date": datetime.date.today().isoformat(),
-        "machine": _cpu() if args.device == "cpu" else f"{_gpu()}, host {_cpu()}",
+        "machine": machine(args.device),
         "versions": _versions(), "results": results,
     }
     suffix = "" if args.device == "cpu" else f"_{args.device}"

@@ -28,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from run import _cpu, _gpu, _versions, run_in_backend, set_tf32, write_report  # noqa: E402
+from run import _versions, machine, run_in_backend, set_tf32, write_report  # noqa: E402
 
 BACKENDS = ("tensorflow", "jax", "torch")
 ATTO = ((2, 2, 6, 2), (40, 80, 160, 320))
@@ -124,7 +124,7 @@ def main(argv=None):
         results[backend] = run_in_backend(command, backend, args.device)
     report = {
         "device": args.device, "date": datetime.date.today().isoformat(),
-        "machine": _cpu() if args.device == "cpu" else f"{_gpu()}, host {_cpu()}",
+        "machine": machine(args.device),
         "versions": _versions(), "results": results,
     }
     write_report(f"device_parity_{args.device}", report, markdown(report))

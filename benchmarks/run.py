@@ -557,6 +557,11 @@ def _gpu():
     return lines[0].strip() if completed.returncode == 0 and lines else "GPU"
 
 
+def machine(device):
+    """The processor, and on "cuda" the GPU before it: the report's machine line."""
+    return _cpu() if device == "cpu" else f"{_gpu()}, host {_cpu()}"
+
+
 def markdown(report):
     rows = report["results"]
     reference = rows.get("pytorch-reference", {})
@@ -704,7 +709,7 @@ def main(argv=None):
         "precision": args.precision,
         "multiply_adds": multiply_adds(variant.stage_depths, variant.stage_dims, (args.resolution,) * 2),
         "date": datetime.date.today().isoformat(),
-        "machine": _cpu() if args.device == "cpu" else f"{_gpu()}, host {_cpu()}",
+        "machine": machine(args.device),
         "device": args.device,
         "versions": _versions(),
         "results": median_results(rounds),

@@ -161,3 +161,10 @@ def test_worker_errors_keep_the_exception_line():
     ]
     assert run._error_lines("ValueError: bad\n") == ["ValueError: bad"]
     assert run._error_lines("") == ["no output"]
+
+
+def test_machine_line_names_the_gpu_before_the_host(monkeypatch):
+    monkeypatch.setattr(run, "_cpu", lambda: "Some CPU x2 (AVX2)")
+    monkeypatch.setattr(run, "_gpu", lambda: "Some GPU, 80 GiB")
+    assert run.machine("cpu") == "Some CPU x2 (AVX2)"
+    assert run.machine("cuda") == "Some GPU, 80 GiB, host Some CPU x2 (AVX2)"
