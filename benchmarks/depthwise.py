@@ -14,22 +14,20 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 STAGES = ((56, 96), (28, 192), (14, 384), (7, 768))
+sys.path.insert(0, HERE)
+
+from run import _synchronize, _timed  # noqa: E402
 
 
 def _median_ms(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1000
+    """Milliseconds, the median of `repeats` calls after a first, untimed one."""
+    return _timed(fn, repeats)[1] * 1000
 
 
 def _jax_callables(formulations, inputs, kernel):
@@ -52,18 +50,14 @@ def _torch_callables(formulations, inputs, kernel):
 
     inputs, kernel = inputs.detach().requires_grad_(), kernel.detach().requires_grad_()
 
-    def synchronize():
-        if inputs.is_cuda:
-            torch.cuda.synchronize()
-
     def forward(fn):
         with torch.no_grad():
             fn(inputs, kernel)
-        synchronize()
+        _synchronize(inputs.device)
 
     def backward(fn):
         torch.autograd.grad((fn(inputs, kernel) ** 2).sum(), (inputs, kernel))
-        synchronize()
+        _synchronize(inputs.device)
 
     return {name: (lambda fn=fn: forward(fn), lambda fn=fn: backward(fn)) for name, fn in formulations.items()}
 
