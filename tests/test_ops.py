@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 
@@ -50,37 +52,85 @@ def test_depthwise_gradients_agree(shape):
     rng = np.random.default_rng(2)
     x = rng.normal(size=shape).astype("float32")
     kernel = rng.normal(size=(7, 7, shape[-1], 1)).astype("float32")
+    bias = rng.normal(size=shape[-1]).astype("float32")
     weights = rng.normal(size=shape).astype("float32")
-    grads = [_gradient(fn, x, kernel, weights) for fn in
+    grads = [_gradient(fn, x, kernel, bias, weights) for fn in
              (convnext_ops.portable_depthwise_conv2d, convnext_ops.depthwise_conv2d)]
+    assert len(grads[1]) == 3
     for expected, actual in zip(grads[0], grads[1]):
         np.testing.assert_allclose(actual, expected, atol=1e-4)
 
 
-def _gradient(fn, x, kernel, weights):
+def _gradient(fn, *arrays):
+    """Gradients of `sum(fn(*inputs) * weights)` for every input; `arrays` is `(*inputs, weights)`."""
+    *inputs, weights = arrays
     backend = keras.backend.backend()
     if backend == "jax":
         import jax
 
-        return jax.grad(lambda a, k: (fn(a, k) * weights).sum(), argnums=(0, 1))(x, kernel)
+        return jax.grad(lambda *a: (fn(*a) * weights).sum(), argnums=tuple(range(len(inputs))))(*inputs)
     if backend == "tensorflow":
         import tensorflow as tf
 
-        def gradients(a, k):
+        def gradients(*a):
             with tf.GradientTape() as tape:
-                tape.watch([a, k])
-                loss = tf.reduce_sum(fn(a, k) * weights)
-            return tape.gradient(loss, [a, k])
+                tape.watch(a)
+                loss = tf.reduce_sum(fn(*a) * weights)
+            return tape.gradient(loss, a)
 
         # under XLA, depthwise_conv2d takes the shifted path and its custom gradient
         compiled = tf.function(gradients, jit_compile=fn is not convnext_ops.portable_depthwise_conv2d)
-        return [g.numpy() for g in compiled(tf.constant(x), tf.constant(kernel))]
+        return [g.numpy() for g in compiled(*(tf.constant(a) for a in inputs))]
     import torch
 
-    a = torch.tensor(x, requires_grad=True)
-    k = torch.tensor(kernel, requires_grad=True)
-    (fn(a, k) * torch.from_numpy(weights)).sum().backward()
-    return [a.grad.numpy(), k.grad.numpy()]
+    tensors = [torch.tensor(a, requires_grad=True) for a in inputs]
+    (fn(*tensors) * torch.from_numpy(weights)).sum().backward()
+    return [t.grad.numpy() for t in tensors]
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="XLA:CPU fusion of the JAX formulation")
+def test_jax_depthwise_output_is_computed_once_per_pass():
+    """The shifted multiply-adds run once forward and once for the input gradient.
+
+    Without `_materialized`, XLA fused them into each consumer: LayerNorm's
+    mean, variance and output and their gradients, five more copies here.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from keras_convnext.ops import depthwise
+
+    rng = np.random.default_rng(4)
+    x, weights = rng.normal(size=(2, 2, 14, 14, 16)).astype("float32")
+    kernel = rng.normal(size=(7, 7, 16, 1)).astype("float32")
+    bias = rng.normal(size=16).astype("float32")
+
+    def loss(a, k, b):
+        y = depthwise.depthwise_conv2d(a, k, b)
+        mean = jnp.mean(y, axis=-1, keepdims=True)
+        variance = jnp.mean(jnp.square(y - mean), axis=-1, keepdims=True)
+        return jnp.sum((y - mean) * jax.lax.rsqrt(variance + 1e-6) * weights)
+
+    if not depthwise._jax_on_cpu():
+        pytest.skip("the shifted formulation runs on XLA:CPU only")
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, kernel, bias).compile().as_text()
+    entry = text[text.index("\nENTRY"):].splitlines()
+    kernel_name = next(re.match(r"\s*(%\S+) = ", line).group(1) for line in entry if " parameter(1)" in line)
+    reads_kernel = re.compile(re.escape(kernel_name) + r"[,)]")
+    readers = [line for line in entry if " fusion(" in line and reads_kernel.search(line)]
+    assert 1 <= len(readers) <= 2, readers
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_materialized_is_the_identity(dtype):
+    from keras_convnext.ops import depthwise
+
+    values = np.array([0.0, -0.0, 1e-30, -3.5, 7e30, 1.0 / 3.0], dtype="float32")
+    x = ops.cast(ops.convert_to_tensor(values), dtype)
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(ops.cast(depthwise._materialized(x), "float32")),
+        ops.convert_to_numpy(ops.cast(x, "float32")),
+    )
 
 
 def test_pointwise_fast_paths_agree_with_portable():

@@ -135,22 +135,44 @@ def _fft_length(minimum):
         length += 1
 
 
-def _shifted_backward(inputs, kernel, upstream):
+def _materialized(outputs):
+    """`outputs`, divided by ones that XLA cannot prove to be ones.
+
+    XLA fuses a cheap elementwise producer into each of its consumers,
+    recomputing it there, unless its last operation is expensive; a
+    division is. The k*k multiply-adds of the shifted convolution would
+    otherwise be recomputed inside every fused consumer: LayerNorm's mean,
+    its variance, its normalized output and their gradients (eight times,
+    where once is needed, in a V2 block's training step). An
+    `optimization_barrier` does not help:
+    XLA:CPU removes it before fusion. The ones are `1 + 0 * outputs`
+    elementwise (a division by a broadcast scalar becomes a multiplication);
+    only an infinite output changes, to NaN.
+    """
+    return outputs / (1.0 + 0.0 * outputs)
+
+
+def _shifted_forward(inputs, kernel, bias):
+    return _materialized(shifted_depthwise_conv2d(inputs, kernel, bias))
+
+
+def _shifted_backward(inputs, kernel, bias, upstream):
     flipped = ops.flip(ops.flip(kernel, axis=0), axis=1)
     inputs_gradient = shifted_depthwise_conv2d(upstream, flipped)
     kernel_gradient = depthwise_kernel_gradient(inputs, upstream, kernel.shape[0])
-    return inputs_gradient, ops.cast(kernel_gradient, kernel.dtype)
+    bias_gradient = ops.sum(ops.cast(upstream, "float32"), axis=(0, 1, 2))
+    return inputs_gradient, ops.cast(kernel_gradient, kernel.dtype), ops.cast(bias_gradient, bias.dtype)
 
 
 def _jax_shifted_with_fast_gradient():
     import jax
 
     @jax.custom_vjp
-    def convolve(inputs, kernel):
-        return shifted_depthwise_conv2d(inputs, kernel)
+    def convolve(inputs, kernel, bias):
+        return _shifted_forward(inputs, kernel, bias)
 
-    def forward(inputs, kernel):
-        return shifted_depthwise_conv2d(inputs, kernel), (inputs, kernel)
+    def forward(inputs, kernel, bias):
+        return _shifted_forward(inputs, kernel, bias), (inputs, kernel, bias)
 
     def backward(saved, upstream):
         return _shifted_backward(*saved, upstream)
@@ -159,31 +181,31 @@ def _jax_shifted_with_fast_gradient():
     return convolve
 
 
-def _tensorflow_shifted_with_fast_gradient(inputs, kernel):
+def _tensorflow_shifted_with_fast_gradient(inputs, kernel, bias):
     import tensorflow as tf
 
     @tf.custom_gradient
-    def convolve(inputs, kernel):
+    def convolve(inputs, kernel, bias):
         def backward(upstream):
-            return _shifted_backward(inputs, kernel, upstream)
+            return _shifted_backward(inputs, kernel, bias, upstream)
 
-        return shifted_depthwise_conv2d(inputs, kernel), backward
+        return _shifted_forward(inputs, kernel, bias), backward
 
-    return convolve(inputs, kernel)
+    return convolve(inputs, kernel, bias)
 
 
 _JAX_CONVOLVE = []
 
 
 def _xla_depthwise_conv2d(inputs, kernel, bias=None):
-    """Shifted multiply-adds whose gradient uses `depthwise_kernel_gradient`."""
+    """Shifted multiply-adds, materialized once, whose gradient uses `depthwise_kernel_gradient`."""
+    if bias is None:
+        bias = ops.zeros((inputs.shape[-1],), dtype=inputs.dtype)
     if keras.backend.backend() == "jax":
         if not _JAX_CONVOLVE:
             _JAX_CONVOLVE.append(_jax_shifted_with_fast_gradient())
-        outputs = _JAX_CONVOLVE[0](inputs, kernel)
-    else:
-        outputs = _tensorflow_shifted_with_fast_gradient(inputs, kernel)
-    return outputs if bias is None else outputs + bias
+        return _JAX_CONVOLVE[0](inputs, kernel, bias)
+    return _tensorflow_shifted_with_fast_gradient(inputs, kernel, bias)
 
 
 def _torch_channels_last_depthwise_conv2d(inputs, kernel, bias=None):
