@@ -144,10 +144,9 @@ def _materialized(outputs):
     otherwise be recomputed inside every fused consumer: LayerNorm's mean,
     its variance, its normalized output and their gradients (eight times,
     where once is needed, in a V2 block's training step). An
-    `optimization_barrier` does not help:
-    XLA:CPU removes it before fusion. The ones are `1 + 0 * outputs`
-    elementwise (a division by a broadcast scalar becomes a multiplication);
-    only an infinite output changes, to NaN.
+    `optimization_barrier` does not help: XLA:CPU removes it before fusion.
+    The ones are `1 + 0 * outputs` elementwise (a division by a broadcast
+    scalar becomes a multiplication); only an infinite output changes, to NaN.
     """
     return outputs / (1.0 + 0.0 * outputs)
 
