@@ -383,6 +383,76 @@ def test_linear_gelu_agrees_with_portable(shape):
         np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-4)
 
 
+# (2, 6, 5, 16) -> 4 outputs: more positions than outputs (TensorFlow: per-sample weights in a
+# batched product); (3, 2, 2, 16) -> 4 outputs: as many (TensorFlow: GRN's scale on the map).
+@pytest.mark.parametrize("shape", [(2, 6, 5, 16), (3, 2, 2, 16)])
+def test_grn_linear_agrees_with_portable(shape):
+    """GRN then the narrowing Linear, against GRN written out in numpy: values, bfloat16, gradients."""
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=shape).astype("float32")
+    x[0, ..., 3] *= 20.0  # uneven channel norms, so that GRN's factor differs per channel
+    gamma, beta = rng.normal(size=(2, 16)).astype("float32")
+    kernel = rng.normal(size=(16, 4)).astype("float32")
+    bias = rng.normal(size=4).astype("float32")
+    norm = np.sqrt((x.astype("float64") ** 2).sum(axis=(1, 2), keepdims=True))
+    expected = (x + gamma * (x * norm / (norm.mean(-1, keepdims=True) + 1e-6)) + beta) @ kernel + bias
+    tensors = [ops.convert_to_tensor(a) for a in (x, gamma, beta, kernel, bias)]
+    for fn in (convnext_ops.grn_linear, convnext_ops.portable_grn_linear):
+        np.testing.assert_allclose(ops.convert_to_numpy(fn(*tensors)), expected, rtol=1e-5, atol=1e-4)
+    with _inference():
+        x_bf16, kernel_bf16, bias_bf16 = (ops.cast(tensors[i], "bfloat16") for i in (0, 3, 4))
+        actual = convnext_ops.grn_linear(x_bf16, tensors[1], tensors[2], kernel_bf16, bias_bf16)
+        np.testing.assert_allclose(ops.convert_to_numpy(ops.cast(actual, "float32")), expected, rtol=5e-2, atol=0.5)
+    weights = rng.normal(size=shape[:-1] + (4,)).astype("float32")
+
+    def make(fn):
+        return lambda a, g, b, k: fn(a, g, b, k, tensors[4])
+
+    expected_gradients = _gradient(make(convnext_ops.portable_grn_linear), x, gamma, beta, kernel, weights)
+    gradients = _gradient(make(convnext_ops.grn_linear), x, gamma, beta, kernel, weights)
+    for e, a in zip(expected_gradients, gradients):
+        np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow graphs")
+def test_tensorflow_linear_graph_has_the_fusable_chain():
+    """MatMul -> BiasAdd -> GELU in the traced graph, the chain oneDNN runs as one product.
+
+    Also with an unknown batch size, and GRN folded into the product without XLA.
+    """
+    import tensorflow as tf
+
+    rng = np.random.default_rng(13)
+    x = rng.normal(size=(3, 6, 5, 8)).astype("float32")
+    kernel, bias = rng.normal(size=(8, 12)).astype("float32"), rng.normal(size=12).astype("float32")
+    spec = tf.TensorSpec((None, 6, 5, 8), tf.float32)
+    traced = tf.function(lambda a: convnext_ops.linear_gelu(a, kernel, bias), input_signature=[spec])
+    graph = traced.get_concrete_function().graph
+    bias_add = [op for op in graph.get_operations() if op.type == "BiasAdd"]
+    assert len(bias_add) == 1 and bias_add[0].inputs[0].op.type == "MatMul"
+    assert {"Erfc", "Erf"} & {consumer.type for consumer in _consumers_of(bias_add[0], depth=3)}
+    np.testing.assert_allclose(
+        traced(x).numpy(), ops.convert_to_numpy(convnext_ops.portable_linear_gelu(x, kernel, bias)), rtol=1e-5, atol=1e-5
+    )
+    assert traced(x).shape == (3, 6, 5, 12) and traced.get_concrete_function().output_shapes == (None, 6, 5, 12)
+    gamma, beta = rng.normal(size=(2, 8)).astype("float32")
+    folded = tf.function(lambda a: convnext_ops.grn_linear(a, gamma, beta, kernel, bias), input_signature=[spec])
+    np.testing.assert_allclose(
+        folded(x).numpy(),
+        ops.convert_to_numpy(convnext_ops.portable_grn_linear(x, gamma, beta, kernel, bias)),
+        rtol=1e-5,
+        atol=1e-4,
+    )
+
+
+def _consumers_of(op, depth):
+    found, frontier = [], [op]
+    for _ in range(depth):
+        frontier = [consumer for o in frontier for output in o.outputs for consumer in output.consumers()]
+        found += frontier
+    return found
+
+
 def _inference():
     """No gradient tape where the backend has a global one (PyTorch), as in `predict`."""
     if keras.backend.backend() == "torch":

@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from keras_convnext.ops.pointwise import linear, linear_gelu, patch_conv2d
+from keras_convnext.ops.pointwise import grn_linear, linear, linear_gelu, patch_conv2d
 
 
 @keras.saving.register_keras_serializable(package="keras_convnext")
@@ -27,6 +27,25 @@ class PointwiseDense(keras.layers.Dense):
         if self.activation is not None:
             outputs = self.activation(outputs)
         return outputs
+
+    def call_after_grn(self, inputs, grn):
+        """`self.call(grn.call(inputs))`, through `keras_convnext.ops.grn_linear`.
+
+        A backend may fold GRN's scale and shift into this layer's product.
+        `inputs` `(batch, height, width, channels)`; `grn` a channels_last
+        `keras_convnext.layers.GRN` with this layer's dtype policy.
+        """
+        folds = (
+            self.quantization_mode is None
+            and not getattr(self, "lora_enabled", False)
+            and self.activation is keras.activations.linear
+            and grn.data_format == "channels_last"
+        )
+        if not folds:
+            return self.call(grn.call(inputs))
+        kernel = ops.cast(self.kernel, self.compute_dtype)
+        bias = ops.cast(self.bias, self.compute_dtype) if self.use_bias else None
+        return grn_linear(ops.cast(inputs, self.compute_dtype), grn.gamma, grn.beta, kernel, bias, grn.epsilon)
 
 
 @keras.saving.register_keras_serializable(package="keras_convnext")

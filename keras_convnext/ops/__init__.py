@@ -8,11 +8,13 @@ from keras_convnext.ops.depthwise import (
 )
 from keras_convnext.ops.pointwise import (
     grn,
+    grn_linear,
     layer_norm,
     linear,
     linear_gelu,
     patch_conv2d,
     portable_grn,
+    portable_grn_linear,
     portable_layer_norm,
     portable_linear,
     portable_linear_gelu,
