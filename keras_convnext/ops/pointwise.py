@@ -8,8 +8,11 @@ inference the Linear is oneDNN's matrix product, with GELU applied as it
 writes; in training, from 1024 positions up, it is a 1x1 convolution over
 the channels_last memory, which PyTorch hands to oneDNN (1.6x-2.2x faster
 forward+backward at ConvNeXt V2 Tiny's shapes on an AMD EPYC, see
-benchmarks/README.md). XLA (JAX, TensorFlow) fuses the portable formulations
-by itself.
+benchmarks/README.md). TensorFlow's graphs without XLA also run each
+operation as its own pass: there the Linear is written in the form its
+graph optimizer hands to oneDNN as one product with bias and GELU, and
+GRN's scale and shift fold into the product that follows. XLA (JAX,
+TensorFlow with `jit_compile`) fuses the portable formulations by itself.
 """
 
 import functools
