@@ -6,6 +6,18 @@ from keras import ops
 from keras_convnext.ops.pointwise import grn_linear, linear, linear_gelu, patch_conv2d
 
 
+def _falls_back(layer):
+    """Whether a quantized or LoRA-enabled layer must run its Keras parent's own call."""
+    return layer.quantization_mode is not None or getattr(layer, "lora_enabled", False)
+
+
+def _compute_weights(layer):
+    """The layer's kernel and bias (None without one), cast to its compute dtype."""
+    kernel = ops.cast(layer.kernel, layer.compute_dtype)
+    bias = ops.cast(layer.bias, layer.compute_dtype) if layer.use_bias else None
+    return kernel, bias
+
+
 @keras.saving.register_keras_serializable(package="keras_convnext")
 class PointwiseDense(keras.layers.Dense):
     """`keras.layers.Dense` over the last axis, through `keras_convnext.ops.linear`.
@@ -17,10 +29,9 @@ class PointwiseDense(keras.layers.Dense):
     """
 
     def call(self, inputs, training=None):
-        if self.quantization_mode is not None or getattr(self, "lora_enabled", False):
+        if _falls_back(self):
             return super().call(inputs, training=training)
-        kernel = ops.cast(self.kernel, self.compute_dtype)
-        bias = ops.cast(self.bias, self.compute_dtype) if self.use_bias else None
+        kernel, bias = _compute_weights(self)
         if self.activation is keras.activations.gelu:
             return linear_gelu(inputs, kernel, bias)
         outputs = linear(inputs, kernel, bias)
@@ -36,15 +47,13 @@ class PointwiseDense(keras.layers.Dense):
         `keras_convnext.layers.GRN` with this layer's dtype policy.
         """
         folds = (
-            self.quantization_mode is None
-            and not getattr(self, "lora_enabled", False)
+            not _falls_back(self)
             and self.activation is keras.activations.linear
             and grn.data_format == "channels_last"
         )
         if not folds:
             return self.call(grn.call(inputs))
-        kernel = ops.cast(self.kernel, self.compute_dtype)
-        bias = ops.cast(self.bias, self.compute_dtype) if self.use_bias else None
+        kernel, bias = _compute_weights(self)
         return grn_linear(ops.cast(inputs, self.compute_dtype), grn.gamma, grn.beta, kernel, bias, grn.epsilon)
 
 
@@ -77,10 +86,9 @@ class PatchConv2D(keras.layers.Conv2D):
             )
 
     def call(self, inputs):
-        if self.quantization_mode is not None or getattr(self, "lora_enabled", False):
+        if _falls_back(self):
             return super().call(inputs)
-        kernel = ops.cast(self.kernel, self.compute_dtype)
-        bias = ops.cast(self.bias, self.compute_dtype) if self.use_bias else None
+        kernel, bias = _compute_weights(self)
         outputs = patch_conv2d(inputs, kernel, bias)
         if self.activation is not None:
             outputs = self.activation(outputs)
