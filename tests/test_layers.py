@@ -126,3 +126,23 @@ def test_host_truncated_normal_distribution_seeding_and_config():
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(seeded))
     assert isinstance(restored, layers.HostTruncatedNormal) and restored.get_config() == seeded.get_config()
     assert ops.convert_to_numpy(initializer((3,), dtype="float16")).dtype == np.float16
+
+
+def test_weights_in_compute_dtype_without_a_cast_when_the_dtype_matches():
+    from keras_convnext.layers.compute_dtype import compute_weights, in_compute_dtype, in_dtype
+
+    dense = keras.layers.Dense(3, dtype="mixed_bfloat16")
+    dense.build((None, 4))
+    dense.kernel.assign(np.linspace(-1.0, 1.0, 12).reshape(4, 3).astype("float32"))
+    kernel, bias = compute_weights(dense)
+    assert keras.backend.standardize_dtype(kernel.dtype) == "bfloat16"
+    assert keras.backend.standardize_dtype(bias.dtype) == "bfloat16"
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(ops.cast(kernel, "float32")), ops.convert_to_numpy(dense.kernel), atol=4e-3
+    )
+    value = in_compute_dtype(dense.kernel, "float32")
+    assert keras.backend.standardize_dtype(value.dtype) == "float32"
+    np.testing.assert_array_equal(ops.convert_to_numpy(value), ops.convert_to_numpy(dense.kernel))
+    x = ops.ones((2, 3), dtype="float32")
+    assert in_dtype(x, "float32") is x
+    assert keras.backend.standardize_dtype(in_dtype(x, "bfloat16").dtype) == "bfloat16"

@@ -1,8 +1,8 @@
 """Depthwise convolution used by the ConvNeXt blocks."""
 
 import keras
-from keras import ops
 
+from keras_convnext.layers.compute_dtype import compute_weights
 from keras_convnext.ops.depthwise import depthwise_conv2d
 
 
@@ -35,8 +35,7 @@ class DepthwiseConv(keras.layers.DepthwiseConv2D):
             )
 
     def call(self, inputs):
-        kernel = ops.cast(self.kernel, self.compute_dtype)
-        bias = ops.cast(self.bias, self.compute_dtype) if self.use_bias else None
+        kernel, bias = compute_weights(self)
         outputs = depthwise_conv2d(inputs, kernel, bias)
         if self.activation is not None:
             outputs = self.activation(outputs)

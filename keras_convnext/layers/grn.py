@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_convnext.layers.compute_dtype import in_dtype
 from keras_convnext.layers.data_format import channel_axis_for, standardize_data_format
 from keras_convnext.ops.pointwise import grn
 
@@ -37,10 +38,10 @@ class GRN(keras.layers.Layer):
         self.beta = self.add_weight(name="beta", shape=(channels,), initializer="zeros")
 
     def call(self, inputs):
-        x = ops.cast(inputs, self.compute_dtype)
+        x = in_dtype(inputs, self.compute_dtype)
         if self.data_format == "channels_first":
             x = ops.transpose(x, (0, 2, 3, 1))
-        outputs = grn(x, self.gamma, self.beta, self.epsilon)
+        outputs = grn(x, self.gamma.value, self.beta.value, self.epsilon)
         if self.data_format == "channels_first":
             outputs = ops.transpose(outputs, (0, 3, 1, 2))
         return outputs

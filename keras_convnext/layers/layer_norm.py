@@ -1,8 +1,8 @@
 """LayerNorm over the channels, through the backend's fastest formulation."""
 
 import keras
-from keras import ops
 
+from keras_convnext.layers.compute_dtype import in_dtype
 from keras_convnext.ops.pointwise import layer_norm
 
 
@@ -22,4 +22,4 @@ class LayerNorm(keras.layers.LayerNormalization):
         last_axis_only = axis in ((-1,), (len(inputs.shape) - 1,))
         if not last_axis_only or self.rms_scaling or not (self.center and self.scale):
             return super().call(inputs)
-        return layer_norm(ops.cast(inputs, self.compute_dtype), self.gamma, self.beta, self.epsilon)
+        return layer_norm(in_dtype(inputs, self.compute_dtype), self.gamma.value, self.beta.value, self.epsilon)

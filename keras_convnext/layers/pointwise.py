@@ -1,21 +1,14 @@
 """Layers that are Linear maps at heart: the block's 1x1 convolutions, the patch convolutions."""
 
 import keras
-from keras import ops
 
+from keras_convnext.layers.compute_dtype import compute_weights, in_dtype
 from keras_convnext.ops.pointwise import grn_linear, linear, linear_gelu, patch_conv2d
 
 
 def _falls_back(layer):
     """Whether a quantized or LoRA-enabled layer must run its Keras parent's own call."""
     return layer.quantization_mode is not None or getattr(layer, "lora_enabled", False)
-
-
-def _compute_weights(layer):
-    """The layer's kernel and bias (None without one), cast to its compute dtype."""
-    kernel = ops.cast(layer.kernel, layer.compute_dtype)
-    bias = ops.cast(layer.bias, layer.compute_dtype) if layer.use_bias else None
-    return kernel, bias
 
 
 @keras.saving.register_keras_serializable(package="keras_convnext")
@@ -31,7 +24,7 @@ class PointwiseDense(keras.layers.Dense):
     def call(self, inputs, training=None):
         if _falls_back(self):
             return super().call(inputs, training=training)
-        kernel, bias = _compute_weights(self)
+        kernel, bias = compute_weights(self)
         if self.activation is keras.activations.gelu:
             return linear_gelu(inputs, kernel, bias)
         outputs = linear(inputs, kernel, bias)
@@ -53,8 +46,10 @@ class PointwiseDense(keras.layers.Dense):
         )
         if not folds:
             return self.call(grn.call(inputs))
-        kernel, bias = _compute_weights(self)
-        return grn_linear(ops.cast(inputs, self.compute_dtype), grn.gamma, grn.beta, kernel, bias, grn.epsilon)
+        kernel, bias = compute_weights(self)
+        return grn_linear(
+            in_dtype(inputs, self.compute_dtype), grn.gamma.value, grn.beta.value, kernel, bias, grn.epsilon
+        )
 
 
 @keras.saving.register_keras_serializable(package="keras_convnext")
@@ -88,7 +83,7 @@ class PatchConv2D(keras.layers.Conv2D):
     def call(self, inputs):
         if _falls_back(self):
             return super().call(inputs)
-        kernel, bias = _compute_weights(self)
+        kernel, bias = compute_weights(self)
         outputs = patch_conv2d(inputs, kernel, bias)
         if self.activation is not None:
             outputs = self.activation(outputs)

@@ -183,9 +183,12 @@ def _patch_linear(inputs, kernel, bias=None):
     _, height, width, channels = inputs.shape
     rows, cols = height // size, width // size
     x = inputs[:, : rows * size, : cols * size] if (height % size or width % size) else inputs
-    x = ops.reshape(x, (-1, rows, size, cols, size, channels))
+    # The tensors' own reshape: Keras' `ops.reshape` searches its shape
+    # argument for symbolic tensors, tens of microseconds per call in
+    # PyTorch's eager mode.
+    x = x.reshape((-1, rows, size, cols, size, channels))
     # (row, column, channel) within the patch: the order of the kernel's first three axes.
-    x = ops.reshape(ops.transpose(x, (0, 1, 3, 2, 4, 5)), (-1, rows, cols, size * size * channels))
+    x = ops.transpose(x, (0, 1, 3, 2, 4, 5)).reshape((-1, rows, cols, size * size * channels))
     return linear(x, ops.reshape(kernel, (size * size * channels, kernel.shape[-1])), bias)
 
 
@@ -225,7 +228,7 @@ def _torch_layer_norm(inputs, gamma, beta, epsilon):
 
     if inputs.dtype not in (torch.float32, torch.bfloat16):
         return portable_layer_norm(inputs, gamma, beta, epsilon)
-    gamma, beta = (ops.cast(weight, "float32") for weight in (gamma, beta))
+    gamma, beta = (_torch_tensor(weight, torch.float32) for weight in (gamma, beta))
     if inputs.dtype == torch.float32 or _layer_norm_takes_mixed_dtypes(inputs.device):
         # PyTorch's CPU kernel takes bfloat16 inputs with float32 weights and
         # accumulates in float32 itself: no float32 copy of the input and no
@@ -286,11 +289,22 @@ def portable_grn(inputs, gamma, beta, epsilon=1e-6):
 def _torch_grn(inputs, gamma, beta, epsilon=1e-6):
     import torch
 
-    sum_of_squares = None
-    if inputs.dtype == torch.bfloat16:
-        sum_of_squares = inputs.square().sum(dim=(1, 2), keepdim=True).float()
-    scale = _grn_scale(inputs, gamma, epsilon, sum_of_squares)
-    return torch.addcmul(ops.cast(beta, inputs.dtype), inputs, scale)
+    # `portable_grn` in torch's own operations: Keras' dispatch costs a few
+    # microseconds of Python per operation, and GRN's small (batch, 1, 1,
+    # channels) statistics take about as long in torch as that dispatch.
+    squares = inputs.square() if inputs.dtype == torch.bfloat16 else inputs.float().square()
+    spatial_norm = squares.sum(dim=(1, 2), keepdim=True).float().sqrt()
+    relative = spatial_norm / (spatial_norm.mean(dim=-1, keepdim=True) + epsilon)
+    scale = (1.0 + _torch_tensor(gamma, torch.float32) * relative).to(inputs.dtype)
+    return torch.addcmul(_torch_tensor(beta, inputs.dtype), inputs, scale)
+
+
+def _torch_tensor(value, dtype):
+    """A tensor, variable or array as a torch tensor of `dtype` (a torch dtype)."""
+    import torch
+
+    tensor = value if isinstance(value, torch.Tensor) else ops.convert_to_tensor(value)
+    return tensor.to(dtype)
 
 
 def _tensorflow_grn_factor(inputs, gamma, epsilon):

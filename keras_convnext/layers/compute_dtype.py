@@ -1,0 +1,30 @@
+"""A layer's weights in its compute dtype, without Keras' cast dispatch where nothing changes."""
+
+import keras
+from keras import ops
+
+
+def in_compute_dtype(variable, dtype):
+    """The value of a Keras variable in `dtype` (a Keras dtype name).
+
+    Same result as `ops.cast(variable, dtype)`, which reads `variable.value`
+    too (autocast and stateless scopes included) but then runs Keras'
+    dispatch (symbolic-tensor checks, dtype standardization) even when the
+    dtype is already right: a few microseconds of Python per weight and
+    call, paid on every call in PyTorch's eager mode (benchmarks/README.md,
+    item 18).
+    """
+    value = variable.value
+    return value if variable.dtype == dtype else ops.cast(value, dtype)
+
+
+def compute_weights(layer):
+    """The layer's `kernel` and `bias` (None without one) in its compute dtype."""
+    kernel = in_compute_dtype(layer.kernel, layer.compute_dtype)
+    bias = in_compute_dtype(layer.bias, layer.compute_dtype) if layer.use_bias else None
+    return kernel, bias
+
+
+def in_dtype(tensor, dtype):
+    """`ops.cast(tensor, dtype)`, returning `tensor` itself when it already has `dtype`."""
+    return tensor if keras.backend.standardize_dtype(tensor.dtype) == dtype else ops.cast(tensor, dtype)
