@@ -178,17 +178,23 @@ def portable_patch_conv2d(inputs, kernel, bias=None):
     return outputs if bias is None else outputs + bias
 
 
+def _reshape(x, shape):
+    """`ops.reshape`; on PyTorch, the tensor's own reshape.
+
+    Keras' `ops.reshape` searches its shape argument for symbolic tensors,
+    tens of microseconds per call in PyTorch's eager mode.
+    """
+    return x.reshape(shape) if keras.backend.backend() == "torch" else ops.reshape(x, shape)
+
+
 def _patch_linear(inputs, kernel, bias=None):
     size = kernel.shape[0]
     _, height, width, channels = inputs.shape
     rows, cols = height // size, width // size
     x = inputs[:, : rows * size, : cols * size] if (height % size or width % size) else inputs
-    # The tensors' own reshape: Keras' `ops.reshape` searches its shape
-    # argument for symbolic tensors, tens of microseconds per call in
-    # PyTorch's eager mode.
-    x = x.reshape((-1, rows, size, cols, size, channels))
+    x = _reshape(x, (-1, rows, size, cols, size, channels))
     # (row, column, channel) within the patch: the order of the kernel's first three axes.
-    x = ops.transpose(x, (0, 1, 3, 2, 4, 5)).reshape((-1, rows, cols, size * size * channels))
+    x = _reshape(ops.transpose(x, (0, 1, 3, 2, 4, 5)), (-1, rows, cols, size * size * channels))
     return linear(x, ops.reshape(kernel, (size * size * channels, kernel.shape[-1])), bias)
 
 
