@@ -488,3 +488,67 @@ def test_block_gelu_is_in_pwconv1_once():
     h = h + gamma * (h * norm / (norm.mean(-1, keepdims=True) + 1e-6)) + beta
     h = h @ ops.convert_to_numpy(block.pwconv2.kernel) + ops.convert_to_numpy(block.pwconv2.bias)
     np.testing.assert_allclose(actual, x + h, rtol=1e-4, atol=1e-3)
+
+
+def _under_xla_on_tensorflow(fn):
+    """`fn` compiled with XLA on TensorFlow (its XLA formulations), as it is elsewhere."""
+    if keras.backend.backend() != "tensorflow":
+        return fn
+    import tensorflow as tf
+
+    return tf.function(fn, jit_compile=True)
+
+
+def test_bfloat16_depthwise_rounds_once():
+    """bfloat16 depthwise conv: float32 arithmetic on the bfloat16 values, rounded once.
+
+    Summing the 49 terms in bfloat16 (the shifted form as written) rounds after
+    every term: about 0.14 off here, against one rounding's 2**-8 relative.
+    """
+    rng = np.random.default_rng(13)
+    x, kernel, bias = (
+        ops.cast(a.astype("float32"), "bfloat16")
+        for a in (rng.normal(size=(2, 12, 11, 64)), rng.normal(size=(7, 7, 64, 1)) * 0.3, rng.normal(size=64))
+    )
+    exact = ops.convert_to_numpy(
+        convnext_ops.portable_depthwise_conv2d(*(ops.cast(a, "float32") for a in (x, kernel, bias)))
+    )
+    with _inference():
+        actual = _under_xla_on_tensorflow(convnext_ops.depthwise_conv2d)(x, kernel, bias)
+    assert keras.backend.standardize_dtype(actual.dtype) == "bfloat16"
+    error = np.abs(ops.convert_to_numpy(ops.cast(actual, "float32")) - exact)
+    assert np.all(error <= 2.0**-8 * np.abs(exact) + 1e-6), error.max()
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+def test_bfloat16_linear_agrees_with_float32(gelu):
+    """bfloat16 Linear (with GELU) against float32 arithmetic on the same values; gradients too."""
+    rng = np.random.default_rng(14)
+    x, kernel, bias = (
+        ops.cast(a.astype("float32"), "bfloat16")
+        for a in (rng.normal(size=(2, 9, 7, 64)), rng.normal(size=(64, 24)) * 0.2, rng.normal(size=24))
+    )
+    fast, portable = (
+        (convnext_ops.linear_gelu, convnext_ops.portable_linear_gelu)
+        if gelu
+        else (convnext_ops.linear, convnext_ops.portable_linear)
+    )
+    exact = ops.convert_to_numpy(portable(*(ops.cast(a, "float32") for a in (x, kernel, bias))))
+    with _inference():
+        actual = fast(x, kernel, bias)
+    assert keras.backend.standardize_dtype(actual.dtype) == "bfloat16"
+    # a few bfloat16 roundings (2**-8 relative each) where a backend rounds the
+    # product before the bias and GELU
+    np.testing.assert_allclose(ops.convert_to_numpy(ops.cast(actual, "float32")), exact, rtol=2e-2, atol=2e-2)
+    if keras.backend.backend() == "jax":  # the gradient of the float32-result product
+        import jax
+
+        def loss(fn, a, k):
+            return ops.sum(ops.cast(fn(a, k, bias), "float32") ** 2)
+
+        expected = jax.grad(lambda a, k: loss(portable, a, k), argnums=(0, 1))(x, kernel)
+        gradients = jax.grad(lambda a, k: loss(fast, a, k), argnums=(0, 1))(x, kernel)
+        for e, a in zip(expected, gradients):
+            assert a.dtype == e.dtype == jax.numpy.bfloat16
+            scale = np.abs(np.asarray(e, "float32")).max()
+            np.testing.assert_allclose(np.asarray(a, "float32"), np.asarray(e, "float32"), atol=3e-2 * scale)

@@ -197,9 +197,19 @@ _JAX_CONVOLVE = []
 
 
 def _xla_depthwise_conv2d(inputs, kernel, bias=None):
-    """Shifted multiply-adds, materialized once, whose gradient uses `depthwise_kernel_gradient`."""
+    """Shifted multiply-adds, materialized once, whose gradient uses `depthwise_kernel_gradient`.
+
+    16-bit inputs are computed in float32 and the result rounded once:
+    XLA:CPU runs the k*k multiply-adds about 3x faster in float32 than in
+    bfloat16 (V2 Tiny's stage 1 at batch 8: 8.3 against 24.1 ms), and the
+    sum no longer rounds to bfloat16 after every term.
+    """
     if bias is None:
         bias = ops.zeros((inputs.shape[-1],), dtype=inputs.dtype)
+    dtype = keras.backend.standardize_dtype(inputs.dtype)
+    if dtype in ("bfloat16", "float16"):
+        outputs = _xla_depthwise_conv2d(*(ops.cast(tensor, "float32") for tensor in (inputs, kernel, bias)))
+        return ops.cast(outputs, dtype)
     if keras.backend.backend() == "jax":
         if not _JAX_CONVOLVE:
             _JAX_CONVOLVE.append(_jax_shifted_with_fast_gradient())

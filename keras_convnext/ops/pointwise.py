@@ -20,6 +20,8 @@ import functools
 import keras
 from keras import ops
 
+from keras_convnext.ops.depthwise import _jax_on_cpu
+
 
 def portable_linear(inputs, kernel, bias=None):
     """`inputs @ kernel + bias` over the last axis; kernel `(in, out)`."""
@@ -138,12 +140,41 @@ def _tensorflow_linear(inputs, kernel, bias=None, gelu=False):
     return tf.reshape(outputs, leading + [kernel.shape[-1]])
 
 
+def _jax_linear(inputs, kernel, bias=None, gelu=False):
+    import jax
+    import jax.numpy as jnp
+
+    # XLA:CPU's bfloat16 product with a bfloat16 result is no faster than its
+    # float32 product (slower at some shapes); asked for a float32 result, it
+    # takes a 2x-4x faster path. The bias and GELU then run on the float32
+    # result inside the same fused loop, which rounds once to bfloat16.
+    # Batch 8: (8, 56, 56, 384) x (384, 96) 27.3 -> 6.5 ms, with GELU
+    # (8, 56, 56, 96) x (96, 384) 35.4 -> 23.6 ms.
+    dimensions = (((inputs.ndim - 1,), (0,)), ((), ()))
+    outputs = jax.lax.dot_general(inputs, kernel, dimensions, preferred_element_type=jnp.float32)
+    if bias is not None:
+        outputs = outputs + bias.astype(jnp.float32)
+    if gelu:
+        outputs = jax.nn.gelu(outputs, approximate=False)
+    return outputs.astype(inputs.dtype)
+
+
+def _jax_bfloat16_on_cpu(inputs, kernel):
+    return (
+        keras.backend.standardize_dtype(inputs.dtype) == "bfloat16"
+        and keras.backend.standardize_dtype(kernel.dtype) == "bfloat16"
+        and _jax_on_cpu()
+    )
+
+
 def linear(inputs, kernel, bias=None):
     """`portable_linear` through the fastest formulation for the backend."""
     if keras.backend.backend() == "torch":
         return _torch_linear(inputs, kernel, bias)
     if keras.backend.backend() == "tensorflow":
         return _tensorflow_linear(inputs, kernel, bias)
+    if keras.backend.backend() == "jax" and _jax_bfloat16_on_cpu(inputs, kernel):
+        return _jax_linear(inputs, kernel, bias)
     return portable_linear(inputs, kernel, bias)
 
 
@@ -158,6 +189,8 @@ def linear_gelu(inputs, kernel, bias=None):
         return _torch_linear(inputs, kernel, bias, gelu=True)
     if keras.backend.backend() == "tensorflow":
         return _tensorflow_linear(inputs, kernel, bias, gelu=True)
+    if keras.backend.backend() == "jax" and _jax_bfloat16_on_cpu(inputs, kernel):
+        return _jax_linear(inputs, kernel, bias, gelu=True)
     return portable_linear_gelu(inputs, kernel, bias)
 
 
