@@ -536,7 +536,9 @@ def test_bfloat16_linear_agrees_with_float32(gelu):
     exact = ops.convert_to_numpy(portable(*(ops.cast(a, "float32") for a in (x, kernel, bias))))
     with _inference():
         actual = fast(x, kernel, bias)
+        from_variables = fast(x, keras.Variable(kernel, dtype="bfloat16"), keras.Variable(bias, dtype="bfloat16"))
     assert keras.backend.standardize_dtype(actual.dtype) == "bfloat16"
+    np.testing.assert_array_equal(ops.convert_to_numpy(from_variables), ops.convert_to_numpy(actual))
     # a few bfloat16 roundings (2**-8 relative each) where a backend rounds the
     # product before the bias and GELU
     np.testing.assert_allclose(ops.convert_to_numpy(ops.cast(actual, "float32")), exact, rtol=2e-2, atol=2e-2)

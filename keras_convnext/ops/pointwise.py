@@ -46,6 +46,7 @@ def _torch_linear(inputs, kernel, bias=None, gelu=False):
     import torch
     import torch.nn.functional as F
 
+    kernel, bias = (None if weight is None else _torch_tensor(weight) for weight in (kernel, bias))
     channels = inputs.shape[-1]
     positions = inputs.numel() // max(channels, 1)
     if _torch_inference_matmul_applies(inputs):
@@ -152,10 +153,11 @@ def _jax_linear(inputs, kernel, bias=None, gelu=False):
     # result inside the same fused loop, which rounds once to bfloat16.
     # Batch 8: (8, 56, 56, 384) x (384, 96) 27.3 -> 6.5 ms, with GELU
     # (8, 56, 56, 96) x (96, 384) 35.4 -> 23.6 ms.
+    inputs, kernel = ops.convert_to_tensor(inputs), ops.convert_to_tensor(kernel)  # Keras variables too
     dimensions = (((inputs.ndim - 1,), (0,)), ((), ()))
     outputs = jax.lax.dot_general(inputs, kernel, dimensions, preferred_element_type=jnp.float32)
     if bias is not None:
-        outputs = outputs + bias.astype(jnp.float32)
+        outputs = outputs + ops.cast(bias, "float32")
     if gelu:
         outputs = jax.nn.gelu(outputs, approximate=False)
     return outputs.astype(inputs.dtype)
@@ -340,12 +342,12 @@ def _torch_grn(inputs, gamma, beta, epsilon=1e-6):
     return torch.addcmul(_torch_tensor(beta, inputs.dtype), inputs, scale)
 
 
-def _torch_tensor(value, dtype):
-    """A tensor, variable or array as a torch tensor of `dtype` (a torch dtype)."""
+def _torch_tensor(value, dtype=None):
+    """A tensor, Keras variable or array as a torch tensor, of `dtype` (a torch dtype) if given."""
     import torch
 
     tensor = value if isinstance(value, torch.Tensor) else ops.convert_to_tensor(value)
-    return tensor.to(dtype)
+    return tensor if dtype is None else tensor.to(dtype)
 
 
 def _tensorflow_grn_factor(inputs, gamma, epsilon):
