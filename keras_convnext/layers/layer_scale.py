@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_convnext.layers.compute_dtype import in_compute_dtype
 from keras_convnext.layers.data_format import channel_axis_for, standardize_data_format
 
 
@@ -28,7 +29,7 @@ class LayerScale(keras.layers.Layer):
         )
 
     def call(self, inputs):
-        gamma = ops.cast(self.gamma, inputs.dtype)
+        gamma = in_compute_dtype(self.gamma, keras.backend.standardize_dtype(inputs.dtype))
         if self.data_format == "channels_first" and len(inputs.shape) == 4:
             gamma = ops.reshape(gamma, (1, -1, 1, 1))
         return inputs * gamma
