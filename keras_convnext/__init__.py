@@ -26,6 +26,7 @@ from keras_convnext.models.convnext import (
     ConvNeXtXLarge,
     stage_features,
 )
+from keras_convnext.models.model import ConvNeXtModel
 from keras_convnext.models.variants import VARIANTS
 from keras_convnext.weights import (
     CheckpointError,

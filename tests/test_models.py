@@ -6,6 +6,7 @@ import keras
 import keras_convnext as kc
 from keras_convnext.layers import block as block_module
 from keras_convnext.models import convnext as convnext_module
+from keras_convnext.models import model as model_module
 
 # Trainable parameters of the reference implementations (timm / official), classes=1000.
 REFERENCE_PARAMS = {
@@ -131,6 +132,7 @@ def test_keras_file_roundtrip(tmp_path):
     path = tmp_path / "atto.keras"
     model.save(path)
     reloaded = keras.saving.load_model(path, safe_mode=True)
+    assert type(reloaded) is kc.ConvNeXtModel
     np.testing.assert_array_equal(reloaded.predict(images, verbose=0), expected)
     assert reloaded.get_layer("stage2_block5").get_config() == model.get_layer("stage2_block5").get_config()
 
@@ -199,3 +201,91 @@ def test_torch_jit_compile_predicts_as_eager():
     compiled = model.predict_on_batch(images)
     np.testing.assert_allclose(compiled, eager, rtol=1e-4, atol=1e-5)
     assert np.abs(eager).max() > 1e-3  # a real output, not zeros
+
+
+def _graph_output(model, images):
+    """The model's output through Keras' functional graph, every layer through `Layer.__call__`."""
+    from keras.src.models.functional import Functional
+
+    return keras.ops.convert_to_numpy(Functional.call(model, keras.ops.convert_to_tensor(images)))
+
+
+@pytest.mark.parametrize(
+    "version,data_format,policy",
+    [("v2", "channels_last", "float32"), ("v1", "channels_first", "float32"), ("v2", "channels_last", "bfloat16")],
+)
+def test_layer_chain_equals_the_functional_graph(version, data_format, policy):
+    keras.config.set_image_data_format(data_format)
+    keras.config.set_dtype_policy(policy)
+    keras.utils.set_random_seed(4)
+    model = kc.ConvNeXt((1, 1, 2, 1), (8, 16, 24, 32), version=version, classes=5, layer_scale_init_value=None if version == "v2" else 0.5)
+    shape = (2, 40, 48, 3) if data_format == "channels_last" else (2, 3, 40, 48)
+    images = np.random.default_rng(4).uniform(0, 255, size=shape).astype("float32")
+    chain = model.layer_chain()
+    assert [layer.name for layer in chain] == [layer.name for layer in model.layers[1:]]
+    expected = _graph_output(model, images)
+    assert expected.shape == (2, 5) and np.std(expected) > 1e-3
+    # A bfloat16 model still ends in a float32 softmax: the chain casts each input as Layer.__call__ does.
+    assert expected.dtype == np.float32
+    got = keras.ops.convert_to_numpy(model.call_layer_chain(images))
+    assert got.dtype == expected.dtype
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+    # Integer pixels reach the preprocessing layer unconverted, as through Layer.__call__.
+    pixels = images.astype("uint8")
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(model.call_layer_chain(pixels)), _graph_output(model, pixels), rtol=1e-6, atol=1e-7
+    )
+
+
+def test_pytorch_inference_takes_the_layer_chain_and_training_the_graph(monkeypatch):
+    if keras.backend.backend() != "torch":
+        pytest.skip("only eager PyTorch calls the layer chain (TensorFlow and JAX trace a graph)")
+    from keras.src.models.functional import Functional
+
+    model = kc.ConvNeXt((1, 1, 1, 1), (8, 16, 24, 32), input_shape=(32, 32, 3), classes=3)
+    images = np.random.default_rng(5).uniform(0, 255, size=(2, 32, 32, 3)).astype("float32")
+    labels = np.array([0, 2])
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    model.train_on_batch(images, labels)  # builds the training step before the patches
+    expected = model.predict_on_batch(images)
+    graph_call = Functional.call
+
+    def no_graph(*args, **kwargs):
+        raise AssertionError("the functional graph ran")
+
+    def no_chain(*args, **kwargs):
+        raise AssertionError("the layer chain ran")
+
+    monkeypatch.setattr(Functional, "call", no_graph)
+    np.testing.assert_array_equal(model.predict_on_batch(images), expected)
+    assert keras.ops.convert_to_numpy(model(images, training=False)).shape == (2, 3)
+    with pytest.raises(AssertionError, match="graph ran"):
+        model(images, training=True)
+    monkeypatch.setattr(Functional, "call", graph_call)
+    monkeypatch.setattr(kc.ConvNeXtModel, "call_layer_chain", no_chain)
+    assert np.isfinite(model.train_on_batch(images, labels))
+    with pytest.raises(AssertionError, match="chain ran"):
+        model.predict_on_batch(images)
+
+
+@pytest.mark.parametrize(
+    "first_layer",
+    # A layer type the chain does not know, and a known call path with a keyword argument.
+    [lambda: keras.layers.Rescaling(2.0, name="scale"), lambda: keras.layers.RandomFlip(name="flip")],
+)
+def test_layer_chain_declines_other_graphs_and_policies(first_layer):
+    inputs = keras.Input((32, 32, 3))
+    model = kc.ConvNeXt((1, 1, 1, 1), (8, 16, 24, 32), input_tensor=first_layer()(inputs), classes=3)
+    assert model.layer_chain() is None
+    with pytest.raises(ValueError, match="not a single chain"):
+        model.call_layer_chain(np.zeros((1, 32, 32, 3), "float32"))
+    images = np.random.default_rng(6).uniform(0, 255, size=(1, 32, 32, 3)).astype("float32")
+    assert model.predict_on_batch(images).shape == (1, 3)
+    block_inputs = keras.Input((8, 8, 16))
+    always_training = kc.layers.ConvNeXtBlock(drop_path_rate=0.5)(block_inputs, training=True)
+    assert kc.ConvNeXtModel(block_inputs, always_training).layer_chain() is None
+    plain = kc.ConvNeXt((1, 1, 1, 1), (8, 16, 24, 32), classes=3)
+    assert model_module._uniform_policies(plain.layer_chain())
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    mixed = kc.ConvNeXt((1, 1, 1, 1), (8, 16, 24, 32), classes=3)
+    assert mixed.layer_chain() is not None and not model_module._uniform_policies(mixed.layer_chain())

@@ -6,6 +6,7 @@ import keras
 from keras_convnext.layers.block import ConvNeXtBlock, kernel_init, layer_norm
 from keras_convnext.layers.pointwise import PatchConv2D
 from keras_convnext.layers.preprocessing import ImageNormalization
+from keras_convnext.models.model import ConvNeXtModel
 from keras_convnext.models.variants import VARIANTS
 
 # The weight loader lives above the models (keras_convnext.weights) and
@@ -96,7 +97,7 @@ def ConvNeXt(
         variant_name: name of the constructor (for weight lookup and errors).
 
     Returns:
-        A `keras.Model`. With `include_top=False, pooling=None` its output is
+        A `ConvNeXtModel`, a functional `keras.Model`. With `include_top=False, pooling=None` its output is
         the stride-32 feature map `(batch, height / 32, width / 32, dims[-1])`;
         `keras_convnext.stage_features(model)` gives all four stages.
     """
@@ -159,7 +160,8 @@ def ConvNeXt(
 
     if input_tensor is not None:
         inputs = keras.utils.get_source_inputs(input_tensor)
-    model = keras.Model(inputs, x, name=name or (variant_name or "convnext").lower())
+        inputs = inputs[0] if len(inputs) == 1 else inputs
+    model = ConvNeXtModel(inputs, x, name=name or (variant_name or "convnext").lower())
     if weights is not None:
         if _WEIGHTS_LOADER is None:
             raise RuntimeError("No weight loader is registered; import keras_convnext first.")

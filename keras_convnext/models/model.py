@@ -1,0 +1,115 @@
+"""The model class of every ConvNeXt: Keras' functional model with a direct eager inference path."""
+
+import keras
+
+from keras_convnext.layers.block import ConvNeXtBlock
+from keras_convnext.layers.layer_norm import LayerNorm
+from keras_convnext.layers.pointwise import PatchConv2D
+from keras_convnext.layers.preprocessing import ImageNormalization
+
+# Layers whose `call` at inference is all that `Layer.__call__` would run for
+# them once built: no masks, no training-only behaviour, no quantized call
+# (checked per call), float inputs cast to their compute dtype beforehand.
+DIRECT_LAYER_TYPES = (
+    ImageNormalization,
+    PatchConv2D,
+    LayerNorm,
+    ConvNeXtBlock,
+    keras.layers.Permute,
+    keras.layers.GlobalAveragePooling2D,
+    keras.layers.GlobalMaxPooling2D,
+    keras.layers.Dense,
+    keras.layers.Activation,
+)
+
+
+def runs_layers_directly():
+    """Whether an eager inference call takes the layer chain (`ConvNeXtModel.call`).
+
+    Only PyTorch runs eagerly there: TensorFlow and JAX trace the model once
+    into a graph, where Keras' per-layer Python costs nothing per call.
+    """
+    return keras.backend.backend() == "torch"
+
+
+@keras.saving.register_keras_serializable(package="keras_convnext")
+class ConvNeXtModel(keras.Model):
+    """A functional Keras model (`ConvNeXtModel(inputs, outputs, name=...)`).
+
+    Built, saved and loaded like `keras.Model(inputs, outputs)`. One
+    difference: an inference call on concrete tensors (`predict`, `model(x)`)
+    on PyTorch runs each layer's `call` in turn, skipping the per-layer
+    `Layer.__call__` work (argument conversion, training and mask resolution,
+    name and autocast scopes). That work is about 70-150 microseconds per
+    layer in eager mode, several milliseconds per image at batch 1
+    (benchmarks/README.md, item 20). The result is the same as the
+    functional graph's, which every other call takes: training, masks,
+    symbolic tensors, mixed or quantized dtype policies, and graphs that
+    are not one chain of the layer types above.
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        if training or mask is not None or not runs_layers_directly():
+            return super().call(inputs, training=training, mask=mask)
+        chain = self.layer_chain()
+        if chain is None or not _uniform_policies(chain):
+            return super().call(inputs, training=training, mask=mask)
+        return self.call_layer_chain(inputs, chain)
+
+    def call_layer_chain(self, inputs, chain=None):
+        """The inference output computed by calling each layer's `call` in turn.
+
+        `chain` defaults to `layer_chain()`; every backend can run this, the
+        model's `call` takes it on PyTorch only.
+        """
+        chain = self.layer_chain() if chain is None else chain
+        if chain is None:
+            raise ValueError(f"{self.name} is not a single chain of known layers; call the model instead.")
+        (x,) = self._standardize_inputs(inputs)
+        for layer in chain:
+            x = layer.call(layer.dtype_policy.convert_input(x, layer.autocast, layer.input_dtype))
+        return x
+
+    def layer_chain(self):
+        """The model's layers from input to output, or None unless it is one chain.
+
+        A chain: one input, one output, and each layer called once in the
+        model's graph on the previous layer's output alone, with no keyword
+        arguments, and of a type in `DIRECT_LAYER_TYPES`.
+        """
+        cache = self.__dict__.get("_layer_chain_cache")
+        if cache is None:
+            # Past Keras' and PyTorch's attribute tracking: the chain holds
+            # the model's own layers, which must not be tracked twice.
+            cache = (_find_chain(self),)
+            object.__setattr__(self, "_layer_chain_cache", cache)
+        return cache[0]
+
+
+def _find_chain(model):
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        return None
+    chain = []
+    tensor = model.outputs[0]
+    while tensor is not model.inputs[0]:
+        layer, node_index, _ = tensor._keras_history
+        if not isinstance(layer, DIRECT_LAYER_TYPES):
+            return None
+        node = layer._inbound_nodes[node_index]
+        arguments = node.arguments
+        if len(node.input_tensors) != 1 or len(arguments.args) != 1 or arguments.kwargs:
+            return None
+        if len(node.output_tensors) != 1:
+            return None
+        chain.append(layer)
+        tensor = node.input_tensors[0]
+    return tuple(reversed(chain))
+
+
+def _uniform_policies(chain):
+    """Every layer computes in its variables' dtype and none is quantized."""
+    for layer in chain:
+        policy = layer.dtype_policy
+        if policy.quantization_mode is not None or policy.compute_dtype != policy.variable_dtype:
+            return False
+    return True
