@@ -6,6 +6,7 @@ from keras_convnext.layers.block import ConvNeXtBlock
 from keras_convnext.layers.layer_norm import LayerNorm
 from keras_convnext.layers.pointwise import PatchConv2D
 from keras_convnext.layers.preprocessing import ImageNormalization
+from keras_convnext.ops.pointwise import _torch_compiling
 
 # Layers whose `call` at inference is all that `Layer.__call__` would run for
 # them once built: no masks, no training-only behaviour, no quantized call
@@ -27,9 +28,10 @@ def runs_layers_directly():
     """Whether an eager inference call takes the layer chain (`ConvNeXtModel.call`).
 
     Only PyTorch runs eagerly there: TensorFlow and JAX trace the model once
-    into a graph, where Keras' per-layer Python costs nothing per call.
+    into a graph, where Keras' per-layer Python costs nothing per call, and
+    so does `torch.compile` (`jit_compile=True`), which keeps the graph.
     """
-    return keras.backend.backend() == "torch"
+    return keras.backend.backend() == "torch" and not _torch_compiling()
 
 
 @keras.saving.register_keras_serializable(package="keras_convnext")
@@ -45,14 +47,16 @@ class ConvNeXtModel(keras.Model):
     (benchmarks/README.md, item 20). The result is the same as the
     functional graph's, which every other call takes: training, masks,
     symbolic tensors, mixed or quantized dtype policies, and graphs that
-    are not one chain of the layer types above.
+    are not one chain of the layer types above, or with PyTorch forward
+    hooks on its layers.
     """
 
     def call(self, inputs, training=None, mask=None):
-        if training or mask is not None or not runs_layers_directly():
+        symbolic = isinstance(inputs, keras.KerasTensor)
+        if training or mask is not None or symbolic or not runs_layers_directly():
             return super().call(inputs, training=training, mask=mask)
         chain = self.layer_chain()
-        if chain is None or not _uniform_policies(chain):
+        if chain is None or not _direct_calls_apply(chain):
             return super().call(inputs, training=training, mask=mask)
         return self.call_layer_chain(inputs, chain)
 
@@ -106,10 +110,13 @@ def _find_chain(model):
     return tuple(reversed(chain))
 
 
-def _uniform_policies(chain):
-    """Every layer computes in its variables' dtype and none is quantized."""
+def _direct_calls_apply(chain):
+    """No layer is quantized, computes in another dtype than its variables' or has PyTorch hooks."""
     for layer in chain:
         policy = layer.dtype_policy
         if policy.quantization_mode is not None or policy.compute_dtype != policy.variable_dtype:
+            return False
+        # On PyTorch, Layer.__call__ runs the torch.nn.Module hooks; `call` does not.
+        if getattr(layer, "_forward_hooks", None) or getattr(layer, "_forward_pre_hooks", None):
             return False
     return True
