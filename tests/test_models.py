@@ -225,23 +225,24 @@ def test_layer_chain_equals_the_functional_graph(version, data_format, policy):
     keras.config.set_image_data_format(data_format)
     keras.config.set_dtype_policy(policy)
     keras.utils.set_random_seed(4)
-    model = kc.ConvNeXt((1, 1, 2, 1), (8, 16, 24, 32), version=version, classes=5, layer_scale_init_value=None if version == "v2" else 0.5)
+    layer_scale = None if version == "v2" else 0.5
+    model = kc.ConvNeXt((1, 1, 2, 1), (8, 16, 24, 32), version=version, classes=5, layer_scale_init_value=layer_scale)
     shape = (2, 40, 48, 3) if data_format == "channels_last" else (2, 3, 40, 48)
     images = np.random.default_rng(4).uniform(0, 255, size=shape).astype("float32")
     chain = model.layer_chain()
     assert [layer.name for layer in chain] == [layer.name for layer in model.layers[1:]]
     expected = _graph_output(model, images)
     assert expected.shape == (2, 5) and np.std(expected) > 1e-3
-    # A bfloat16 model still ends in a float32 softmax: the chain casts each input as Layer.__call__ does.
+    # A bfloat16 model still ends in a float32 softmax: the chain casts each
+    # input as Layer.__call__ does.
     assert expected.dtype == np.float32
     got = keras.ops.convert_to_numpy(model.call_layer_chain(images))
     assert got.dtype == expected.dtype
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
     # Integer pixels reach the preprocessing layer unconverted, as through Layer.__call__.
     pixels = images.astype("uint8")
-    np.testing.assert_allclose(
-        keras.ops.convert_to_numpy(model.call_layer_chain(pixels)), _graph_output(model, pixels), rtol=1e-6, atol=1e-7
-    )
+    from_pixels = keras.ops.convert_to_numpy(model.call_layer_chain(pixels))
+    np.testing.assert_allclose(from_pixels, _graph_output(model, pixels), rtol=1e-6, atol=1e-7)
 
 
 def test_pytorch_inference_takes_the_layer_chain_and_training_the_graph(monkeypatch):
@@ -302,4 +303,5 @@ def test_layer_chain_declines_other_graphs_and_policies(first_layer):
     assert model_module._direct_calls_apply(plain.layer_chain())
     keras.config.set_dtype_policy("mixed_bfloat16")
     mixed = kc.ConvNeXt((1, 1, 1, 1), (8, 16, 24, 32), classes=3)
-    assert mixed.layer_chain() is not None and not model_module._direct_calls_apply(mixed.layer_chain())
+    assert mixed.layer_chain() is not None
+    assert not model_module._direct_calls_apply(mixed.layer_chain())

@@ -97,8 +97,9 @@ def ConvNeXt(
         variant_name: name of the constructor (for weight lookup and errors).
 
     Returns:
-        A `ConvNeXtModel`, a functional `keras.Model`. With `include_top=False, pooling=None` its output is
-        the stride-32 feature map `(batch, height / 32, width / 32, dims[-1])`;
+        A `ConvNeXtModel` (a functional `keras.Model`). With
+        `include_top=False, pooling=None` its output is the stride-32 feature
+        map `(batch, height / 32, width / 32, dims[-1])`;
         `keras_convnext.stage_features(model)` gives all four stages.
     """
     if version not in ("v1", "v2"):
