@@ -219,7 +219,12 @@ def _graph_output(model, images):
 
 @pytest.mark.parametrize(
     "version,data_format,policy",
-    [("v2", "channels_last", "float32"), ("v1", "channels_first", "float32"), ("v2", "channels_last", "bfloat16")],
+    [
+        ("v2", "channels_last", "float32"),
+        ("v1", "channels_first", "float32"),
+        ("v2", "channels_last", "bfloat16"),
+        ("v1", "channels_last", "mixed_bfloat16"),
+    ],
 )
 def test_layer_chain_equals_the_functional_graph(version, data_format, policy):
     keras.config.set_image_data_format(data_format)
@@ -234,7 +239,8 @@ def test_layer_chain_equals_the_functional_graph(version, data_format, policy):
     expected = _graph_output(model, images)
     assert expected.shape == (2, 5) and np.std(expected) > 1e-3
     # A bfloat16 model still ends in a float32 softmax: the chain casts each
-    # input as Layer.__call__ does.
+    # input as Layer.__call__ does. Under mixed_bfloat16 the head's Dense reads
+    # its float32 kernel in bfloat16 only inside Keras' autocast scope.
     assert expected.dtype == np.float32
     got = keras.ops.convert_to_numpy(model.call_layer_chain(images))
     assert got.dtype == expected.dtype
@@ -243,6 +249,29 @@ def test_layer_chain_equals_the_functional_graph(version, data_format, policy):
     pixels = images.astype("uint8")
     from_pixels = keras.ops.convert_to_numpy(model.call_layer_chain(pixels))
     np.testing.assert_allclose(from_pixels, _graph_output(model, pixels), rtol=1e-6, atol=1e-7)
+
+
+def test_layer_chain_enters_the_autocast_scopes_of_layer_call():
+    """A float32 layer inside a mixed model reads its variables in float32, as through Layer.__call__.
+
+    The model's own call opens a bfloat16 autocast scope around the chain;
+    a float32 Dense inside it needs its own float32 scope.
+    """
+    from keras.src.backend import AutocastScope
+
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    keras.utils.set_random_seed(7)
+    inputs = keras.Input((8, 8, 16))
+    x = kc.layers.LayerNorm(name="norm")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(4, dtype="float32", name="float32_head")(x)
+    model = kc.ConvNeXtModel(inputs, outputs)
+    features = np.random.default_rng(7).normal(size=(2, 8, 8, 16)).astype("float32")
+    with AutocastScope("bfloat16"):
+        got = keras.ops.convert_to_numpy(model.call_layer_chain(features))
+        expected = _graph_output(model, features)
+    assert got.dtype == expected.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
 
 
 def test_pytorch_inference_takes_the_layer_chain_and_training_the_graph(monkeypatch):
@@ -288,7 +317,7 @@ def test_pytorch_inference_takes_the_layer_chain_and_training_the_graph(monkeypa
     # A layer type the chain does not know, and a known call path with a keyword argument.
     [lambda: keras.layers.Rescaling(2.0, name="scale"), lambda: keras.layers.RandomFlip(name="flip")],
 )
-def test_layer_chain_declines_other_graphs_and_policies(first_layer):
+def test_layer_chain_declines_other_graphs_and_quantized_layers(first_layer):
     inputs = keras.Input((32, 32, 3))
     model = kc.ConvNeXt((1, 1, 1, 1), (8, 16, 24, 32), input_tensor=first_layer()(inputs), classes=3)
     assert model.layer_chain() is None
@@ -299,9 +328,9 @@ def test_layer_chain_declines_other_graphs_and_policies(first_layer):
     block_inputs = keras.Input((8, 8, 16))
     always_training = kc.layers.ConvNeXtBlock(drop_path_rate=0.5)(block_inputs, training=True)
     assert kc.ConvNeXtModel(block_inputs, always_training).layer_chain() is None
-    plain = kc.ConvNeXt((1, 1, 1, 1), (8, 16, 24, 32), classes=3)
-    assert model_module._direct_calls_apply(plain.layer_chain())
     keras.config.set_dtype_policy("mixed_bfloat16")
     mixed = kc.ConvNeXt((1, 1, 1, 1), (8, 16, 24, 32), classes=3)
+    assert model_module._direct_calls_apply(mixed.layer_chain())
+    mixed.get_layer("predictions").quantize("int8")  # Layer.__call__ runs its quantized_call
     assert mixed.layer_chain() is not None
     assert not model_module._direct_calls_apply(mixed.layer_chain())

@@ -10,7 +10,8 @@ from keras_convnext.ops.pointwise import _torch_compiling
 
 # Layers whose `call` at inference is all that `Layer.__call__` would run for
 # them once built: no masks, no training-only behaviour, no quantized call
-# (checked per call), float inputs cast to their compute dtype beforehand.
+# (checked per call), float inputs cast to their compute dtype beforehand and
+# the autocast scope entered as `Layer.__call__` would.
 DIRECT_LAYER_TYPES = (
     ImageNormalization,
     PatchConv2D,
@@ -42,13 +43,13 @@ class ConvNeXtModel(keras.Model):
     difference: an inference call on concrete tensors (`predict`, `model(x)`)
     on PyTorch runs each layer's `call` in turn, skipping the per-layer
     `Layer.__call__` work (argument conversion, training and mask resolution,
-    name and autocast scopes). That work is about 70-150 microseconds per
-    layer in eager mode, several milliseconds per image at batch 1
-    (benchmarks/README.md, item 20). The result is the same as the
-    functional graph's, which every other call takes: training, masks,
-    symbolic tensors, mixed or quantized dtype policies, and graphs that
-    are not one chain of the layer types above, or with PyTorch forward
-    hooks on its layers.
+    name scopes); it keeps the input casts and autocast scopes of mixed
+    precision. That work is about 70-150 microseconds per layer in eager
+    mode, several milliseconds per image at batch 1 (benchmarks/README.md,
+    item 20). The result is the same as the functional graph's, which every
+    other call takes: training, masks, symbolic tensors, quantized layers,
+    graphs that are not one chain of the layer types above, and layers with
+    PyTorch forward hooks.
     """
 
     def call(self, inputs, training=None, mask=None):
@@ -71,7 +72,13 @@ class ConvNeXtModel(keras.Model):
             raise ValueError(f"{self.name} is not a single chain of known layers; call the model instead.")
         (x,) = self._standardize_inputs(inputs)
         for layer in chain:
-            x = layer.call(layer.dtype_policy.convert_input(x, layer.autocast, layer.input_dtype))
+            x = layer.dtype_policy.convert_input(x, layer.autocast, layer.input_dtype)
+            scope = _autocast_scope(layer)
+            if scope is None:
+                x = layer.call(x)
+            else:
+                with scope:
+                    x = layer.call(x)
         return x
 
     def layer_chain(self):
@@ -110,11 +117,27 @@ def _find_chain(model):
     return tuple(reversed(chain))
 
 
+def _autocast_scope(layer):
+    """The autocast scope `Layer.__call__` enters around `layer.call`, or None.
+
+    Under a mixed policy, Keras' own layers (the head's Dense) read their
+    float32 variables in the compute dtype only inside such a scope.
+    """
+    from keras.src import backend
+
+    current = backend.get_autocast_scope()
+    if current is None:
+        mixed = layer.compute_dtype != layer.variable_dtype
+        return backend.AutocastScope(layer.compute_dtype) if mixed else None
+    if not layer.autocast or not backend.is_float_dtype(layer.compute_dtype):
+        return backend.AutocastScope(None)
+    return None if current.dtype == layer.compute_dtype else backend.AutocastScope(layer.compute_dtype)
+
+
 def _direct_calls_apply(chain):
-    """No layer is quantized, computes in another dtype than its variables' or has PyTorch hooks."""
+    """No layer is quantized or has PyTorch hooks."""
     for layer in chain:
-        policy = layer.dtype_policy
-        if policy.quantization_mode is not None or policy.compute_dtype != policy.variable_dtype:
+        if layer.dtype_policy.quantization_mode is not None:
             return False
         # On PyTorch, Layer.__call__ runs the torch.nn.Module hooks; `call` does not.
         if getattr(layer, "_forward_hooks", None) or getattr(layer, "_forward_pre_hooks", None):
