@@ -1,6 +1,7 @@
 """The model class of every ConvNeXt: Keras' functional model with a direct eager inference path."""
 
 import keras
+from keras.src import backend as keras_backend  # autocast scopes, as Layer.__call__ uses them
 
 from keras_convnext.layers.block import ConvNeXtBlock
 from keras_convnext.layers.layer_norm import LayerNorm
@@ -123,15 +124,15 @@ def _autocast_scope(layer):
     Under a mixed policy, Keras' own layers (the head's Dense) read their
     float32 variables in the compute dtype only inside such a scope.
     """
-    from keras.src import backend
-
-    current = backend.get_autocast_scope()
+    current = keras_backend.get_autocast_scope()
     if current is None:
         mixed = layer.compute_dtype != layer.variable_dtype
-        return backend.AutocastScope(layer.compute_dtype) if mixed else None
-    if not layer.autocast or not backend.is_float_dtype(layer.compute_dtype):
-        return backend.AutocastScope(None)
-    return None if current.dtype == layer.compute_dtype else backend.AutocastScope(layer.compute_dtype)
+        return keras_backend.AutocastScope(layer.compute_dtype) if mixed else None
+    if not layer.autocast or not keras_backend.is_float_dtype(layer.compute_dtype):
+        return keras_backend.AutocastScope(None)
+    if current.dtype == layer.compute_dtype:
+        return None
+    return keras_backend.AutocastScope(layer.compute_dtype)
 
 
 def _direct_calls_apply(chain):
