@@ -45,9 +45,9 @@ def test_depthwise_layer_matches_keras_layer_compiled():
         DepthwiseConv(7, strides=2)
 
 
-# Under XLA, maps below 144 positions take the matrix-product kernel gradient,
-# larger ones the FFT: one shape for each.
-@pytest.mark.parametrize("shape", [(2, 8, 11, 4), (2, 13, 12, 3)])
+# Under XLA, maps of up to 100 positions take the pairwise kernel gradient,
+# larger ones the FFT: both, and a map smaller than the kernel.
+@pytest.mark.parametrize("shape", [(2, 8, 11, 4), (3, 2, 3, 5), (2, 13, 12, 3)])
 def test_depthwise_gradients_agree(shape):
     rng = np.random.default_rng(2)
     x = rng.normal(size=shape).astype("float32")

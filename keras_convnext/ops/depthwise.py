@@ -9,6 +9,8 @@ own channels_last kernel reads the NHWC memory as it is. Measured numbers are
 in benchmarks/README.md.
 """
 
+import functools
+
 import keras
 import numpy as np
 from keras import ops
@@ -46,26 +48,60 @@ def depthwise_kernel_gradient(inputs, upstream, size):
     `dk[i, j, c] = sum over (b, h, w) of padded[b, h + i, w + j, c] * upstream[b, h, w, c]`,
     a cross-correlation of each channel's input with its upstream gradient,
     summed over the batch. XLA:CPU runs it slowly as 49 reductions, and as
-    per-channel matrix products it spends most of its time copying; here it
-    goes through the Fourier domain: one real 2D FFT of the padded input and
-    of the upstream gradient per image and channel, a product summed over the
-    batch, one inverse FFT per channel. The FFT size is at least the padded
-    map, so the circular correlation has no wrap-around at the `size x size`
-    offsets read off. Below `_FFT_MIN_POSITIONS` positions per map the
-    many tiny transforms cost more than matrix products (an Atto training
-    step on 32x32 images, maps 8x8 and smaller: 160-200 ms against
-    146-164 ms), so small maps take `_product_kernel_gradient`. Runs under
-    XLA (JAX, TensorFlow with `jit_compile`).
+    per-channel matrix products over the kernel rows it spends most of its
+    time copying. Large maps go through the Fourier domain
+    (`_fft_kernel_gradient`), small ones through the products of all
+    position pairs (`_pairwise_kernel_gradient`); the threshold is
+    `_PAIRWISE_MAX_POSITIONS`. Runs under XLA (JAX, TensorFlow with
+    `jit_compile`).
     """
     _, height, width, _ = upstream.shape  # static under XLA, where this runs
     inputs, upstream = ops.cast(inputs, "float32"), ops.cast(upstream, "float32")
-    if height * width < _FFT_MIN_POSITIONS:
-        return _product_kernel_gradient(inputs, upstream, size)
+    if height * width <= _PAIRWISE_MAX_POSITIONS:
+        return _pairwise_kernel_gradient(inputs, upstream, size)
     return _fft_kernel_gradient(inputs, upstream, size)
 
 
-# 12x12: from 14x14 maps up the FFT won (2.2x at (16, 14, 14, 384)); at 7x7 it was even.
-_FFT_MIN_POSITIONS = 144
+# The kernel gradient alone under JAX, ms (pairwise / FFT): (16, 7, 7, 768)
+# 4.5 / 20.5, (16, 8, 8, 512) 4.1 / 7.6, (16, 10, 10, 384) 8.0 / 8.7,
+# (16, 12, 12, 384) 35.7 / 9.9, (16, 14, 14, 384) 69.4 / 16.8; the pairs grow
+# as the square of the positions.
+_PAIRWISE_MAX_POSITIONS = 100
+
+
+def _pairwise_kernel_gradient(inputs, upstream, size):
+    """`depthwise_kernel_gradient` for small maps, through the products of all position pairs.
+
+    One product per channel over the batch gives `pairs[c, p, q]`, the sum
+    of `inputs[b, p, c] * upstream[b, q, c]`; the tap `(i, j)` is the sum of
+    the pairs whose input position `p` lies `(i - pad, j - pad)` away from
+    the output position `q`, a second product with a constant 0/1 selector.
+    Positions outside the map are the zero padding and have no pair.
+    """
+    _, height, width, channels = upstream.shape  # static under XLA, where this runs
+    positions = height * width
+    pairs = ops.einsum(
+        "bpc,bqc->cpq",
+        ops.reshape(inputs, (-1, positions, channels)),
+        ops.reshape(upstream, (-1, positions, channels)),
+    )
+    selector = ops.convert_to_tensor(_offset_selector(size, height, width), dtype=pairs.dtype)
+    taps = ops.einsum("cpq,kpq->kc", pairs, selector)
+    return ops.reshape(taps, (size, size, channels, 1))
+
+
+@functools.lru_cache(maxsize=None)
+def _offset_selector(size, height, width):
+    """`(size * size, positions, positions)`, numpy: 1 where tap `k` takes input `p` to output `q`."""
+    pad = size // 2
+    selector = np.zeros((size, size, height, width, height, width), dtype="float32")
+    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    for i in range(size):
+        for j in range(size):
+            source_rows, source_cols = rows + i - pad, cols + j - pad
+            inside = (source_rows >= 0) & (source_rows < height) & (source_cols >= 0) & (source_cols < width)
+            selector[i, j, source_rows[inside], source_cols[inside], rows[inside], cols[inside]] = 1.0
+    return selector.reshape(size * size, height * width, height * width)
 
 
 def _fft_kernel_gradient(inputs, upstream, size):
@@ -91,35 +127,6 @@ def _fft_kernel_gradient(inputs, upstream, size):
     spectrum = tf.signal.rfft2d(padded) * tf.math.conj(tf.signal.rfft2d(upstream))
     correlation = tf.signal.irfft2d(tf.reduce_sum(spectrum, axis=0), fft_length=[rows, cols])
     return tf.transpose(correlation[:, :size, :size], (1, 2, 0))[..., None]
-
-
-def _product_kernel_gradient(inputs, upstream, size):
-    """`depthwise_kernel_gradient` for small maps, as matrix products.
-
-    One per-channel product over the (batch, height) positions,
-    `(size * (width + 2 pad), n) x (n, width)`, for all kernel rows at once;
-    the column offsets are the diagonals of each row's block, read off by a
-    second product with a constant 0/1 selector.
-    """
-    pad = size // 2
-    _, height, width, channels = upstream.shape  # static under XLA, where this runs
-    padded_width = width + 2 * pad
-    padded = ops.pad(inputs, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
-    by_channel = ops.transpose(padded, (3, 0, 1, 2))  # (channels, batch, height + 2 pad, padded_width)
-    windows = ops.stack([by_channel[:, :, row : row + height] for row in range(size)], axis=1)
-    windows = ops.reshape(windows, (channels, size, -1, padded_width))
-    upstream_by_channel = ops.reshape(ops.transpose(upstream, (3, 0, 1, 2)), (channels, -1, width))
-    cross = ops.einsum("crnv,cnw->crvw", windows, upstream_by_channel)
-    return ops.expand_dims(ops.einsum("crvw,jvw->rjc", cross, _diagonal_selector(size, width, upstream.dtype)), -1)
-
-
-def _diagonal_selector(size, width, dtype):
-    """`(size, width + 2 pad, width)`: entry `[j, v, w]` is 1 where `v == w + j`."""
-    selector = np.zeros((size, width + 2 * (size // 2), width), dtype="float32")
-    columns = np.arange(width)
-    for offset in range(size):
-        selector[offset, columns + offset, columns] = 1.0
-    return ops.convert_to_tensor(selector, dtype=dtype)
 
 
 def _fft_length(minimum):
