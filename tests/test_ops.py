@@ -383,8 +383,9 @@ def test_linear_gelu_agrees_with_portable(shape):
         np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-4)
 
 
-# (2, 6, 5, 16) -> 4 outputs: more positions than outputs (TensorFlow: per-sample weights in a
-# batched product); (3, 2, 2, 16) -> 4 outputs: as many (TensorFlow: GRN's scale on the map).
+# (2, 6, 5, 16) -> 4 outputs: more positions than outputs (TensorFlow, and PyTorch at inference:
+# per-sample weights in a batched product); (3, 2, 2, 16) -> 4 outputs: as many (GRN's scale on
+# the map).
 @pytest.mark.parametrize("shape", [(2, 6, 5, 16), (3, 2, 2, 16)])
 def test_grn_linear_agrees_with_portable(shape):
     """GRN then the narrowing Linear, against GRN written out in numpy: values, bfloat16, gradients."""
@@ -399,7 +400,10 @@ def test_grn_linear_agrees_with_portable(shape):
     tensors = [ops.convert_to_tensor(a) for a in (x, gamma, beta, kernel, bias)]
     for fn in (convnext_ops.grn_linear, convnext_ops.portable_grn_linear):
         np.testing.assert_allclose(ops.convert_to_numpy(fn(*tensors)), expected, rtol=1e-5, atol=1e-4)
-    with _inference():
+    with _inference():  # PyTorch folds GRN into the product at inference only
+        np.testing.assert_allclose(
+            ops.convert_to_numpy(convnext_ops.grn_linear(*tensors)), expected, rtol=1e-5, atol=1e-4
+        )
         x_bf16, kernel_bf16, bias_bf16 = (ops.cast(tensors[i], "bfloat16") for i in (0, 3, 4))
         actual = convnext_ops.grn_linear(x_bf16, tensors[1], tensors[2], kernel_bf16, bias_bf16)
         np.testing.assert_allclose(ops.convert_to_numpy(ops.cast(actual, "float32")), expected, rtol=5e-2, atol=0.5)
