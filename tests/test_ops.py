@@ -168,10 +168,10 @@ def test_grn_in_bfloat16_agrees_with_float32_statistics():
 
 # Under PyTorch, in training, (2, 24, 24, 8) (1152 positions) and (4, 300, 8) (1200 gathered
 # tokens) take the 1x1 convolution, (2, 5, 6, 8) and (3, 7, 8) `addmm`; at inference all take
-# oneDNN's product.
+# oneDNN's product, or in float32 on Intel processors `addmm` (both are checked on any processor).
 @pytest.mark.parametrize("shape", [(2, 24, 24, 8), (4, 300, 8), (2, 5, 6, 8), (3, 7, 8)])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_linear_fast_path_gradients_agree(shape, with_bias):
+def test_linear_fast_path_gradients_agree(shape, with_bias, monkeypatch):
     """Every formulation of `linear` (a 1x1 convolution on 4-D maps under PyTorch) and its gradients."""
     rng = np.random.default_rng(5)
     x = rng.normal(size=shape).astype("float32")
@@ -186,13 +186,28 @@ def test_linear_fast_path_gradients_agree(shape, with_bias):
     actual = _gradient(make(convnext_ops.linear), x, kernel, weights)
     for e, a in zip(expected, actual):
         np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-4)
-    with _inference():  # PyTorch: oneDNN's product
-        x_t, k_t = ops.convert_to_tensor(x), ops.convert_to_tensor(kernel)
-        np.testing.assert_allclose(
-            ops.convert_to_numpy(make(convnext_ops.linear)(x_t, k_t)),
-            ops.convert_to_numpy(make(convnext_ops.portable_linear)(x_t, k_t)),
-            rtol=1e-5, atol=1e-4,
-        )
+    for _ in _each_inference_product(monkeypatch):
+        with _inference():
+            x_t, k_t = ops.convert_to_tensor(x), ops.convert_to_tensor(kernel)
+            np.testing.assert_allclose(
+                ops.convert_to_numpy(make(convnext_ops.linear)(x_t, k_t)),
+                ops.convert_to_numpy(make(convnext_ops.portable_linear)(x_t, k_t)),
+                rtol=1e-5, atol=1e-4,
+            )
+
+
+def _each_inference_product(monkeypatch):
+    """Under PyTorch, yields once with each float32 product at inference (oneDNN's, then MKL's
+    `addmm`, whichever this processor would pick); once elsewhere."""
+    if keras.backend.backend() != "torch":
+        yield None
+        return
+    from keras_convnext.ops import pointwise
+
+    for mkl in (False, True):
+        monkeypatch.setattr(pointwise, "_torch_mkl_is_native", lambda mkl=mkl: mkl)
+        yield "addmm" if mkl else "oneDNN"
+    monkeypatch.undo()
 
 
 def test_pointwise_dense_equals_dense():
@@ -355,10 +370,11 @@ def test_layer_norm_layer_equals_keras_layer_norm():
     )
 
 
-# At inference PyTorch fuses GELU into oneDNN's product; in training (2, 24, 24, 8), 1152
-# positions, takes the 1x1 convolution and (2, 5, 6, 8) `addmm`.
+# At inference PyTorch fuses GELU into oneDNN's product (in float32 on Intel processors, `addmm`
+# and GELU); in training (2, 24, 24, 8), 1152 positions, takes the 1x1 convolution and
+# (2, 5, 6, 8) `addmm`.
 @pytest.mark.parametrize("shape", [(2, 24, 24, 8), (2, 5, 6, 8), (4, 300, 8)])
-def test_linear_gelu_agrees_with_portable(shape):
+def test_linear_gelu_agrees_with_portable(shape, monkeypatch):
     """`linear_gelu` against GELU after the portable Linear: inference, gradients, bfloat16."""
     rng = np.random.default_rng(11)
     x = rng.normal(size=shape).astype("float32")
@@ -370,9 +386,11 @@ def test_linear_gelu_agrees_with_portable(shape):
         from keras_convnext.ops.pointwise import _torch_inference_matmul_works
 
         assert _torch_inference_matmul_works(), "the fused path would go untested on this PyTorch"
+    for _ in _each_inference_product(monkeypatch):
+        with _inference():
+            actual = convnext_ops.linear_gelu(ops.convert_to_tensor(x), ops.convert_to_tensor(kernel), bias)
+            np.testing.assert_allclose(ops.convert_to_numpy(actual), expected, rtol=1e-5, atol=1e-4)
     with _inference():
-        actual = convnext_ops.linear_gelu(ops.convert_to_tensor(x), ops.convert_to_tensor(kernel), bias)
-        np.testing.assert_allclose(ops.convert_to_numpy(actual), expected, rtol=1e-5, atol=1e-4)
         x_bf16, kernel_bf16, bias_bf16 = (ops.cast(ops.convert_to_tensor(a), "bfloat16") for a in (x, kernel, bias))
         actual_bf16 = ops.cast(convnext_ops.linear_gelu(x_bf16, kernel_bf16, bias_bf16), "float32")
         np.testing.assert_allclose(ops.convert_to_numpy(actual_bf16), expected, rtol=5e-2, atol=1e-1)

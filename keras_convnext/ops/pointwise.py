@@ -5,7 +5,8 @@ that backend the fast paths fuse what they can: the Linear bias goes into
 the matrix product, and GRN's scale-and-shift is one `addcmul`. oneDNN's
 kernels use AVX-512 where MKL's `addmm` does not on every processor: at
 inference the Linear is oneDNN's matrix product, with GELU applied as it
-writes; in training, from 1024 positions up, it is a 1x1 convolution over
+writes (float32 on Intel processors keeps `addmm`: MKL takes its AVX-512
+path there and wins); in training, from 1024 positions up, it is a 1x1 convolution over
 the channels_last memory, which PyTorch hands to oneDNN (1.6x-2.2x faster
 forward+backward at ConvNeXt V2 Tiny's shapes on an AMD EPYC, see
 benchmarks/README.md). TensorFlow's graphs without XLA also run each
@@ -49,7 +50,8 @@ def _torch_linear(inputs, kernel, bias=None, gelu=False):
     kernel, bias = (None if weight is None else _torch_tensor(weight) for weight in (kernel, bias))
     channels = inputs.shape[-1]
     positions = inputs.numel() // max(channels, 1)
-    if _torch_inference_matmul_applies(inputs):
+    inference = _torch_inference_matmul_applies(inputs)
+    if inference and not (inputs.dtype == torch.float32 and _torch_mkl_is_native()):
         # oneDNN's matrix product reads the plain weight as it is (no re-layout,
         # unlike its convolution) and can apply GELU as it writes the output:
         # one pass less over the block's widest tensor. V2 Tiny, one block per
@@ -59,7 +61,7 @@ def _torch_linear(inputs, kernel, bias=None, gelu=False):
         activation = ("gelu", [None], "none") if gelu else ("none", [], "")
         outputs = torch.ops.mkldnn._linear_pointwise(inputs.reshape(-1, channels), kernel.t(), bias, *activation)
         return outputs.reshape(*inputs.shape[:-1], kernel.shape[-1])
-    if inputs.dtype in (torch.float32, torch.bfloat16) and positions >= _TORCH_CONV_MIN_POSITIONS:
+    if not inference and inputs.dtype in (torch.float32, torch.bfloat16) and positions >= _TORCH_CONV_MIN_POSITIONS:
         # Any other rank (the FCMAE fast path's gathered tokens) is viewed as
         # one (1, positions, 1, channels) map. permute() only relabels strides:
         # the 1x1 convolution reads the NHWC memory as a channels_last NCHW
@@ -73,6 +75,33 @@ def _torch_linear(inputs, kernel, bias=None, gelu=False):
         outputs = torch.mm(flat, kernel) if bias is None else torch.addmm(bias, flat, kernel)
         outputs = outputs.reshape(*inputs.shape[:-1], kernel.shape[-1])
     return F.gelu(outputs) if gelu else outputs
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_mkl_is_native():
+    """Whether PyTorch's float32 `addmm` is MKL on an Intel processor, where MKL takes its AVX-512 path.
+
+    There `addmm` and a separate GELU beat oneDNN's product at inference
+    (V2 Tiny on an Intel Xeon with AMX, one process, alternating: batch 1
+    1.11x faster, batch 8 even); elsewhere (an AMD EPYC: batch 1 13.0 -> 9.3
+    ms for one block per stage) oneDNN's product wins.
+    """
+    import torch
+
+    return bool(torch.backends.mkl.is_available()) and "GenuineIntel" in _cpu_vendor()
+
+
+def _cpu_vendor():
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor()  # Windows: "Intel64 Family 6 Model 85 Stepping 7, GenuineIntel"
 
 
 def _torch_inference_matmul_applies(inputs):
