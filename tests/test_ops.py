@@ -152,6 +152,36 @@ def test_pointwise_fast_paths_agree_with_portable():
         np.testing.assert_allclose(ops.convert_to_numpy(fn(x_t, g_t, be_t)), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_torch_grn_statistics_in_chunks_at_inference(dtype, monkeypatch):
+    """At inference PyTorch sums the squares of a large map a few samples at a time."""
+    if keras.backend.backend() != "torch":
+        pytest.skip("PyTorch-only formulation")
+    import torch
+
+    from keras_convnext.ops import pointwise
+
+    rng = np.random.default_rng(21)
+    x = rng.normal(size=(5, 4, 3, 6)).astype("float32")
+    x[3] *= 30.0  # one sample far larger, so that mixing samples up shows
+    gamma, beta = rng.normal(size=(2, 6)).astype("float32")
+    x_t = ops.cast(ops.convert_to_tensor(x), dtype)
+    whole = ops.convert_to_numpy(ops.cast(pointwise._torch_sum_of_squares(x_t), "float32"))
+    calls = []
+    cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda tensors, *args: calls.append(len(tensors)) or cat(tensors, *args))
+    monkeypatch.setattr(pointwise, "_TORCH_CHUNK_BYTES", 2 * 4 * 3 * 6 * 4)  # two samples' float32 squares
+    with torch.no_grad():
+        chunked = ops.convert_to_numpy(pointwise._torch_sum_of_squares(x_t))
+        actual = ops.convert_to_numpy(ops.cast(convnext_ops.grn(x_t, gamma, beta), "float32"))
+    assert calls and calls[0] == 3  # samples (0, 1), (2, 3), (4)
+    assert chunked.shape == (5, 1, 1, 6) and chunked.dtype == np.float32
+    np.testing.assert_allclose(chunked, whole, rtol=1e-6)
+    expected = ops.convert_to_numpy(ops.cast(convnext_ops.portable_grn(x_t, gamma, beta), "float32"))
+    tolerance = 1e-5 if dtype == "float32" else 5e-2
+    np.testing.assert_allclose(actual, expected, rtol=tolerance, atol=tolerance * np.abs(expected).max())
+
+
 def test_grn_in_bfloat16_agrees_with_float32_statistics():
     """PyTorch sums bfloat16 squares into float32; the portable GRN casts to float32 first."""
     rng = np.random.default_rng(8)

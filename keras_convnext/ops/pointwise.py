@@ -74,6 +74,10 @@ def _torch_linear(inputs, kernel, bias=None, gelu=False):
         flat = inputs.reshape(-1, channels)
         outputs = torch.mm(flat, kernel) if bias is None else torch.addmm(bias, flat, kernel)
         outputs = outputs.reshape(*inputs.shape[:-1], kernel.shape[-1])
+    if gelu and inference:
+        # In place on the product just made: no second block as large as the
+        # block's widest tensor (see `_TORCH_CHUNK_BYTES`).
+        return torch._C._nn.gelu_(outputs)
     return F.gelu(outputs) if gelu else outputs
 
 
@@ -371,10 +375,37 @@ def _torch_grn_factor(inputs, gamma, epsilon):
     """`_grn_scale` in torch's own operations: `(batch, 1, 1, channels)`, in the input's dtype."""
     import torch
 
-    squares = inputs.square() if inputs.dtype == torch.bfloat16 else inputs.float().square()
-    spatial_norm = squares.sum(dim=(1, 2), keepdim=True).float().sqrt()
+    spatial_norm = _torch_sum_of_squares(inputs).sqrt()
     relative = spatial_norm / (spatial_norm.mean(dim=-1, keepdim=True) + epsilon)
     return (1.0 + _torch_tensor(gamma, torch.float32) * relative).to(inputs.dtype)
+
+
+# Eager PyTorch allocates every result afresh, and glibc hands out blocks over
+# 32 MB as new pages, each of which costs a page fault when first written
+# (about 1 us per 4 KB page on the Intel machine of the benchmarks). V2 Tiny's
+# stage-1 hidden map at batch 8 is 38.5 MB in float32: its squares, computed
+# whole, faulted on every pass. Below this size a temporary comes from memory
+# the allocator keeps.
+_TORCH_CHUNK_BYTES = 8 << 20
+
+
+def _torch_sum_of_squares(inputs):
+    """`sum(inputs ** 2)` over axes 1 and 2: `(batch, 1, 1, channels)`, float32.
+
+    At inference the squares of a large map are made a few samples at a
+    time (see `_TORCH_CHUNK_BYTES`).
+    """
+    import torch
+
+    def sums(x):
+        squares = x.square() if x.dtype == torch.bfloat16 else x.float().square()
+        return squares.sum(dim=(1, 2), keepdim=True).float()
+
+    sample_bytes = max(inputs[0].numel() * 4, 1) if inputs.shape[0] else 1
+    if torch.is_grad_enabled() or inputs.shape[0] * sample_bytes <= _TORCH_CHUNK_BYTES:
+        return sums(inputs)
+    samples = max(1, _TORCH_CHUNK_BYTES // sample_bytes)
+    return torch.cat([sums(chunk) for chunk in inputs.split(samples)])
 
 
 def _torch_tensor(value, dtype=None):
