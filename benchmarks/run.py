@@ -216,6 +216,26 @@ def _timed(fn, repeats, warm=False):
     return first, float(np.median(times))
 
 
+def _page_faults_per_call(fn, repeats=3):
+    """Median minor page faults of a call (new 4 KB pages touched for the first time), or None.
+
+    Eager frameworks allocate every result afresh; blocks over 32 MB come
+    from the system as new pages, each faulting when first written. The cost
+    per fault varies by machine and load, so it explains part of the spread
+    between runs.
+    """
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    counts = []
+    for _ in range(repeats):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        fn()
+        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return float(np.median(counts))
+
+
 def _inference_result(args, first, seconds, seconds_b1, first_peak, steady_peak):
     return {
         "inference_images_per_s": args.batch_size / seconds,
@@ -337,6 +357,9 @@ def keras_worker(args):
     )
     _, seconds_b1 = _timed(lambda: keras.ops.convert_to_numpy(model.predict_on_batch(images[:1])), args.repeats)
     result = _inference_result(args, first, seconds, seconds_b1, first_peak, steady_peak)
+    result["page_faults_per_call"] = _page_faults_per_call(
+        lambda: keras.ops.convert_to_numpy(model.predict_on_batch(images))
+    )
     result["device"] = device
     if args.device != "cpu":
         result.update(_precision_settings(keras.backend.backend()))
@@ -399,6 +422,7 @@ def reference_worker(args):
     )
     _, seconds_b1 = _timed(lambda: infer(images[:1]), args.repeats)
     result = _inference_result(args, first, seconds, seconds_b1, first_peak, steady_peak)
+    result["page_faults_per_call"] = _page_faults_per_call(lambda: infer(images))
     result["device"] = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     if device.type == "cuda":
         result.update(_precision_settings("torch"))
@@ -615,6 +639,13 @@ def markdown(report):
             "bfloat16 square products, GFLOP/s: "
             + ", ".join(f"{name.split('/')[-1]} {value:.1f}" for name, value in bf16_peaks.items())
             + "."
+        )
+    faults = {name: row["page_faults_per_call"] for name, row in rows.items()
+              if row.get("page_faults_per_call") is not None}
+    if faults:
+        lines.append(
+            f"Minor page faults per inference call (batch {report['batch_size']}; 4 KB pages written for the "
+            "first time): " + ", ".join(f"{name} {value:.0f}" for name, value in faults.items()) + "."
         )
     rounds = report.get("rounds", [])
     if len(rounds) > 1:

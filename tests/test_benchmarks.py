@@ -26,7 +26,8 @@ def test_markdown_ratios_and_peaks():
         "results": {
             "pytorch-reference": _row(10.0, 60.0, 300.0, train_steps_per_s=0.2, matmul_peak_gflops=220.0,
                                       bfloat16_matmul_peak_gflops=900.0),
-            "keras_convnext/jax": _row(20.0, 30.0, 330.0, train_steps_per_s=0.1, matmul_peak_gflops=480.0),
+            "keras_convnext/jax": _row(20.0, 30.0, 330.0, train_steps_per_s=0.1, matmul_peak_gflops=480.0,
+                                       page_faults_per_call=2500.0),
             "keras_convnext/torch": {"error": ["boom"]},
         },
     }
@@ -40,6 +41,7 @@ def test_markdown_ratios_and_peaks():
     assert "Matrix-multiply peak: 480.0 GFLOP/s" in text and "jax 480.0" in text
     assert "bfloat16 square products, GFLOP/s: pytorch-reference 900.0." in text
     assert "| keras_convnext/torch | failed: boom |" in text
+    assert "Minor page faults per inference call (batch 8; " in text and "): keras_convnext/jax 2500." in text
 
 
 def test_rounds_report_medians_and_each_rounds_ratios():
@@ -87,6 +89,25 @@ def test_steady_inference_counts_later_calls_not_the_first():
     assert first > 0 and seconds > 0
     assert first_peak >= 190
     assert 30 <= steady_peak < 150
+
+
+def test_page_faults_count_fresh_pages_of_each_call():
+    pytest.importorskip("resource")
+    import mmap
+
+    size = 16 * 2**20
+
+    def write_pages(memory):
+        for offset in range(0, size, 4096):
+            memory[offset] = 1
+
+    kept = mmap.mmap(-1, size)
+    write_pages(kept)
+    fresh = run._page_faults_per_call(lambda: write_pages(mmap.mmap(-1, size)))
+    reused = run._page_faults_per_call(lambda: write_pages(kept))
+    # 4096 pages of 4 KB; at least one fault per 2 MB where the system backs them with huge pages
+    assert fresh >= size / 2**21
+    assert reused <= fresh / 4
 
 
 def test_medians_keep_settings_and_gpu_markdown_names_its_memory_and_precision():
