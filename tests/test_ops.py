@@ -228,16 +228,18 @@ def test_linear_fast_path_gradients_agree(shape, with_bias, monkeypatch):
 
 def _each_inference_product(monkeypatch):
     """Under PyTorch, yields once with each float32 product at inference (oneDNN's, then MKL's
-    `addmm`, whichever this processor would pick); once elsewhere."""
+    `addmm`, whichever this processor would pick), then restores the processor's choice; once
+    elsewhere."""
     if keras.backend.backend() != "torch":
-        yield None
+        yield
         return
     from keras_convnext.ops import pointwise
 
+    own_choice = pointwise._torch_mkl_is_native
     for mkl in (False, True):
         monkeypatch.setattr(pointwise, "_torch_mkl_is_native", lambda mkl=mkl: mkl)
-        yield "addmm" if mkl else "oneDNN"
-    monkeypatch.undo()
+        yield
+    monkeypatch.setattr(pointwise, "_torch_mkl_is_native", own_choice)
 
 
 def test_pointwise_dense_equals_dense():

@@ -6,10 +6,10 @@ the matrix product, and GRN's scale-and-shift is one `addcmul`. oneDNN's
 kernels use AVX-512 where MKL's `addmm` does not on every processor: at
 inference the Linear is oneDNN's matrix product, with GELU applied as it
 writes (float32 on Intel processors keeps `addmm`: MKL takes its AVX-512
-path there and wins); in training, from 1024 positions up, it is a 1x1 convolution over
-the channels_last memory, which PyTorch hands to oneDNN (1.6x-2.2x faster
-forward+backward at ConvNeXt V2 Tiny's shapes on an AMD EPYC, see
-benchmarks/README.md). TensorFlow's graphs without XLA also run each
+path there and wins); in training, from 1024 positions up, it is a 1x1
+convolution over the channels_last memory, which PyTorch hands to oneDNN
+(1.6x-2.2x faster forward+backward at ConvNeXt V2 Tiny's shapes on an AMD
+EPYC, see benchmarks/README.md). TensorFlow's graphs without XLA also run each
 operation as its own pass: there the Linear is written in the form its
 graph optimizer hands to oneDNN as one product with bias and GELU, and
 GRN's scale and shift fold into the product that follows. XLA (JAX,
@@ -382,7 +382,7 @@ def _torch_grn_factor(inputs, gamma, epsilon):
 
 # Eager PyTorch allocates every result afresh, and glibc hands out blocks over
 # 32 MB as new pages, each of which costs a page fault when first written
-# (about 1 us per 4 KB page on the Intel machine of the benchmarks). V2 Tiny's
+# (1-2.6 us per 4 KB page on the Intel machine of the benchmarks). V2 Tiny's
 # stage-1 hidden map at batch 8 is 38.5 MB in float32: its squares, computed
 # whole, faulted on every pass. Below this size a temporary comes from memory
 # the allocator keeps.
@@ -401,10 +401,10 @@ def _torch_sum_of_squares(inputs):
         squares = x.square() if x.dtype == torch.bfloat16 else x.float().square()
         return squares.sum(dim=(1, 2), keepdim=True).float()
 
-    sample_bytes = max(inputs[0].numel() * 4, 1) if inputs.shape[0] else 1
-    if torch.is_grad_enabled() or inputs.shape[0] * sample_bytes <= _TORCH_CHUNK_BYTES:
+    float32_bytes = 4 * inputs.numel()
+    if torch.is_grad_enabled() or float32_bytes <= _TORCH_CHUNK_BYTES:
         return sums(inputs)
-    samples = max(1, _TORCH_CHUNK_BYTES // sample_bytes)
+    samples = max(1, _TORCH_CHUNK_BYTES * inputs.shape[0] // float32_bytes)
     return torch.cat([sums(chunk) for chunk in inputs.split(samples)])
 
 
