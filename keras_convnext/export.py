@@ -38,6 +38,8 @@ import uuid
 
 import numpy as np
 
+from keras_convnext.ops.pointwise import tracing_for_export
+
 FORMATS = ("saved_model", "tflite", "tflite-fp16", "tflite-int8", "onnx")
 _SUFFIX = {"saved_model": "", "tflite": ".tflite", "tflite-fp16": "_fp16.tflite",
            "tflite-int8": "_int8.tflite", "onnx": ".onnx"}
@@ -207,6 +209,11 @@ def write_artifacts(model, targets, image_size=224):
 
     if keras.backend.backend() != "tensorflow":
         raise RuntimeError("write_artifacts runs on the TensorFlow backend; use export() from other backends.")
+    with tracing_for_export():
+        return _write_artifacts(model, targets, image_size)
+
+
+def _write_artifacts(model, targets, image_size):
     data_format, height, width = _layout(model)
     free_shape = _resolution_free(model, data_format)
     dynamic = free_shape[1:3] == (None, None) or free_shape[2:4] == (None, None)

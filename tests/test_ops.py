@@ -499,6 +499,80 @@ def test_tensorflow_linear_graph_has_the_fusable_chain():
     )
 
 
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow graphs")
+@pytest.mark.parametrize("batch", [3, None])
+def test_tensorflow_layer_norm_is_one_fused_kernel(batch, monkeypatch):
+    """oneDNN's single-pass LayerNorm after TensorFlow's graph optimizer, with a static batch too.
+
+    Values and gradients (outside XLA, as in `fit`) against Keras' formulation,
+    in float32 and bfloat16; Keras' formulation under XLA, while tracing for
+    export, and where the fused kernel is not available.
+    """
+    import tensorflow as tf
+
+    from keras_convnext.ops import pointwise
+
+    if not pointwise._tensorflow_fuses_layer_norm():
+        pytest.skip("TensorFlow without oneDNN's graph rewrites, or with a GPU")
+    rng = np.random.default_rng(17)
+    x = (rng.normal(size=(3, 5, 6, 8)) * 3 + 1).astype("float32")
+    gamma, beta = (rng.normal(size=(2, 8)) + 1).astype("float32")
+    weights = rng.normal(size=x.shape).astype("float32")
+    spec = tf.TensorSpec((batch, 5, 6, 8), tf.float32)
+
+    def traced(fn, **kwargs):
+        return tf.function(lambda a: fn(a, gamma, beta, 1e-6), input_signature=[spec], **kwargs)
+
+    fused = traced(convnext_ops.layer_norm)
+    assert "_MklLayerNorm" in _optimized_op_types(fused)
+    assert fused.get_concrete_function().output_shapes == (batch, 5, 6, 8)
+    expected = ops.convert_to_numpy(convnext_ops.portable_layer_norm(x, gamma, beta, 1e-6))
+    np.testing.assert_allclose(fused(x).numpy(), expected, rtol=1e-5, atol=1e-5)
+
+    def gradients(fn):
+        def of(a, g):
+            with tf.GradientTape() as tape:
+                tape.watch([a, g])
+                loss = tf.reduce_sum(fn(a, g, tf.constant(beta), 1e-6) * weights)
+            return tape.gradient(loss, [a, g])
+
+        return [t.numpy() for t in tf.function(of)(tf.constant(x), tf.constant(gamma))]
+
+    for e, a in zip(gradients(convnext_ops.portable_layer_norm), gradients(convnext_ops.layer_norm)):
+        np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-4)
+    x_bf16 = tf.cast(x, tf.bfloat16)
+    bf16 = tf.function(lambda a: convnext_ops.layer_norm(a, gamma, beta, 1e-6))
+    assert "_MklLayerNorm" in _optimized_op_types(bf16, tf.TensorSpec(x.shape, tf.bfloat16))
+    _assert_bfloat16_layer_norm_matches_keras(x_bf16, gamma, beta)
+    np.testing.assert_allclose(
+        tf.cast(bf16(x_bf16), tf.float32).numpy(),
+        tf.cast(convnext_ops.portable_layer_norm(x_bf16, gamma, beta, 1e-6), tf.float32).numpy(),
+        rtol=2e-2, atol=2e-2,
+    )
+
+    def batch_norms(fn):
+        return [op for op in fn.get_concrete_function().graph.get_operations() if op.type == "FusedBatchNormV3"]
+
+    assert batch_norms(fused)
+    assert not batch_norms(traced(convnext_ops.layer_norm, jit_compile=True))
+    with pointwise.tracing_for_export():
+        assert not batch_norms(traced(convnext_ops.layer_norm))
+    monkeypatch.setattr(pointwise, "_tensorflow_fuses_layer_norm", lambda: False)
+    assert not batch_norms(traced(convnext_ops.layer_norm))
+
+
+def _optimized_op_types(fn, *specs):
+    """Operation types of `fn`'s graph after TensorFlow's default graph optimizations (grappler)."""
+    import tensorflow as tf
+    from tensorflow.core.protobuf import config_pb2
+    from tensorflow.python.grappler import tf_optimizer
+
+    concrete = fn.get_concrete_function(*specs)
+    meta_graph = tf.compat.v1.train.export_meta_graph(graph_def=concrete.graph.as_graph_def(), graph=concrete.graph)
+    meta_graph.collection_def["train_op"].node_list.value.extend(t.op.name for t in concrete.outputs)
+    return {node.op for node in tf_optimizer.OptimizeGraph(config_pb2.ConfigProto(), meta_graph).node}
+
+
 def _consumers_of(op, depth):
     found, frontier = [], [op]
     for _ in range(depth):
