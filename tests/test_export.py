@@ -141,3 +141,23 @@ def test_failed_verification_leaves_nothing_behind(tmp_path, monkeypatch):
 def test_unknown_format_is_refused(tmp_path):
     with pytest.raises(ValueError, match="Unknown export format 'coreml'"):
         keras_convnext.export(_small_model(), str(tmp_path / "m"), format="coreml")
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the model as this backend traces it")
+def test_tflite_converter_takes_the_model_as_traced_for_speed(tmp_path):
+    """TensorFlow's own converter, outside `keras_convnext.export`, reads the fast graph too.
+
+    `keras_convnext.export` traces the standard formulation
+    (`tracing_for_export`); a user who hands the model to the converter
+    directly gets the graph traced for speed, with its LayerNorm form.
+    """
+    import tensorflow as tf
+
+    model = _small_model()
+    inputs = keras.Input(batch_shape=(None, SIZE, SIZE, 3))
+    fixed = keras.Model(inputs, model(inputs, training=False))
+    path = tmp_path / "direct.tflite"
+    path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(fixed).convert())
+    images = sample_images(SIZE, SIZE)
+    got = _run_artifact("tflite", str(path), images)
+    np.testing.assert_allclose(got, np.asarray(model.predict(images, verbose=0)), atol=1e-4)

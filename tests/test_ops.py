@@ -61,8 +61,12 @@ def test_depthwise_gradients_agree(shape):
         np.testing.assert_allclose(actual, expected, atol=1e-4)
 
 
-def _gradient(fn, *arrays):
-    """Gradients of `sum(fn(*inputs) * weights)` for every input; `arrays` is `(*inputs, weights)`."""
+def _gradient(fn, *arrays, tensorflow_graph=False):
+    """Gradients of `sum(fn(*inputs) * weights)` for every input; `arrays` is `(*inputs, weights)`.
+
+    On TensorFlow in an XLA-compiled function, or with `tensorflow_graph` in a
+    plain graph (as `fit` runs without `jit_compile`).
+    """
     *inputs, weights = arrays
     backend = keras.backend.backend()
     if backend == "jax":
@@ -79,7 +83,8 @@ def _gradient(fn, *arrays):
             return tape.gradient(loss, a)
 
         # under XLA, depthwise_conv2d takes the shifted path and its custom gradient
-        compiled = tf.function(gradients, jit_compile=fn is not convnext_ops.portable_depthwise_conv2d)
+        jit_compile = fn is not convnext_ops.portable_depthwise_conv2d and not tensorflow_graph
+        compiled = tf.function(gradients, jit_compile=jit_compile)
         return [g.numpy() for g in compiled(*(tf.constant(a) for a in inputs))]
     import torch
 
@@ -466,6 +471,15 @@ def test_grn_linear_agrees_with_portable(shape):
     gradients = _gradient(make(convnext_ops.grn_linear), x, gamma, beta, kernel, weights)
     for e, a in zip(expected_gradients, gradients):
         np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-3)
+    if keras.backend.backend() == "tensorflow":  # and TensorFlow's own kernels, outside XLA
+        gradients = _gradient(make(convnext_ops.grn_linear), x, gamma, beta, kernel, weights, tensorflow_graph=True)
+        for e, a in zip(expected_gradients, gradients):
+            np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-3)
+        grn_weights = rng.normal(size=x.shape).astype("float32")
+        expected_gradients = _gradient(convnext_ops.portable_grn, x, gamma, beta, grn_weights)
+        gradients = _gradient(convnext_ops.grn, x, gamma, beta, grn_weights, tensorflow_graph=True)
+        for e, a in zip(expected_gradients, gradients):
+            np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow graphs")
@@ -530,13 +544,7 @@ def test_tensorflow_layer_norm_is_one_fused_kernel(batch, monkeypatch):
     np.testing.assert_allclose(fused(x).numpy(), expected, rtol=1e-5, atol=1e-5)
 
     def gradients(fn):
-        def of(a, g):
-            with tf.GradientTape() as tape:
-                tape.watch([a, g])
-                loss = tf.reduce_sum(fn(a, g, tf.constant(beta), 1e-6) * weights)
-            return tape.gradient(loss, [a, g])
-
-        return [t.numpy() for t in tf.function(of)(tf.constant(x), tf.constant(gamma))]
+        return _gradient(lambda a, g, b: fn(a, g, b, 1e-6), x, gamma, beta, weights, tensorflow_graph=True)
 
     for e, a in zip(gradients(convnext_ops.portable_layer_norm), gradients(convnext_ops.layer_norm)):
         np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-4)
