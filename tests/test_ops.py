@@ -187,6 +187,44 @@ def test_torch_grn_statistics_in_chunks_at_inference(dtype, monkeypatch):
     np.testing.assert_allclose(actual, expected, rtol=tolerance, atol=tolerance * np.abs(expected).max())
 
 
+def test_torch_off_the_cpu_takes_the_reference_products(monkeypatch):
+    """Off the CPU (a GPU), every Linear is `addmm` and GRN's squares are summed in one pass.
+
+    PyTorch's "meta" device stands in for a GPU: tensors with shapes and no
+    data, on a device that is not the CPU. The same calls on the CPU take the
+    1x1 convolution and the chunks, so the recorders below can see them.
+    """
+    if keras.backend.backend() != "torch":
+        pytest.skip("PyTorch-only formulation")
+    import torch
+    import torch.nn.functional as F
+
+    from keras_convnext.ops import pointwise
+
+    convolutions, concatenations = [], []
+    conv2d, cat = F.conv2d, torch.cat
+    monkeypatch.setattr(F, "conv2d", lambda *args, **kwargs: convolutions.append(1) or conv2d(*args, **kwargs))
+    monkeypatch.setattr(torch, "cat", lambda *args, **kwargs: concatenations.append(1) or cat(*args, **kwargs))
+    monkeypatch.setattr(pointwise, "_TORCH_CHUNK_BYTES", 4 * 64 * 64 * 8)  # one sample's float32 squares
+    for device in ("meta", "cpu"):
+        convolutions.clear()
+        concatenations.clear()
+        x = torch.ones(2, 64, 64, 8, device=device)  # 8192 positions: over `_TORCH_CONV_MIN_POSITIONS`
+        kernel, bias = torch.ones(8, 12, device=device), torch.ones(12, device=device)
+        for training in (True, False):
+            with torch.set_grad_enabled(training):
+                outputs = pointwise._torch_linear(x, kernel, bias, gelu=True)
+                sums = pointwise._torch_sum_of_squares(x)
+            assert outputs.shape == (2, 64, 64, 12) and outputs.device.type == device
+            assert sums.shape == (2, 1, 1, 8) and sums.dtype == torch.float32
+        if device == "meta":
+            assert not convolutions and not concatenations
+        else:
+            assert convolutions and concatenations  # training's product; inference's chunked squares
+            np.testing.assert_allclose(outputs.numpy(), F.gelu(torch.full((2, 64, 64, 12), 9.0)).numpy())
+            np.testing.assert_allclose(sums.numpy(), np.full((2, 1, 1, 8), 64.0 * 64.0))
+
+
 def test_grn_in_bfloat16_agrees_with_float32_statistics():
     """PyTorch sums bfloat16 squares into float32; the portable GRN casts to float32 first."""
     rng = np.random.default_rng(8)
