@@ -168,6 +168,26 @@ def test_fit_with_drop_path_lowers_loss():
     assert history.history["loss"][-1] < history.history["loss"][0]
 
 
+def test_training_survives_a_dead_channel_in_a_one_position_stage():
+    """A GELU output that is exactly 0 everywhere in a channel leaves the training step finite.
+
+    At 32x32 inputs the last stage has one position, so one GELU output of
+    exactly 0 (PyTorch's GELU below about -5.9; every backend's far below)
+    zeroes that channel's GRN norm, whose gradient must then be 0, as in the
+    reference model, not NaN.
+    """
+    images = np.random.default_rng(4).uniform(0, 255, size=(4, 32, 32, 3)).astype("float32")
+    model = kc.ConvNeXt((1, 1, 1, 1), (16, 32, 48, 64), classes=2, classifier_activation=None)
+    pwconv1 = model.get_layer("stage3_block0").pwconv1
+    bias = np.array(pwconv1.bias)
+    bias[5] = -1000.0  # channel 5 of the widened map is dead for every image
+    pwconv1.bias.assign(bias)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    loss = model.train_on_batch(images, np.arange(4) % 2)
+    assert np.isfinite(loss)
+    assert all(np.isfinite(np.asarray(w)).all() for w in model.trainable_weights)
+
+
 def test_readme_variant_table_matches_the_code():
     import pathlib
     import re

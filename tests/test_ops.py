@@ -520,6 +520,50 @@ def test_grn_linear_agrees_with_portable(shape):
             np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("name", ["grn", "portable_grn", "grn_linear"])
+def test_grn_gradients_where_a_channel_is_zero_match_the_reference(name):
+    """A channel that is zero at every position (norm 0): HF's GRN gives finite gradients, and so must we.
+
+    The norm's gradient there is 0 / 0; `torch.linalg.vector_norm`, which
+    the reference model uses, defines it as 0. Sums over the channel norms
+    carry it to every input of the sample, so a NaN here ends a training run.
+    """
+    import torch
+    from transformers.models.convnextv2.modeling_convnextv2 import ConvNextV2GRN
+
+    rng = np.random.default_rng(22)
+    x = rng.normal(size=(2, 3, 3, 8)).astype("float32")
+    x[0, ..., 2] = 0.0
+    x[1, ..., 5] = 0.0
+    gamma, beta = (rng.normal(size=(2, 8)) + 1.0).astype("float32")
+    kernel, bias = rng.normal(size=(8, 4)).astype("float32"), rng.normal(size=4).astype("float32")
+    projected = name == "grn_linear"
+    weights = rng.normal(size=x.shape[:-1] + ((4,) if projected else (8,))).astype("float32")
+
+    reference = ConvNextV2GRN(8)
+    reference.weight.data = torch.from_numpy(gamma).reshape(1, 1, 1, 8)
+    reference.bias.data = torch.from_numpy(beta).reshape(1, 1, 1, 8)
+    x_t = torch.tensor(x, requires_grad=True)
+    outputs = reference(x_t)
+    if projected:
+        outputs = outputs @ torch.from_numpy(kernel) + torch.from_numpy(bias)
+    (outputs * torch.from_numpy(weights)).sum().backward()
+    expected = [x_t.grad.numpy(), reference.weight.grad.reshape(8).numpy(), reference.bias.grad.reshape(8).numpy()]
+    assert all(np.isfinite(e).all() for e in expected)
+
+    fn = getattr(convnext_ops, name)
+
+    def ours(a, g, b):
+        return fn(a, g, b, kernel, bias, 1e-6) if projected else fn(a, g, b, 1e-6)
+
+    runs = [_gradient(ours, x, gamma, beta, weights)]
+    if keras.backend.backend() == "tensorflow":  # and TensorFlow's own kernels, outside XLA
+        runs.append(_gradient(ours, x, gamma, beta, weights, tensorflow_graph=True))
+    for gradients in runs:
+        for e, a in zip(expected, gradients):
+            np.testing.assert_allclose(np.asarray(a), e, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow graphs")
 def test_tensorflow_linear_graph_has_the_fusable_chain():
     """MatMul -> BiasAdd -> GELU in the traced graph, the chain oneDNN runs as one product.

@@ -474,9 +474,23 @@ def _grn_scale(inputs, gamma, epsilon, sum_of_squares=None):
     """
     if sum_of_squares is None:
         sum_of_squares = ops.sum(ops.square(ops.cast(inputs, "float32")), axis=(1, 2), keepdims=True)
-    spatial_norm = ops.sqrt(sum_of_squares)
+    spatial_norm = _norm_from_sum_of_squares(sum_of_squares)
     relative = spatial_norm / (ops.mean(spatial_norm, axis=-1, keepdims=True) + epsilon)
     return ops.cast(1.0 + ops.cast(gamma, "float32") * relative, inputs.dtype)
+
+
+def _norm_from_sum_of_squares(sum_of_squares):
+    """`sqrt(sum_of_squares)`, with a gradient of 0 rather than NaN where the sum is 0.
+
+    A channel that is zero at every position of a sample has norm 0, and the
+    norm's gradient `x / ||x||` is then 0 / 0. The reference model's
+    `torch.linalg.vector_norm` defines it as 0 there. It happens in training:
+    PyTorch's GELU returns exactly 0 below about -5.9, and at 32x32 inputs
+    stage 4 has one position per channel, so one such activation zeroes a
+    channel's norm and, without this, turned every gradient into NaN.
+    """
+    positive = sum_of_squares > 0
+    return ops.where(positive, ops.sqrt(ops.where(positive, sum_of_squares, 1.0)), 0.0)
 
 
 def portable_grn(inputs, gamma, beta, epsilon=1e-6):
@@ -511,7 +525,12 @@ def _torch_grn_factor(inputs, gamma, epsilon):
     """`_grn_scale` in torch's own operations: `(batch, 1, 1, channels)`, in the input's dtype."""
     import torch
 
-    spatial_norm = _torch_sum_of_squares(inputs).sqrt()
+    sum_of_squares = _torch_sum_of_squares(inputs)
+    if sum_of_squares.requires_grad:  # a zero norm's gradient: see `_norm_from_sum_of_squares`
+        positive = sum_of_squares > 0
+        spatial_norm = torch.where(positive, torch.where(positive, sum_of_squares, 1.0).sqrt(), 0.0)
+    else:  # inference: two operations fewer
+        spatial_norm = sum_of_squares.sqrt()
     relative = spatial_norm / (spatial_norm.mean(dim=-1, keepdim=True) + epsilon)
     return (1.0 + _torch_tensor(gamma, torch.float32) * relative).to(inputs.dtype)
 
