@@ -182,7 +182,8 @@ def test_training_survives_a_dead_channel_in_a_one_position_stage():
     bias = np.array(pwconv1.bias)
     bias[5] = -1000.0  # channel 5 of the widened map is dead for every image
     pwconv1.bias.assign(bias)
-    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=loss_fn)
     loss = model.train_on_batch(images, np.arange(4) % 2)
     assert np.isfinite(loss)
     assert all(np.isfinite(np.asarray(w)).all() for w in model.trainable_weights)
