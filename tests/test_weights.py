@@ -1,12 +1,16 @@
 """Checkpoint loading, proven against HF transformers models with random weights."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 import keras
 
 import keras_convnext as kc
-from conftest import random_images, torch_logits
+from conftest import XLA_LEVEL_FLAG, random_images, torch_logits
 from naming_fixtures import hf_to_official, hf_to_timm
 
 ATTO = ((2, 2, 6, 2), (40, 80, 160, 320))
@@ -195,3 +199,23 @@ def test_decode_predictions_uses_shipped_names():
     assert top[1][0] == "n01443537"
     with pytest.raises(ValueError, match=r"\(batch, 1000\)"):
         kc.decode_predictions(np.zeros((1, 10)))
+
+
+# The parity and fast-path tests, in a process whose XLA compiles at its default
+# level (what users run), since the JAX run compiles at level 0 (conftest.py).
+DEFAULT_LEVEL_TESTS = [
+    "tests/test_weights.py::test_v2_parity_in_every_naming[hf-safetensors]",
+    "tests/test_weights.py::test_v1_parity_in_every_naming[hf-safetensors]",
+    "tests/test_ops.py::test_depthwise_gradients_agree",
+    "tests/test_ops.py::test_linear_gelu_agrees_with_portable",
+]
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="only the JAX run changes XLA's level")
+def test_parity_at_xla_default_optimization_level():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XLA_FLAGS=f"{XLA_LEVEL_FLAG}=3", KERAS_BACKEND="jax")
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *DEFAULT_LEVEL_TESTS]
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "8 passed" in done.stdout, done.stdout[-3000:]
