@@ -9,9 +9,9 @@ if os.environ["KERAS_BACKEND"] == "jax" and XLA_LEVEL_FLAG not in os.environ.get
     # Compiling is most of the JAX run's time (about 10 s per training step of
     # a two-stage test model). At LLVM's level 0 it is about 40% faster: the
     # JAX run took 782 instead of 966 s on 2 cores (before the rerun below,
-    # about 50 s, was added). XLA's own graph passes, and so the arithmetic
-    # the tests check, are the same at every level; tests/test_weights.py
-    # reruns the parity and fast-path tests at the default level, 3.
+    # about 50 s, was added). The level is LLVM's optimization of the code XLA
+    # generates, not what it computes; tests/test_weights.py reruns the parity
+    # and fast-path tests at the default level, 3, which users run.
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_LEVEL_FLAG}=0".strip()
 
 import numpy as np
