@@ -233,7 +233,9 @@ def _run_distributed(backend, tmp_path, env_extra):
 
 @pytest.mark.skipif(BACKEND != "jax", reason="DataParallel on JAX is tested in the JAX run")
 def test_data_parallel_on_two_jax_host_devices(tmp_path):
-    result = _run_distributed("jax", tmp_path, {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    # Appended, so the subprocess keeps the test run's other XLA flags (conftest.py).
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip()
+    result = _run_distributed("jax", tmp_path, {"XLA_FLAGS": flags})
     assert result["replicas"] == 2
     assert result["single_seen"] == [16]
     assert result["multi_seen"] == [8]  # each device holds half of every batch of 16
