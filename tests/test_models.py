@@ -333,6 +333,51 @@ def test_pytorch_inference_takes_the_layer_chain_and_training_the_graph(monkeypa
         model.predict_on_batch(images)
 
 
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_eager_jax_call_runs_compiled_with_current_weights(policy):
+    """On JAX, `model(x)` on concrete arrays runs one jitted program per input shape.
+
+    Its output equals the functional graph run op by op; weights assigned
+    after the first call are the ones used; training calls, stateless calls
+    and calls inside a user's `jax.jit` keep the graph.
+    """
+    if keras.backend.backend() != "jax":
+        pytest.skip("the compiled eager call is JAX's")
+    import jax
+
+    keras.config.set_dtype_policy(policy)
+    keras.utils.set_random_seed(6)
+    model = kc.ConvNeXt((1, 1, 1, 1), (8, 16, 24, 32), input_shape=(None, None, 3), classes=4,
+                        classifier_activation=None)
+    images = np.random.default_rng(6).uniform(0, 255, size=(2, 48, 48, 3)).astype("float32")
+    expected = _graph_output(model, images)
+    got = keras.ops.convert_to_numpy(model(images))
+    assert got.dtype == expected.dtype and np.std(expected.astype("float32")) > 1e-3
+    tolerance = 1e-5 if policy == "float32" else 2e-2
+    np.testing.assert_allclose(got, expected, rtol=tolerance, atol=tolerance)
+    compiled = model.jax_compiled_inference()
+    assert compiled._cache_size() == 1
+    model(images[:, :32, :32])
+    model(images)
+    assert compiled._cache_size() == 2  # one program per input shape
+
+    head = model.get_layer("predictions")
+    head.bias.assign(head.bias.numpy() + 1.0)
+    shifted = keras.ops.convert_to_numpy(model(images))
+    np.testing.assert_allclose(shifted, got + 1.0, rtol=tolerance, atol=tolerance)
+
+    # New input shapes: the compiled path would add a program.
+    model(images[:1], training=True)
+    jax.jit(lambda x: model(x))(images[:, :32, :40])
+    assert compiled._cache_size() == 2
+    # A stateless call uses the values it is given, not the variables'.
+    trainable = [v.value for v in model.trainable_variables]
+    bias_index = [v.path for v in model.trainable_variables].index(head.bias.path)
+    trainable[bias_index] = trainable[bias_index] - 1.0
+    outputs, _ = model.stateless_call(trainable, [v.value for v in model.non_trainable_variables], images)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(outputs), got, rtol=tolerance, atol=tolerance)
+
+
 @pytest.mark.parametrize(
     "first_layer",
     # A layer type the chain does not know, and a known call path with a keyword argument.

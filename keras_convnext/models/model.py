@@ -29,9 +29,10 @@ DIRECT_LAYER_TYPES = (
 def runs_layers_directly():
     """Whether an eager inference call takes the layer chain (`ConvNeXtModel.call`).
 
-    Only PyTorch runs eagerly there: TensorFlow and JAX trace the model once
-    into a graph, where Keras' per-layer Python costs nothing per call, and
-    so does `torch.compile` (`jit_compile=True`), which keeps the graph.
+    Only PyTorch runs eagerly there: TensorFlow's `predict` and JAX's trace
+    the model once into a graph, where Keras' per-layer Python costs nothing
+    per call (an eager JAX call compiles one too, `jax_compiled_inference`),
+    and so does `torch.compile` (`jit_compile=True`), which keeps the graph.
     """
     return keras.backend.backend() == "torch" and not _torch_compiling()
 
@@ -40,27 +41,62 @@ def runs_layers_directly():
 class ConvNeXtModel(keras.Model):
     """A functional Keras model (`ConvNeXtModel(inputs, outputs, name=...)`).
 
-    Built, saved and loaded like `keras.Model(inputs, outputs)`. One
-    difference: an inference call on concrete tensors (`predict`, `model(x)`)
-    on PyTorch runs each layer's `call` in turn, skipping the per-layer
-    `Layer.__call__` work (argument conversion, training and mask resolution,
-    name scopes); it keeps the input casts and autocast scopes of mixed
-    precision. That work is about 70-150 microseconds per layer in eager
-    mode, several milliseconds per image at batch 1 (benchmarks/README.md,
-    item 20). The result is the same as the functional graph's, which every
-    other call takes: training, masks, symbolic tensors, quantized layers,
-    graphs that are not one chain of the layer types above, and layers with
+    Built, saved and loaded like `keras.Model(inputs, outputs)`. Two
+    differences. On JAX, an eager inference call (`model(x)` on concrete
+    arrays) runs the model compiled, as `predict` does
+    (`jax_compiled_inference`). On PyTorch, an inference call on concrete
+    tensors (`predict`, `model(x)`) runs each layer's `call` in turn,
+    skipping the per-layer `Layer.__call__` work (argument conversion,
+    training and mask resolution, name scopes); it keeps the input casts and
+    autocast scopes of mixed precision. That work is about 70-150
+    microseconds per layer in eager mode, several milliseconds per image at
+    batch 1 (benchmarks/README.md, item 20). The result is the same as the
+    functional graph's, which every other call takes: training, masks,
+    symbolic tensors, traced calls, and on PyTorch quantized layers, graphs
+    that are not one chain of the layer types above, and layers with
     PyTorch forward hooks.
     """
 
     def call(self, inputs, training=None, mask=None):
         symbolic = isinstance(inputs, keras.KerasTensor)
-        if training or mask is not None or symbolic or not runs_layers_directly():
+        if training or mask is not None or symbolic:
+            return super().call(inputs, training=training, mask=mask)
+        if _jax_eager(self, inputs):
+            return self.jax_compiled_inference()(
+                [variable.value for variable in self.trainable_variables],
+                [variable.value for variable in self.non_trainable_variables],
+                inputs,
+            )
+        if not runs_layers_directly():
             return super().call(inputs, training=training, mask=mask)
         chain = self.layer_chain()
         if chain is None or not _direct_calls_apply(chain):
             return super().call(inputs, training=training, mask=mask)
         return self.call_layer_chain(inputs, chain)
+
+    def jax_compiled_inference(self):
+        """`f(trainable_values, non_trainable_values, inputs)`: the inference output, jitted.
+
+        What an eager JAX call (`model(x)` on concrete arrays) runs: the
+        model's `stateless_call` compiled once per input shape, as `predict`
+        compiles it, instead of JAX running each operation as a program of
+        its own (V2 Tiny at batch 1: about 165 ms a call and 9 s for a new
+        input shape, against 81 ms and 2.4 s; benchmarks/README.md, item 30).
+        The variables' current values are arguments, so assigned weights are
+        always the ones used.
+        """
+        cache = self.__dict__.get("_jax_inference_cache")
+        if cache is None:
+            import jax
+
+            def inference(trainable_values, non_trainable_values, inputs):
+                outputs, _ = self.stateless_call(trainable_values, non_trainable_values, inputs, training=False)
+                return outputs
+
+            cache = jax.jit(inference)
+            # Past Keras' attribute tracking, as the layer chain's cache.
+            object.__setattr__(self, "_jax_inference_cache", cache)
+        return cache
 
     def call_layer_chain(self, inputs, chain=None):
         """The inference output computed by calling each layer's `call` in turn.
@@ -96,6 +132,25 @@ class ConvNeXtModel(keras.Model):
             cache = (_find_chain(self),)
             object.__setattr__(self, "_layer_chain_cache", cache)
         return cache[0]
+
+
+def _jax_eager(model, inputs):
+    """Whether this is an eager JAX call on concrete arrays that the compiled inference can run.
+
+    Traced calls (`predict`, `fit`, a user's `jax.jit`), calls inside a
+    stateless scope, and calls inside an autocast scope of another dtype
+    than the model's own (which `Layer.__call__` opens under a mixed
+    policy) keep the functional graph: the compiled program would not see
+    those scopes.
+    """
+    if keras.backend.backend() != "jax" or keras_backend.in_stateless_scope():
+        return False
+    import jax
+
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in keras.tree.flatten(inputs)):
+        return False
+    scope = keras_backend.get_autocast_scope()
+    return scope is None or scope.dtype == model.compute_dtype
 
 
 def _find_chain(model):
