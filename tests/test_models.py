@@ -106,6 +106,14 @@ def test_bad_input_shapes_are_named(input_shape, match):
         kc.ConvNeXtV2Atto(input_shape=input_shape)
 
 
+def test_images_smaller_than_32_pixels_are_named_at_call_time():
+    model = kc.ConvNeXt((1, 1, 1, 1), (8, 16, 24, 32), classes=3)  # any input size
+    with pytest.raises(ValueError, match="downsample3_conv cuts 2x2 patches, but its input map is 1x2"):
+        model(np.zeros((1, 24, 40, 3), "float32"))
+    with pytest.raises(ValueError, match="images must be at least 32x32 pixels"):
+        model.predict(np.zeros((1, 40, 16, 3), "float32"), verbose=0)
+
+
 def test_channels_first_equals_channels_last():
     images = np.random.default_rng(0).uniform(0, 255, size=(2, 48, 64, 3)).astype("float32")
     last = kc.ConvNeXtV2Atto(classifier_activation=None)

@@ -81,6 +81,15 @@ class PatchConv2D(keras.layers.Conv2D):
             )
 
     def call(self, inputs):
+        height, width = inputs.shape[1:3]
+        size = self.kernel_size[0]
+        if any(length is not None and length < size for length in (height, width)):
+            # Otherwise an empty map, and an error from deep inside the backend.
+            raise ValueError(
+                f"{self.name} cuts {size}x{size} patches, but its input map is {height}x{width} "
+                f"(inputs of shape {tuple(inputs.shape)}). A ConvNeXt downsamples by 32, so "
+                "images must be at least 32x32 pixels."
+            )
         if _falls_back(self):
             return super().call(inputs)
         kernel, bias = compute_weights(self)

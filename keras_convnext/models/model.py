@@ -80,8 +80,8 @@ class ConvNeXtModel(keras.Model):
         What an eager JAX call (`model(x)` on concrete arrays) runs: the
         model's `stateless_call` compiled once per input shape, as `predict`
         compiles it, instead of JAX running each operation as a program of
-        its own (V2 Tiny at batch 1: about 165 ms a call and 9 s for a new
-        input shape, against 81 ms and 2.4 s; benchmarks/README.md, item 30).
+        its own (V2 Tiny at batch 1: 94 against 181 ms a call, 3.0 against
+        9.2 s for a new input shape; benchmarks/README.md, item 30).
         The variables' current values are arguments, so assigned weights are
         always the ones used.
         """
