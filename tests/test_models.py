@@ -386,6 +386,26 @@ def test_eager_jax_call_runs_compiled_with_current_weights(policy):
     np.testing.assert_allclose(keras.ops.convert_to_numpy(outputs), got, rtol=tolerance, atol=tolerance)
 
 
+def test_eager_jax_call_equals_predict_with_a_float32_layer_in_a_mixed_model():
+    """The compiled eager call is traced as `predict` is, not inside the call's autocast scope."""
+    if keras.backend.backend() != "jax":
+        pytest.skip("the compiled eager call is JAX's")
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    keras.utils.set_random_seed(7)
+    inputs = keras.Input((8, 8, 16))
+    x = kc.layers.LayerNorm(name="norm")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(4, dtype="float32", name="float32_head")(x)
+    model = kc.ConvNeXtModel(inputs, outputs)
+    features = np.random.default_rng(7).normal(size=(2, 8, 8, 16)).astype("float32")
+    got = keras.ops.convert_to_numpy(model(features))
+    assert model.jax_compiled_inference()._cache_size() == 1
+    expected = model.predict_on_batch(features)
+    assert got.dtype == expected.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got, _graph_output(model, features), rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize(
     "first_layer",
     # A layer type the chain does not know, and a known call path with a keyword argument.

@@ -62,11 +62,12 @@ class ConvNeXtModel(keras.Model):
         if training or mask is not None or symbolic:
             return super().call(inputs, training=training, mask=mask)
         if _jax_eager(self, inputs):
-            return self.jax_compiled_inference()(
-                [variable.value for variable in self.trainable_variables],
-                [variable.value for variable in self.non_trainable_variables],
-                inputs,
-            )
+            # The stored values: under a mixed policy this call runs inside the
+            # model's autocast scope, which would round float32 weights first.
+            with keras_backend.AutocastScope(None):
+                trainable = [variable.value for variable in self.trainable_variables]
+                non_trainable = [variable.value for variable in self.non_trainable_variables]
+            return self.jax_compiled_inference()(trainable, non_trainable, inputs)
         if not runs_layers_directly():
             return super().call(inputs, training=training, mask=mask)
         chain = self.layer_chain()
@@ -90,7 +91,10 @@ class ConvNeXtModel(keras.Model):
             import jax
 
             def inference(trainable_values, non_trainable_values, inputs):
-                outputs, _ = self.stateless_call(trainable_values, non_trainable_values, inputs, training=False)
+                # Traced as `predict` traces it, outside the autocast scope of
+                # the eager call (which `Layer.__call__` of the model opens again).
+                with keras_backend.AutocastScope(None):
+                    outputs, _ = self.stateless_call(trainable_values, non_trainable_values, inputs, training=False)
                 return outputs
 
             cache = jax.jit(inference)
