@@ -280,6 +280,18 @@ def test_layer_chain_equals_the_functional_graph(version, data_format, policy):
     np.testing.assert_allclose(from_pixels, _graph_output(model, pixels), rtol=1e-6, atol=1e-7)
 
 
+def _mixed_model_with_a_float32_head():
+    """A `mixed_bfloat16` ConvNeXtModel (LayerNorm, pooling) ending in a float32 Dense, and its inputs."""
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    keras.utils.set_random_seed(7)
+    inputs = keras.Input((8, 8, 16))
+    x = kc.layers.LayerNorm(name="norm")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(4, dtype="float32", name="float32_head")(x)
+    features = np.random.default_rng(7).normal(size=(2, 8, 8, 16)).astype("float32")
+    return kc.ConvNeXtModel(inputs, outputs), features
+
+
 def test_layer_chain_enters_the_autocast_scopes_of_layer_call():
     """A float32 layer inside a mixed model reads its variables in float32, as through Layer.__call__.
 
@@ -288,14 +300,7 @@ def test_layer_chain_enters_the_autocast_scopes_of_layer_call():
     """
     from keras.src.backend import AutocastScope
 
-    keras.config.set_dtype_policy("mixed_bfloat16")
-    keras.utils.set_random_seed(7)
-    inputs = keras.Input((8, 8, 16))
-    x = kc.layers.LayerNorm(name="norm")(inputs)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    outputs = keras.layers.Dense(4, dtype="float32", name="float32_head")(x)
-    model = kc.ConvNeXtModel(inputs, outputs)
-    features = np.random.default_rng(7).normal(size=(2, 8, 8, 16)).astype("float32")
+    model, features = _mixed_model_with_a_float32_head()
     with AutocastScope("bfloat16"):
         got = keras.ops.convert_to_numpy(model.call_layer_chain(features))
         expected = _graph_output(model, features)
@@ -390,14 +395,7 @@ def test_eager_jax_call_equals_predict_with_a_float32_layer_in_a_mixed_model():
     """The compiled eager call is traced as `predict` is, not inside the call's autocast scope."""
     if keras.backend.backend() != "jax":
         pytest.skip("the compiled eager call is JAX's")
-    keras.config.set_dtype_policy("mixed_bfloat16")
-    keras.utils.set_random_seed(7)
-    inputs = keras.Input((8, 8, 16))
-    x = kc.layers.LayerNorm(name="norm")(inputs)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    outputs = keras.layers.Dense(4, dtype="float32", name="float32_head")(x)
-    model = kc.ConvNeXtModel(inputs, outputs)
-    features = np.random.default_rng(7).normal(size=(2, 8, 8, 16)).astype("float32")
+    model, features = _mixed_model_with_a_float32_head()
     got = keras.ops.convert_to_numpy(model(features))
     assert model.jax_compiled_inference()._cache_size() == 1
     expected = model.predict_on_batch(features)
