@@ -391,13 +391,57 @@ def test_eager_jax_call_runs_compiled_with_current_weights(policy):
     np.testing.assert_allclose(keras.ops.convert_to_numpy(outputs), got, rtol=tolerance, atol=tolerance)
 
 
-def test_eager_jax_call_equals_predict_with_a_float32_layer_in_a_mixed_model():
+def _compiled_eager_programs(model):
+    """How many programs the compiled eager call of `model` has traced (JAX and TensorFlow)."""
+    if keras.backend.backend() == "jax":
+        return model.jax_compiled_inference()._cache_size()
+    return model.tensorflow_compiled_inference().experimental_get_tracing_count()
+
+
+def test_eager_tensorflow_call_runs_a_traced_function_with_current_weights():
+    """On TensorFlow, `model(x)` eagerly runs a `tf.function` of the model, gradients included."""
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("the traced eager call is TensorFlow's")
+    import tensorflow as tf
+    from keras.src.models.functional import Functional
+
+    keras.utils.set_random_seed(6)
+    model = kc.ConvNeXt((1, 1, 1, 1), (8, 16, 24, 32), input_shape=(None, None, 3), classes=4,
+                        classifier_activation=None)
+    images = np.random.default_rng(6).uniform(0, 255, size=(2, 48, 48, 3)).astype("float32")
+    expected = _graph_output(model, images)
+    got = keras.ops.convert_to_numpy(model(images))
+    assert np.std(expected) > 1e-3
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert _compiled_eager_programs(model) == 1
+    model(images)
+    assert _compiled_eager_programs(model) == 1
+
+    head = model.get_layer("predictions")
+    head.bias.assign(head.bias.numpy() + 1.0)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(model(images)), got + 1.0, rtol=1e-5, atol=1e-5)
+    model(images[:1], training=True)  # the functional graph: no new trace
+    assert _compiled_eager_programs(model) == 1
+
+    pixels = tf.constant(images)
+    with tf.GradientTape() as tape:
+        tape.watch(pixels)
+        score = tf.reduce_sum(model(pixels)[:, 0])
+    gradient = tape.gradient(score, pixels).numpy()
+    with tf.GradientTape() as tape:
+        tape.watch(pixels)
+        graph_score = tf.reduce_sum(Functional.call(model, pixels)[:, 0])
+    np.testing.assert_allclose(gradient, tape.gradient(graph_score, pixels).numpy(), rtol=1e-4, atol=1e-6)
+    assert np.abs(gradient).max() > 0
+
+
+def test_eager_call_equals_predict_with_a_float32_layer_in_a_mixed_model():
     """The compiled eager call is traced as `predict` is, not inside the call's autocast scope."""
-    if keras.backend.backend() != "jax":
-        pytest.skip("the compiled eager call is JAX's")
+    if keras.backend.backend() not in ("jax", "tensorflow"):
+        pytest.skip("JAX and TensorFlow compile the eager call")
     model, features = _mixed_model_with_a_float32_head()
     got = keras.ops.convert_to_numpy(model(features))
-    assert model.jax_compiled_inference()._cache_size() == 1
+    assert _compiled_eager_programs(model) == 1
     expected = model.predict_on_batch(features)
     assert got.dtype == expected.dtype == np.float32
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)

@@ -29,10 +29,11 @@ DIRECT_LAYER_TYPES = (
 def runs_layers_directly():
     """Whether an eager inference call takes the layer chain (`ConvNeXtModel.call`).
 
-    Only PyTorch runs eagerly there: TensorFlow's `predict` and JAX's trace
-    the model once into a graph, where Keras' per-layer Python costs nothing
-    per call (an eager JAX call compiles one too, `jax_compiled_inference`),
-    and so does `torch.compile` (`jit_compile=True`), which keeps the graph.
+    Only PyTorch runs eagerly there: TensorFlow and JAX trace the model once
+    into a graph, where Keras' per-layer Python costs nothing per call (for
+    an eager call too: `tensorflow_compiled_inference`,
+    `jax_compiled_inference`), and so does `torch.compile`
+    (`jit_compile=True`), which keeps the graph.
     """
     return keras.backend.backend() == "torch" and not _torch_compiling()
 
@@ -42,9 +43,9 @@ class ConvNeXtModel(keras.Model):
     """A functional Keras model (`ConvNeXtModel(inputs, outputs, name=...)`).
 
     Built, saved and loaded like `keras.Model(inputs, outputs)`. Two
-    differences. On JAX, an eager inference call (`model(x)` on concrete
-    arrays) runs the model compiled, as `predict` does
-    (`jax_compiled_inference`). On PyTorch, an inference call on concrete
+    differences. On TensorFlow and JAX, an eager inference call (`model(x)`
+    on concrete tensors) runs the model traced, as `predict` does
+    (`tensorflow_compiled_inference`, `jax_compiled_inference`). On PyTorch, an inference call on concrete
     tensors (`predict`, `model(x)`) runs each layer's `call` in turn,
     skipping the per-layer `Layer.__call__` work (argument conversion,
     training and mask resolution, name scopes); it keeps the input casts and
@@ -68,6 +69,8 @@ class ConvNeXtModel(keras.Model):
                 trainable = [variable.value for variable in self.trainable_variables]
                 non_trainable = [variable.value for variable in self.non_trainable_variables]
             return self.jax_compiled_inference()(trainable, non_trainable, inputs)
+        if _tensorflow_eager(self):
+            return self.tensorflow_compiled_inference()(inputs)
         if not runs_layers_directly():
             return super().call(inputs, training=training, mask=mask)
         chain = self.layer_chain()
@@ -100,6 +103,27 @@ class ConvNeXtModel(keras.Model):
             cache = jax.jit(inference)
             # Past Keras' attribute tracking, as the layer chain's cache.
             object.__setattr__(self, "_jax_inference_cache", cache)
+        return cache
+
+    def tensorflow_compiled_inference(self):
+        """`f(inputs)`: the inference output as a `tf.function`, what an eager TensorFlow call runs.
+
+        Traced once per input shape (more general shapes after a retrace),
+        as `predict` traces the model, instead of TensorFlow running each
+        operation eagerly (V2 Tiny at batch 1: 233 against 69 ms for
+        `predict_on_batch`; benchmarks/README.md, item 30). The function
+        reads the variables themselves, so assigned weights are the ones used.
+        """
+        cache = self.__dict__.get("_tensorflow_inference_cache")
+        if cache is None:
+            import tensorflow as tf
+
+            def inference(inputs):
+                with keras_backend.AutocastScope(None):  # as for JAX above
+                    return self(inputs, training=False)
+
+            cache = tf.function(inference, reduce_retracing=True)
+            object.__setattr__(self, "_tensorflow_inference_cache", cache)
         return cache
 
     def call_layer_chain(self, inputs, chain=None):
@@ -152,6 +176,18 @@ def _jax_eager(model, inputs):
     import jax
 
     if any(isinstance(leaf, jax.core.Tracer) for leaf in keras.tree.flatten(inputs)):
+        return False
+    scope = keras_backend.get_autocast_scope()
+    return scope is None or scope.dtype == model.compute_dtype
+
+
+def _tensorflow_eager(model):
+    """Whether this is an eager TensorFlow call that the compiled inference can run (as `_jax_eager`)."""
+    if keras.backend.backend() != "tensorflow" or keras_backend.in_stateless_scope():
+        return False
+    import tensorflow as tf
+
+    if not tf.executing_eagerly():
         return False
     scope = keras_backend.get_autocast_scope()
     return scope is None or scope.dtype == model.compute_dtype
