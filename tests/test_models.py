@@ -346,6 +346,15 @@ def test_pytorch_inference_takes_the_layer_chain_and_training_the_graph(monkeypa
         model.predict_on_batch(images)
 
 
+def _any_size_logits_model():
+    """A small ConvNeXt V2 for any image size, with logits out, and two 48x48 images."""
+    keras.utils.set_random_seed(6)
+    model = kc.ConvNeXt((1, 1, 1, 1), (8, 16, 24, 32), input_shape=(None, None, 3), classes=4,
+                        classifier_activation=None)
+    images = np.random.default_rng(6).uniform(0, 255, size=(2, 48, 48, 3)).astype("float32")
+    return model, images
+
+
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
 def test_eager_jax_call_runs_compiled_with_current_weights(policy):
     """On JAX, `model(x)` on concrete arrays runs one jitted program per input shape.
@@ -359,10 +368,7 @@ def test_eager_jax_call_runs_compiled_with_current_weights(policy):
     import jax
 
     keras.config.set_dtype_policy(policy)
-    keras.utils.set_random_seed(6)
-    model = kc.ConvNeXt((1, 1, 1, 1), (8, 16, 24, 32), input_shape=(None, None, 3), classes=4,
-                        classifier_activation=None)
-    images = np.random.default_rng(6).uniform(0, 255, size=(2, 48, 48, 3)).astype("float32")
+    model, images = _any_size_logits_model()
     expected = _graph_output(model, images)
     got = keras.ops.convert_to_numpy(model(images))
     assert got.dtype == expected.dtype and np.std(expected.astype("float32")) > 1e-3
@@ -405,10 +411,7 @@ def test_eager_tensorflow_call_runs_a_traced_function_with_current_weights():
     import tensorflow as tf
     from keras.src.models.functional import Functional
 
-    keras.utils.set_random_seed(6)
-    model = kc.ConvNeXt((1, 1, 1, 1), (8, 16, 24, 32), input_shape=(None, None, 3), classes=4,
-                        classifier_activation=None)
-    images = np.random.default_rng(6).uniform(0, 255, size=(2, 48, 48, 3)).astype("float32")
+    model, images = _any_size_logits_model()
     expected = _graph_output(model, images)
     got = keras.ops.convert_to_numpy(model(images))
     assert np.std(expected) > 1e-3
