@@ -45,11 +45,12 @@ class ConvNeXtModel(keras.Model):
     Built, saved and loaded like `keras.Model(inputs, outputs)`. Two
     differences. On TensorFlow and JAX, an eager inference call (`model(x)`
     on concrete tensors) runs the model traced, as `predict` does
-    (`tensorflow_compiled_inference`, `jax_compiled_inference`). On PyTorch, an inference call on concrete
-    tensors (`predict`, `model(x)`) runs each layer's `call` in turn,
-    skipping the per-layer `Layer.__call__` work (argument conversion,
-    training and mask resolution, name scopes); it keeps the input casts and
-    autocast scopes of mixed precision. That work is about 70-150
+    (`tensorflow_compiled_inference`, `jax_compiled_inference`). On
+    PyTorch, an inference call on concrete tensors (`predict`, `model(x)`)
+    runs each layer's `call` in turn, skipping the per-layer
+    `Layer.__call__` work (argument conversion, training and mask
+    resolution, name scopes); it keeps the input casts and autocast scopes
+    of mixed precision. That work is about 70-150
     microseconds per layer in eager mode, several milliseconds per image at
     batch 1 (benchmarks/README.md, item 20). The result is the same as the
     functional graph's, which every other call takes: training, masks,
@@ -62,14 +63,15 @@ class ConvNeXtModel(keras.Model):
         symbolic = isinstance(inputs, keras.KerasTensor)
         if training or mask is not None or symbolic:
             return super().call(inputs, training=training, mask=mask)
-        if _jax_eager(self, inputs):
+        compiled = _compiled_eager_call(self, inputs)
+        if compiled == "jax":
             # The stored values: under a mixed policy this call runs inside the
             # model's autocast scope, which would round float32 weights first.
             with keras_backend.AutocastScope(None):
                 trainable = [variable.value for variable in self.trainable_variables]
                 non_trainable = [variable.value for variable in self.non_trainable_variables]
             return self.jax_compiled_inference()(trainable, non_trainable, inputs)
-        if _tensorflow_eager(self):
+        if compiled == "tensorflow":
             return self.tensorflow_compiled_inference()(inputs)
         if not runs_layers_directly():
             return super().call(inputs, training=training, mask=mask)
@@ -111,8 +113,9 @@ class ConvNeXtModel(keras.Model):
         Traced once per input shape (more general shapes after a retrace),
         as `predict` traces the model, instead of TensorFlow running each
         operation eagerly (V2 Tiny at batch 1: 60.5 ms a call, where running
-        each operation eagerly took 233; benchmarks/README.md, item 30). The function
-        reads the variables themselves, so assigned weights are the ones used.
+        each operation eagerly took 233; benchmarks/README.md, item 30). The
+        function reads the variables themselves, so assigned weights are the
+        ones used.
         """
         cache = self.__dict__.get("_tensorflow_inference_cache")
         if cache is None:
@@ -162,35 +165,30 @@ class ConvNeXtModel(keras.Model):
         return cache[0]
 
 
-def _jax_eager(model, inputs):
-    """Whether this is an eager JAX call on concrete arrays that the compiled inference can run.
+def _compiled_eager_call(model, inputs):
+    """The backend whose compiled inference runs this call ("jax", "tensorflow"), or None.
 
-    Traced calls (`predict`, `fit`, a user's `jax.jit`), calls inside a
-    stateless scope, and calls inside an autocast scope of another dtype
-    than the model's own (which `Layer.__call__` opens under a mixed
-    policy) keep the functional graph: the compiled program would not see
-    those scopes.
+    Only eager calls on concrete tensors qualify. Traced calls (`predict`,
+    `fit`, a user's `jax.jit` or `tf.function`), calls inside a stateless
+    scope, and calls inside an autocast scope of another dtype than the
+    model's own (which `Layer.__call__` opens under a mixed policy) keep the
+    functional graph: the compiled program would not see those scopes.
     """
-    if keras.backend.backend() != "jax" or keras_backend.in_stateless_scope():
-        return False
-    import jax
+    backend = keras.backend.backend()
+    if backend not in ("jax", "tensorflow") or keras_backend.in_stateless_scope():
+        return None
+    if backend == "jax":
+        import jax
 
-    if any(isinstance(leaf, jax.core.Tracer) for leaf in keras.tree.flatten(inputs)):
-        return False
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in keras.tree.flatten(inputs)):
+            return None
+    else:
+        import tensorflow as tf
+
+        if not tf.executing_eagerly():
+            return None
     scope = keras_backend.get_autocast_scope()
-    return scope is None or scope.dtype == model.compute_dtype
-
-
-def _tensorflow_eager(model):
-    """Whether this is an eager TensorFlow call that the compiled inference can run (as `_jax_eager`)."""
-    if keras.backend.backend() != "tensorflow" or keras_backend.in_stateless_scope():
-        return False
-    import tensorflow as tf
-
-    if not tf.executing_eagerly():
-        return False
-    scope = keras_backend.get_autocast_scope()
-    return scope is None or scope.dtype == model.compute_dtype
+    return backend if scope is None or scope.dtype == model.compute_dtype else None
 
 
 def _find_chain(model):
