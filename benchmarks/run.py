@@ -31,6 +31,7 @@ import re
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -322,11 +323,32 @@ def _variant_shapes(model_name):
     return variant, multiply_adds
 
 
-def keras_worker(args):
+def _keras_inference(args):
+    """(model, infer): `infer(batch)` runs `predict_on_batch` on the first `batch` of `args.batch_size` images.
+
+    The images are pixels in [0, 255], (batch, resolution, resolution, 3).
+    The model is built under the dtype policy already set; the
+    `keras_convnext_jit` implementation compiles it with `jit_compile=True`
+    (torch.compile on PyTorch: its first calls compile).
+    """
     import keras
 
     sys.path.insert(0, ROOT)
     import keras_convnext
+
+    shape = (args.resolution, args.resolution, 3)
+    if args.implementation == "keras_applications":
+        model = getattr(keras.applications, args.model)(weights=None, input_shape=shape, classifier_activation=None)
+    else:
+        model = keras_convnext.CONSTRUCTORS[args.model](input_shape=shape, classifier_activation=None)
+    if args.implementation == "keras_convnext_jit":
+        model.compile(jit_compile=True)
+    images = np.random.default_rng(0).uniform(0, 255, size=(args.batch_size,) + shape).astype("float32")
+    return model, lambda batch: keras.ops.convert_to_numpy(model.predict_on_batch(images[:batch]))
+
+
+def keras_worker(args):
+    import keras
 
     # A first small product starts the backend's runtime (and compiler), which
     # the memory baseline then includes. The large products of the peak
@@ -339,31 +361,20 @@ def keras_worker(args):
     if args.precision != "float32":
         keras.config.set_dtype_policy(args.precision)
     baseline = memory.baseline()
-    shape = (args.resolution, args.resolution, 3)
-    if args.implementation == "keras_applications":
-        build = lambda: getattr(keras.applications, args.model)(
-            weights=None, input_shape=shape, classifier_activation=None
-        )
-    else:
-        build = lambda: keras_convnext.CONSTRUCTORS[args.model](input_shape=shape, classifier_activation=None)
-    model = build()
+    model, infer = _keras_inference(args)
     jit_compile = args.implementation == "keras_convnext_jit"
-    if jit_compile:  # torch.compile on PyTorch; the first calls compile
-        model.compile(jit_compile=True)
-    rng = np.random.default_rng(0)
-    images = rng.uniform(0, 255, size=(args.batch_size,) + shape).astype("float32")
     first, seconds, first_peak, steady_peak = _steady_inference(
-        lambda: keras.ops.convert_to_numpy(model.predict_on_batch(images)), args.repeats, baseline, memory
+        lambda: infer(args.batch_size), args.repeats, baseline, memory
     )
-    _, seconds_b1 = _timed(lambda: keras.ops.convert_to_numpy(model.predict_on_batch(images[:1])), args.repeats)
+    _, seconds_b1 = _timed(lambda: infer(1), args.repeats)
     result = _inference_result(args, first, seconds, seconds_b1, first_peak, steady_peak)
-    result["page_faults_per_call"] = _page_faults_per_call(
-        lambda: keras.ops.convert_to_numpy(model.predict_on_batch(images))
-    )
+    result["page_faults_per_call"] = _page_faults_per_call(lambda: infer(args.batch_size))
     result["device"] = device
     if args.device != "cpu":
         result.update(_precision_settings(keras.backend.backend()))
     if args.train_batch_size:
+        rng = np.random.default_rng(1)
+        shape = (args.resolution, args.resolution, 3)
         train_images = rng.uniform(0, 255, size=(args.train_batch_size,) + shape).astype("float32")
         labels = rng.integers(0, 1000, size=(args.train_batch_size,))
         model.compile(
@@ -386,7 +397,14 @@ def keras_worker(args):
     return result
 
 
-def reference_worker(args):
+def _reference_inference(args):
+    """(model, infer, precision) for HF transformers' ConvNeXt of `args.model`'s shape, random weights.
+
+    `infer(batch)` runs the first `batch` of `args.batch_size` images in [0, 1)
+    without gradients and copies the logits to the host; `precision()` is the
+    autocast context (bfloat16 for the `reference_autocast` implementation,
+    otherwise disabled), which the training step uses too.
+    """
     import torch
     import transformers
 
@@ -397,15 +415,7 @@ def reference_worker(args):
         else (transformers.ConvNextConfig, transformers.ConvNextForImageClassification)
     )
     device = torch.device(args.device)
-    if device.type == "cuda":
-        set_tf32(args.tf32, "torch")
-    # As for Keras: the runtime starts before the baseline.
-    torch.mm(torch.ones(64, 64, device=device), torch.ones(64, 64, device=device)).cpu()
-    memory = ResidentMemory() if args.device == "cpu" else TorchDeviceMemory()
-    baseline = memory.baseline()
-    config = config_class(
-        depths=list(variant.stage_depths), hidden_sizes=list(variant.stage_dims), num_labels=1000
-    )
+    config = config_class(depths=list(variant.stage_depths), hidden_sizes=list(variant.stage_dims), num_labels=1000)
     model = model_class(config).eval().to(device)
     images = torch.rand(args.batch_size, 3, args.resolution, args.resolution, device=device)
     autocast = args.implementation == "reference_autocast"
@@ -415,14 +425,28 @@ def reference_worker(args):
 
     def infer(batch):
         with torch.no_grad(), precision():
-            return model(pixel_values=batch).logits.cpu()
+            return model(pixel_values=images[:batch]).logits.cpu()
 
+    return model, infer, precision
+
+
+def reference_worker(args):
+    import torch
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        set_tf32(args.tf32, "torch")
+    # As for Keras: the runtime starts before the baseline.
+    torch.mm(torch.ones(64, 64, device=device), torch.ones(64, 64, device=device)).cpu()
+    memory = ResidentMemory() if args.device == "cpu" else TorchDeviceMemory()
+    baseline = memory.baseline()
+    model, infer, precision = _reference_inference(args)
     first, seconds, first_peak, steady_peak = _steady_inference(
-        lambda: infer(images), args.repeats, baseline, memory
+        lambda: infer(args.batch_size), args.repeats, baseline, memory
     )
-    _, seconds_b1 = _timed(lambda: infer(images[:1]), args.repeats)
+    _, seconds_b1 = _timed(lambda: infer(1), args.repeats)
     result = _inference_result(args, first, seconds, seconds_b1, first_peak, steady_peak)
-    result["page_faults_per_call"] = _page_faults_per_call(lambda: infer(images))
+    result["page_faults_per_call"] = _page_faults_per_call(lambda: infer(args.batch_size))
     result["device"] = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     if device.type == "cuda":
         result.update(_precision_settings("torch"))
@@ -442,7 +466,7 @@ def reference_worker(args):
 
         train_first, train_seconds = _timed(step, max(2, args.repeats // 2))
         result.update({"train_steps_per_s": 1.0 / train_seconds, "train_first_call_s": train_first})
-    if not autocast:
+    if args.implementation != "reference_autocast":
         result["matmul_peak_gflops"] = _matmul_peak("float32", device)
         if args.precision == "mixed_bfloat16":
             result["bfloat16_matmul_peak_gflops"] = _matmul_peak("bfloat16", device)
@@ -493,9 +517,149 @@ def _keras_matmul_peak(dtype="float32", on_gpu=False):
     return best
 
 
+def _implementations(args):
+    """[(row name, Keras backend of its process, worker implementation)], the reference first."""
+    implementations = [("pytorch-reference", "torch", "reference")]
+    if args.precision == "mixed_bfloat16":
+        implementations.append(("pytorch-reference/autocast-bf16", "torch", "reference_autocast"))
+    for backend in args.backends:
+        implementations.append((f"keras_convnext/{backend}", backend, "keras_convnext"))
+        if args.torch_compile and backend == "torch":
+            implementations.append(("keras_convnext/torch+jit_compile", backend, "keras_convnext_jit"))
+        if args.keras_applications:
+            implementations.append((f"keras.applications/{backend}", backend, "keras_applications"))
+    return implementations
+
+
 def _run_worker(args, backend, implementation):
-    command = [sys.executable, os.path.abspath(__file__), "--worker", implementation] + _forward(args)
-    return run_in_backend(command, backend, args.device)
+    return run_in_backend(_worker_command(args, ["--worker", implementation]), backend, args.device)
+
+
+def _worker_command(args, role):
+    return [sys.executable, os.path.abspath(__file__)] + role + _forward(args)
+
+
+def _serving_inference(args):
+    """`infer(batch)` of `args.implementation`, set up as its worker sets it up (precision, TF32)."""
+    if args.implementation.startswith("reference"):
+        if args.device != "cpu":
+            set_tf32(args.tf32, "torch")
+        return _reference_inference(args)[1]
+    import keras
+
+    if args.device != "cpu":
+        set_tf32(args.tf32, keras.backend.backend())
+    if args.precision != "float32":
+        keras.config.set_dtype_policy(args.precision)
+    return _keras_inference(args)[1]
+
+
+def serve(infer, batch_sizes, commands, output):
+    """The worker side of `paired_latency`: times `infer(batch)` calls on request.
+
+    Warms every batch size with two calls (compilation included), writes
+    `READY`, then answers each `TIME <batch> <calls>` line of `commands` with
+    `TIMES <JSON list of seconds, one per call>`, until `EXIT` or the end of
+    `commands`. Each request first makes one untimed call: the other
+    implementations ran since the last request, and their data evicted this
+    one's weights from the caches, which a process serving call after call
+    keeps warm.
+    """
+    for batch in batch_sizes:
+        infer(batch)
+        infer(batch)
+    output.write("READY\n")
+    output.flush()
+    for line in commands:
+        words = line.split()
+        if not words or words[0] == "EXIT":
+            break
+        batch, calls = int(words[1]), int(words[2])
+        infer(batch)
+        times = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            infer(batch)
+            times.append(time.perf_counter() - start)
+        output.write("TIMES " + json.dumps(times) + "\n")
+        output.flush()
+
+
+# Timed calls of one implementation per turn, by batch size (other sizes: 2).
+PAIRED_CALLS = {1: 5}
+
+
+def paired_latency(workers, batch_sizes, turns, calls, pause=0.25):
+    """Inference latency of every implementation, all alive at once and timed in turn.
+
+    `workers` maps a row name to the (command, environment) of a process that
+    speaks `serve`'s protocol. In each turn, for each batch size, every
+    implementation times `calls[batch]` calls, one implementation after the
+    other: the order rotates by one each turn, and a pause before each lets
+    the previous one's threads go idle. A drift in the machine's speed then
+    reaches every implementation within the same turn, which separate
+    processes run minutes apart cannot promise.
+
+    Returns `{"latency_ms": {name: {str(batch): [median ms of each turn]}},
+    "errors": {name: [lines]}}`; a worker that fails is dropped from the
+    turns after it and keeps its error lines.
+    """
+    processes, errors = {}, {}
+    for name, (command, environment) in workers.items():
+        stderr = tempfile.TemporaryFile(mode="w+")
+        process = subprocess.Popen(command, env=environment, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=stderr, text=True)
+        processes[name] = (process, stderr)
+
+    def answer(name, prefix):
+        process, stderr = processes[name]
+        for line in process.stdout:
+            if line.startswith(prefix):
+                return line[len(prefix):]
+        process.wait()
+        stderr.seek(0)
+        errors[name] = _error_lines(stderr.read())
+        return None
+
+    def ask(name, batch):
+        try:
+            processes[name][0].stdin.write(f"TIME {batch} {calls[batch]}\n")
+            processes[name][0].stdin.flush()
+        except BrokenPipeError:
+            pass  # the process ended; `answer` reads its error
+        return answer(name, "TIMES ")
+
+    names = [name for name in workers if answer(name, "READY") is not None]
+    latency = {name: {str(batch): [] for batch in batch_sizes} for name in names}
+    for turn in range(turns):
+        for batch in batch_sizes:
+            for name in names[turn % len(names):] + names[:turn % len(names)] if names else []:
+                if name in errors:
+                    continue
+                time.sleep(pause)
+                times = ask(name, batch)
+                if times is not None:
+                    latency[name][str(batch)].append(float(np.median(json.loads(times))) * 1000)
+    for process, stderr in processes.values():
+        if process.poll() is None:
+            try:
+                process.stdin.write("EXIT\n")
+                process.stdin.close()
+            except BrokenPipeError:
+                pass
+            process.wait()
+        stderr.close()
+    return {"latency_ms": {name: value for name, value in latency.items() if name not in errors}, "errors": errors}
+
+
+def paired_ratios(latency_ms, batch, reference="pytorch-reference"):
+    """`{name: [reference ms / name's ms in each turn]}` for one batch size (higher is faster)."""
+    reference_ms = latency_ms.get(reference, {}).get(str(batch), [])
+    return {
+        name: [ref / ours for ref, ours in zip(reference_ms, value[str(batch)])]
+        for name, value in latency_ms.items()
+        if name != reference and reference_ms
+    }
 
 
 def device_environment(device):
@@ -511,9 +675,14 @@ def device_environment(device):
     return {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "TF_FORCE_GPU_ALLOW_GROWTH": "true"}
 
 
+def backend_environment(backend, device="cpu"):
+    """This process's environment with `backend` as the Keras backend, on `device`."""
+    return dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3", **device_environment(device))
+
+
 def run_in_backend(command, backend, device="cpu"):
     """Runs a worker command under `backend` on `device`; its last `RESULT <json>` line, or `{"error": [...]}`."""
-    environment = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3", **device_environment(device))
+    environment = backend_environment(backend, device)
     completed = subprocess.run(command, env=environment, capture_output=True, text=True)
     lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
     if completed.returncode != 0 or not lines:
@@ -598,6 +767,10 @@ def markdown(report):
         "",
         f"{report['date']}, {report['machine']}, " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
         "",
+    ]
+    if not rows:  # --rounds 0: only the paired measurement ran
+        return "\n".join(lines) + paired_markdown(report)
+    lines += [
         "| implementation | images/s | x ref | batch-1 ms | x ref | train steps/s (batch "
         f"{report['train_batch_size']}) | x ref | first call s | peak MB | of ref MB | GFLOP/s | of matmul peak |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -679,12 +852,47 @@ def markdown(report):
             + (", ".join(f"{key} {value}" for key, value in sorted(settings.items())) or "not recorded")
             + "."
         )
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines) + "\n" + paired_markdown(report)
     lines.append(
         "Peak MB: resident memory above the process's memory before the model was built, during "
         "inference after the first call (weights included; tracing and compilation excluded; "
         "memory the allocator kept from building and compiling is released first, in every process)."
     )
+    return "\n".join(lines) + "\n" + paired_markdown(report)
+
+
+def paired_markdown(report):
+    """The table of `paired_latency`'s measurement, or "" where none ran."""
+    paired = report.get("paired")
+    if not paired:
+        return ""
+    latency, batch_sizes = paired["latency_ms"], sorted(int(batch) for batch in paired["calls"])
+    lines = [
+        "",
+        f"Paired inference latency: every implementation alive at once in its own process, "
+        f"{paired['turns']} turns; in each, every implementation timed "
+        + " and ".join(f"{paired['calls'][str(b)]} calls at batch {b}" for b in batch_sizes)
+        + " in turn, after one untimed call (order rotated each turn, a pause before each), so each turn's "
+        "ratio compares calls made under the same machine state. ms: median of the turns' medians; x ref: median of the turns' ratios "
+        "(reference ms / ours), with their lower and upper quartiles.",
+        "",
+        "| implementation | " + " | ".join(f"batch-{b} ms | x ref | quartiles" for b in batch_sizes) + " |",
+        "|---|" + "---|---|---|" * len(batch_sizes),
+    ]
+    ratios = {batch: paired_ratios(latency, batch) for batch in batch_sizes}
+    for name, value in latency.items():
+        cells = []
+        for batch in batch_sizes:
+            times, turn_ratios = value[str(batch)], ratios[batch].get(name)
+            cells.append(f"{np.median(times):.1f}" if times else "-")
+            if turn_ratios:
+                low, middle, high = np.percentile(turn_ratios, [25, 50, 75])
+                cells += [f"{middle:.2f}x", f"{low:.2f}x-{high:.2f}x"]
+            else:
+                cells += ["1.00x" if name == "pytorch-reference" else "-", "-"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for name, error in paired["errors"].items():
+        lines.append(f"| {name} | failed: {' '.join(error)} |" + " |" * (3 * len(batch_sizes) - 1))
     return "\n".join(lines) + "\n"
 
 
@@ -697,7 +905,8 @@ def main(argv=None):
     parser.add_argument("--precision", default="float32", choices=["float32", "mixed_bfloat16", "mixed_float16"])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=1,
-                        help="run every implementation this many times, in turn; report the medians")
+                        help="run every implementation this many times, in turn; report the medians "
+                             "(0 with --paired: only the paired measurement)")
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     parser.add_argument("--keras-applications", action="store_true",
                         help="also time keras.applications.<model> (V1 names only) on each backend")
@@ -709,7 +918,11 @@ def main(argv=None):
     parser.add_argument("--torch-compile", action="store_true",
                         help="also time the PyTorch backend with jit_compile=True (torch.compile)")
     parser.add_argument("--name", help="results file name (default: derived from the settings)")
+    parser.add_argument("--paired", type=int, default=0, metavar="TURNS",
+                        help="also time inference with every implementation alive at once, calls taken in turn "
+                             "(batch 1 and --batch-size), for this many turns")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--serve", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
@@ -718,20 +931,18 @@ def main(argv=None):
         print("RESULT " + json.dumps(result))
         return 0
 
+    if args.serve:
+        args.implementation = args.serve
+        serve(_serving_inference(args), sorted({1, args.batch_size}), sys.stdin, sys.stdout)
+        return 0
+
     _, multiply_adds = _variant_shapes(args.model)
     variant = _variant_shapes(args.model)[0]
-    rounds = []
-    for _ in range(args.rounds):
-        results = {"pytorch-reference": _run_worker(args, "torch", "reference")}
-        if args.precision == "mixed_bfloat16":
-            results["pytorch-reference/autocast-bf16"] = _run_worker(args, "torch", "reference_autocast")
-        for backend in args.backends:
-            results[f"keras_convnext/{backend}"] = _run_worker(args, backend, "keras_convnext")
-            if args.torch_compile and backend == "torch":
-                results["keras_convnext/torch+jit_compile"] = _run_worker(args, backend, "keras_convnext_jit")
-            if args.keras_applications:
-                results[f"keras.applications/{backend}"] = _run_worker(args, backend, "keras_applications")
-        rounds.append(results)
+    implementations = _implementations(args)
+    rounds = [
+        {name: _run_worker(args, backend, implementation) for name, backend, implementation in implementations}
+        for _ in range(args.rounds)
+    ]
     report = {
         "model": args.model,
         "batch_size": args.batch_size,
@@ -743,9 +954,18 @@ def main(argv=None):
         "machine": machine(args.device),
         "device": args.device,
         "versions": _versions(),
-        "results": median_results(rounds),
+        "results": median_results(rounds) if rounds else {},
         "rounds": rounds,
     }
+    if args.paired:
+        batch_sizes = sorted({1, args.batch_size})
+        workers = {
+            name: (_worker_command(args, ["--serve", implementation]), backend_environment(backend, args.device))
+            for name, backend, implementation in implementations
+        }
+        calls = {batch: PAIRED_CALLS.get(batch, 2) for batch in batch_sizes}
+        report["paired"] = {"turns": args.paired, "calls": {str(b): c for b, c in calls.items()},
+                            **paired_latency(workers, batch_sizes, args.paired, calls)}
     suffix = "" if args.device == "cpu" else f"_{args.device}"
     write_report(args.name or f"{args.model}_b{args.batch_size}_{args.resolution}_{args.precision}{suffix}",
                  report, markdown(report))

@@ -1,5 +1,6 @@
 """The benchmark scripts' own arithmetic: ratios, peaks and memory measurement (no model is timed)."""
 
+import json
 import os
 import sys
 
@@ -189,3 +190,76 @@ def test_machine_line_names_the_gpu_before_the_host(monkeypatch):
     monkeypatch.setattr(run, "_gpu", lambda: "Some GPU, 80 GiB")
     assert run.machine("cpu") == "Some CPU x2 (AVX2)"
     assert run.machine("cuda") == "Some GPU, 80 GiB, host Some CPU x2 (AVX2)"
+
+
+def test_serve_warms_then_times_each_request_after_an_untimed_call():
+    import io
+
+    calls = []
+    output = io.StringIO()
+    run.serve(calls.append, [1, 8], io.StringIO("TIME 1 3\nTIME 8 2\nEXIT\nTIME 1 9\n"), output)
+    lines = output.getvalue().splitlines()
+    assert lines[0] == "READY" and len(lines) == 3
+    assert [len(json.loads(line[len("TIMES "):])) for line in lines[1:]] == [3, 2]
+    # two warm-up calls per batch size, then one untimed call before each request's timed ones
+    assert calls == [1, 1, 8, 8] + [1] * 4 + [8] * 3
+
+
+_FAKE_WORKER = """
+import json, sys
+name, latency_ms, failure, log = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4]
+if failure == "at start":
+    raise ValueError("no such variant: " + name)
+print("a line of framework output")
+print("READY", flush=True)
+for request, line in enumerate(sys.stdin):
+    words = line.split()
+    if words[0] == "EXIT":
+        break
+    if failure == "second request" and request == 1:
+        sys.exit("RuntimeError: out of memory in " + name)
+    with open(log, "a") as f:
+        f.write(name + " " + words[1] + "\\n")
+    scale = 1.0 if words[1] == "1" else 6.0
+    print("TIMES " + json.dumps([latency_ms * scale / 1000] * int(words[2])), flush=True)
+"""
+
+
+def test_paired_latency_times_every_worker_in_rotating_turns_and_keeps_failures(tmp_path):
+    script, log = tmp_path / "worker.py", tmp_path / "requests.log"
+    script.write_text(_FAKE_WORKER)
+
+    def worker(name, latency_ms, failure="none"):
+        return [sys.executable, str(script), name, str(latency_ms), failure, str(log)], dict(os.environ)
+
+    workers = {
+        "pytorch-reference": worker("reference", 20.0),
+        "keras_convnext/jax": worker("jax", 10.0),
+        "keras_convnext/tensorflow": worker("tensorflow", 40.0, "second request"),
+        "keras_convnext/torch": worker("torch", 5.0, "at start"),
+    }
+    paired = run.paired_latency(workers, [1, 8], 3, {1: 5, 8: 2}, pause=0.0)
+    latency = paired["latency_ms"]
+    assert set(latency) == {"pytorch-reference", "keras_convnext/jax"}
+    assert latency["pytorch-reference"] == {"1": [20.0] * 3, "8": [120.0] * 3}
+    assert run.paired_ratios(latency, 1) == {"keras_convnext/jax": [2.0] * 3}
+    assert paired["errors"]["keras_convnext/torch"][0] == "ValueError: no such variant: torch"
+    assert paired["errors"]["keras_convnext/tensorflow"][-1] == "RuntimeError: out of memory in tensorflow"
+    requests = [line.split() for line in log.read_text().splitlines()]
+    # turn 0, batch 1: reference, jax, tensorflow (which dies on its next request); batch 8: reference, jax;
+    # turn 1 starts one further on: jax first, then the reference
+    assert requests[:5] == [["reference", "1"], ["jax", "1"], ["tensorflow", "1"], ["reference", "8"], ["jax", "8"]]
+    assert requests[5:7] == [["jax", "1"], ["reference", "1"]]
+
+    report = {
+        "model": "ConvNeXtV2Tiny", "batch_size": 8, "train_batch_size": 0, "resolution": 224,
+        "precision": "float32", "multiply_adds": 1, "date": "2026-11-27", "machine": "test CPU",
+        "versions": {"keras": "3"}, "results": {}, "rounds": [],
+        "paired": {"turns": 3, "calls": {"1": 5, "8": 2}, **paired},
+    }
+    text = run.markdown(report)
+    assert "| images/s |" not in text  # no per-process rounds ran
+    assert "3 turns; in each, every implementation timed 5 calls at batch 1 and 2 calls at batch 8" in text
+    assert "| keras_convnext/jax | 10.0 | 2.00x | 2.00x-2.00x | 60.0 | 2.00x | 2.00x-2.00x |" in text
+    assert "| pytorch-reference | 20.0 | 1.00x | - | 120.0 | 1.00x | - |" in text
+    assert "| keras_convnext/torch | failed: ValueError: no such variant: torch |" in text
