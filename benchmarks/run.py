@@ -209,12 +209,17 @@ def _timed(fn, repeats, warm=False):
         start = time.perf_counter()
         fn()
         first = time.perf_counter() - start
+    return first, float(np.median(_call_times(fn, repeats)))
+
+
+def _call_times(fn, calls):
+    """Seconds of each of `calls` calls of `fn`, in order."""
     times = []
-    for _ in range(repeats):
+    for _ in range(calls):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return first, float(np.median(times))
+    return times
 
 
 def _page_faults_per_call(fn, repeats=3):
@@ -576,12 +581,7 @@ def serve(infer, batch_sizes, commands, output):
             break
         batch, calls = int(words[1]), int(words[2])
         infer(batch)
-        times = []
-        for _ in range(calls):
-            start = time.perf_counter()
-            infer(batch)
-            times.append(time.perf_counter() - start)
-        output.write("TIMES " + json.dumps(times) + "\n")
+        output.write("TIMES " + json.dumps(_call_times(lambda: infer(batch), calls)) + "\n")
         output.flush()
 
 
