@@ -893,6 +893,18 @@ def paired_markdown(report):
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for name, error in paired["errors"].items():
         lines.append(f"| {name} | failed: {' '.join(error)} |" + " |" * (3 * len(batch_sizes) - 1))
+    against_applications = []
+    for backend in BACKENDS:
+        ours, theirs = f"keras_convnext/{backend}", f"keras.applications/{backend}"
+        if ours in latency and theirs in latency:
+            pair = {name: latency[name] for name in (ours, theirs)}
+            against_applications.append(backend + " " + ", ".join(
+                f"{np.median(paired_ratios(pair, batch, reference=theirs)[ours]):.2f}x at batch {batch}"
+                for batch in batch_sizes
+            ))
+    if against_applications:
+        lines += ["", "Against keras.applications on the same backend (median of the turns' ratios, "
+                  "keras.applications ms / ours): " + "; ".join(against_applications) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -263,3 +263,8 @@ def test_paired_latency_times_every_worker_in_rotating_turns_and_keeps_failures(
     assert "| keras_convnext/jax | 10.0 | 2.00x | 2.00x-2.00x | 60.0 | 2.00x | 2.00x-2.00x |" in text
     assert "| pytorch-reference | 20.0 | 1.00x | - | 120.0 | 1.00x | - |" in text
     assert "| keras_convnext/torch | failed: ValueError: no such variant: torch |" in text
+    assert "Against keras.applications" not in text
+
+    report["paired"]["latency_ms"]["keras.applications/jax"] = {"1": [35.0, 25.0, 30.0], "8": [240.0] * 3}
+    text = run.markdown(report)
+    assert "keras.applications ms / ours): jax 3.00x at batch 1, 4.00x at batch 8." in text
