@@ -873,8 +873,8 @@ def paired_markdown(report):
         f"{paired['turns']} turns; in each, every implementation timed "
         + " and ".join(f"{paired['calls'][str(b)]} calls at batch {b}" for b in batch_sizes)
         + " in turn, after one untimed call (order rotated each turn, a pause before each), so each turn's "
-        "ratio compares calls made under the same machine state. ms: median of the turns' medians; x ref: median of the turns' ratios "
-        "(reference ms / ours), with their lower and upper quartiles.",
+        "ratio compares calls made under the same machine state. ms: median of the turns' medians; "
+        "x ref: median of the turns' ratios (reference ms / ours), with their lower and upper quartiles.",
         "",
         "| implementation | " + " | ".join(f"batch-{b} ms | x ref | quartiles" for b in batch_sizes) + " |",
         "|---|" + "---|---|---|" * len(batch_sizes),
