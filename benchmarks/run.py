@@ -332,15 +332,19 @@ def _keras_inference(args):
     """(model, infer): `infer(batch)` runs `predict_on_batch` on the first `batch` of `args.batch_size` images.
 
     The images are pixels in [0, 255], (batch, resolution, resolution, 3).
-    The model is built under the dtype policy already set; the
-    `keras_convnext_jit` implementation compiles it with `jit_compile=True`
-    (torch.compile on PyTorch: its first calls compile).
+    Sets the run's float32 setting on a GPU (`--tf32`) and its dtype policy
+    first; the `keras_convnext_jit` implementation compiles the model with
+    `jit_compile=True` (torch.compile on PyTorch: its first calls compile).
     """
     import keras
 
     sys.path.insert(0, ROOT)
     import keras_convnext
 
+    if args.device != "cpu":
+        set_tf32(args.tf32, keras.backend.backend())
+    if args.precision != "float32":
+        keras.config.set_dtype_policy(args.precision)
     shape = (args.resolution, args.resolution, 3)
     if args.implementation == "keras_applications":
         model = getattr(keras.applications, args.model)(weights=None, input_shape=shape, classifier_activation=None)
@@ -361,10 +365,6 @@ def keras_worker(args):
     # the model's own from the memory measurement.
     keras.ops.convert_to_numpy(keras.ops.matmul(keras.ops.ones((64, 64)), keras.ops.ones((64, 64))))
     memory, device = _keras_device(args)
-    if args.device != "cpu":
-        set_tf32(args.tf32, keras.backend.backend())
-    if args.precision != "float32":
-        keras.config.set_dtype_policy(args.precision)
     baseline = memory.baseline()
     model, infer = _keras_inference(args)
     jit_compile = args.implementation == "keras_convnext_jit"
@@ -408,7 +408,8 @@ def _reference_inference(args):
     `infer(batch)` runs the first `batch` of `args.batch_size` images in [0, 1)
     without gradients and copies the logits to the host; `precision()` is the
     autocast context (bfloat16 for the `reference_autocast` implementation,
-    otherwise disabled), which the training step uses too.
+    otherwise disabled), which the training step uses too. Sets the run's
+    float32 setting on a GPU (`--tf32`) first.
     """
     import torch
     import transformers
@@ -420,6 +421,8 @@ def _reference_inference(args):
         else (transformers.ConvNextConfig, transformers.ConvNextForImageClassification)
     )
     device = torch.device(args.device)
+    if device.type == "cuda":
+        set_tf32(args.tf32, "torch")
     config = config_class(depths=list(variant.stage_depths), hidden_sizes=list(variant.stage_dims), num_labels=1000)
     model = model_class(config).eval().to(device)
     images = torch.rand(args.batch_size, 3, args.resolution, args.resolution, device=device)
@@ -439,8 +442,6 @@ def reference_worker(args):
     import torch
 
     device = torch.device(args.device)
-    if device.type == "cuda":
-        set_tf32(args.tf32, "torch")
     # As for Keras: the runtime starts before the baseline.
     torch.mm(torch.ones(64, 64, device=device), torch.ones(64, 64, device=device)).cpu()
     memory = ResidentMemory() if args.device == "cpu" else TorchDeviceMemory()
@@ -545,17 +546,9 @@ def _worker_command(args, role):
 
 
 def _serving_inference(args):
-    """`infer(batch)` of `args.implementation`, set up as its worker sets it up (precision, TF32)."""
+    """`infer(batch)` of `args.implementation`, built as its `--worker` process builds it."""
     if args.implementation.startswith("reference"):
-        if args.device != "cpu":
-            set_tf32(args.tf32, "torch")
         return _reference_inference(args)[1]
-    import keras
-
-    if args.device != "cpu":
-        set_tf32(args.tf32, keras.backend.backend())
-    if args.precision != "float32":
-        keras.config.set_dtype_policy(args.precision)
     return _keras_inference(args)[1]
 
 
