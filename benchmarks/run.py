@@ -27,11 +27,13 @@ import datetime
 import json
 import os
 import platform
+import queue
 import re
 import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -582,7 +584,7 @@ def serve(infer, batch_sizes, commands, output):
 PAIRED_CALLS = {1: 5}
 
 
-def paired_latency(workers, batch_sizes, turns, calls, pause=0.25):
+def paired_latency(workers, batch_sizes, turns, calls, pause=0.25, answer_timeout=1800.0):
     """Inference latency of every implementation, all alive at once and timed in turn.
 
     `workers` maps a row name to the (command, environment) of a process that
@@ -594,19 +596,33 @@ def paired_latency(workers, batch_sizes, turns, calls, pause=0.25):
     processes run minutes apart cannot promise.
 
     Returns `{"latency_ms": {name: {str(batch): [median ms of each turn]}},
-    "errors": {name: [lines]}}`; a worker that fails is dropped from the
-    turns after it and keeps its error lines.
+    "errors": {name: [lines]}}`; a worker that fails, or gives no answer
+    within `answer_timeout` seconds (its `READY` included) and is stopped, is
+    dropped from the turns after it and keeps its error lines.
     """
-    processes, errors = {}, {}
+    processes, outputs, errors = {}, {}, {}
     for name, (command, environment) in workers.items():
         stderr = tempfile.TemporaryFile(mode="w+")
         process = subprocess.Popen(command, env=environment, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                    stderr=stderr, text=True)
-        processes[name] = (process, stderr)
+        processes[name], outputs[name] = (process, stderr), queue.Queue()
+        # A thread per worker reads its output, so that a worker that hangs
+        # can be waited for with a deadline.
+        threading.Thread(target=_queue_lines, args=(process.stdout, outputs[name]), daemon=True).start()
 
     def answer(name, prefix):
         process, stderr = processes[name]
-        for line in process.stdout:
+        deadline = time.monotonic() + answer_timeout
+        while True:
+            try:
+                line = outputs[name].get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                process.kill()
+                process.wait()
+                errors[name] = [f"no answer within {answer_timeout:g} s; the worker was stopped"]
+                return None
+            if line is None:
+                break
             if line.startswith(prefix):
                 return line[len(prefix):]
         process.wait()
@@ -643,6 +659,13 @@ def paired_latency(workers, batch_sizes, turns, calls, pause=0.25):
             process.wait()
         stderr.close()
     return {"latency_ms": {name: value for name, value in latency.items() if name not in errors}, "errors": errors}
+
+
+def _queue_lines(stream, lines):
+    """Puts each line of `stream` on the queue `lines`, then None for its end."""
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
 
 
 def paired_ratios(latency_ms, batch, reference="pytorch-reference"):

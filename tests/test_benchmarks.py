@@ -218,6 +218,9 @@ for request, line in enumerate(sys.stdin):
         break
     if failure == "second request" and request == 1:
         sys.exit("RuntimeError: out of memory in " + name)
+    if failure == "hangs" and request == 1:
+        import time
+        time.sleep(600)
     with open(log, "a") as f:
         f.write(name + " " + words[1] + "\\n")
     scale = 1.0 if words[1] == "1" else 6.0
@@ -264,6 +267,11 @@ def test_paired_latency_times_every_worker_in_rotating_turns_and_keeps_failures(
     assert "| pytorch-reference | 20.0 | 1.00x | - | 120.0 | 1.00x | - |" in text
     assert "| keras_convnext/torch | failed: ValueError: no such variant: torch |" in text
     assert "Against keras.applications" not in text
+
+    workers = {"pytorch-reference": worker("reference", 20.0), "keras_convnext/jax": worker("jax", 10.0, "hangs")}
+    paired = run.paired_latency(workers, [1], 3, {1: 2}, pause=0.0, answer_timeout=3.0)
+    assert paired["errors"] == {"keras_convnext/jax": ["no answer within 3 s; the worker was stopped"]}
+    assert paired["latency_ms"] == {"pytorch-reference": {"1": [20.0] * 3}}
 
     report["paired"]["latency_ms"]["keras.applications/jax"] = {"1": [35.0, 25.0, 30.0], "8": [240.0] * 3}
     text = run.markdown(report)
