@@ -268,11 +268,12 @@ def test_paired_latency_times_every_worker_in_rotating_turns_and_keeps_failures(
     assert "| keras_convnext/torch | failed: ValueError: no such variant: torch |" in text
     assert "Against keras.applications" not in text
 
+    report["paired"]["latency_ms"]["keras.applications/jax"] = {"1": [35.0, 25.0, 30.0], "8": [240.0] * 3}
+    text = run.markdown(report)
+    assert "keras.applications ms / ours): jax 3.00x at batch 1, 4.00x at batch 8." in text
+
+    # a worker that hangs is stopped; the others are still measured
     workers = {"pytorch-reference": worker("reference", 20.0), "keras_convnext/jax": worker("jax", 10.0, "hangs")}
     paired = run.paired_latency(workers, [1], 3, {1: 2}, pause=0.0, answer_timeout=3.0)
     assert paired["errors"] == {"keras_convnext/jax": ["no answer within 3 s; the worker was stopped"]}
     assert paired["latency_ms"] == {"pytorch-reference": {"1": [20.0] * 3}}
-
-    report["paired"]["latency_ms"]["keras.applications/jax"] = {"1": [35.0, 25.0, 30.0], "8": [240.0] * 3}
-    text = run.markdown(report)
-    assert "keras.applications ms / ours): jax 3.00x at batch 1, 4.00x at batch 8." in text
