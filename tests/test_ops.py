@@ -241,7 +241,7 @@ def test_grn_in_bfloat16_agrees_with_float32_statistics():
 
 # Under PyTorch, in training, (2, 24, 24, 8) (1152 positions) and (4, 300, 8) (1200 gathered
 # tokens) take the 1x1 convolution, (2, 5, 6, 8) and (3, 7, 8) `addmm`; at inference all take
-# oneDNN's product, or in float32 on Intel processors `addmm` (both are checked on any processor).
+# oneDNN's product, or in float32 `addmm` where it wins (both are checked on any processor).
 @pytest.mark.parametrize("shape", [(2, 24, 24, 8), (4, 300, 8), (2, 5, 6, 8), (3, 7, 8)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_linear_fast_path_gradients_agree(shape, with_bias, monkeypatch):
@@ -269,20 +269,40 @@ def test_linear_fast_path_gradients_agree(shape, with_bias, monkeypatch):
             )
 
 
-def _each_inference_product(monkeypatch):
-    """Under PyTorch, yields once with each float32 product at inference (oneDNN's, then MKL's
-    `addmm`, whichever this processor would pick), then restores the processor's choice; once
-    elsewhere."""
+def _each_inference_product(monkeypatch, dtype="float32"):
+    """Under PyTorch, yields once with each product a Linear can take at inference in `dtype`
+    (oneDNN's where this processor has it, then `addmm`, whichever this processor would pick),
+    then restores the processor's choice; once elsewhere."""
     if keras.backend.backend() != "torch":
         yield
         return
+    import torch
+
     from keras_convnext.ops import pointwise
 
-    own_choice = pointwise._torch_mkl_is_native
-    for mkl in (False, True):
-        monkeypatch.setattr(pointwise, "_torch_mkl_is_native", lambda mkl=mkl: mkl)
+    own_choice = pointwise._torch_onednn_product_wins
+    onednn = pointwise._torch_inference_matmul_works(getattr(torch, dtype))
+    for wins in (True, False) if onednn else (False,):
+        monkeypatch.setattr(pointwise, "_torch_onednn_product_wins", lambda dtype, wins=wins: wins)
         yield
-    monkeypatch.setattr(pointwise, "_torch_mkl_is_native", own_choice)
+    monkeypatch.setattr(pointwise, "_torch_onednn_product_wins", own_choice)
+
+
+@pytest.mark.parametrize(
+    "vendor, capability, mkl, addmm",
+    [
+        ("GenuineIntel", "AVX512", True, True),  # MKL's AVX-512 path
+        ("AuthenticAMD", "AVX512", True, False),  # MKL without AVX-512, oneDNN with it
+        ("AuthenticAMD", "AVX2", True, True),  # the same instructions in both
+        ("GenuineIntel", "AVX2", True, True),
+        ("AuthenticAMD", "AVX2", False, False),  # no MKL: oneDNN's product
+        ("", "DEFAULT", False, False),
+    ],
+)
+def test_float32_inference_product_follows_the_processor(vendor, capability, mkl, addmm):
+    from keras_convnext.ops import pointwise
+
+    assert pointwise._addmm_wins_on(vendor, capability, mkl) is addmm
 
 
 def test_pointwise_dense_equals_dense():
@@ -461,7 +481,7 @@ def test_jax_gelu_backward_computes_its_own_erf():
     assert len(re.findall(r" erf\(", step.lower(x, kernel).compile().as_text())) == 2
 
 
-# At inference PyTorch fuses GELU into oneDNN's product (in float32 on Intel processors, `addmm`
+# At inference PyTorch fuses GELU into oneDNN's product (in float32, where `addmm` wins, `addmm`
 # and GELU); in training (2, 24, 24, 8), 1152 positions, takes the 1x1 convolution and
 # (2, 5, 6, 8) `addmm`.
 @pytest.mark.parametrize("shape", [(2, 24, 24, 8), (2, 5, 6, 8), (4, 300, 8)])
@@ -481,10 +501,11 @@ def test_linear_gelu_agrees_with_portable(shape, monkeypatch):
         with _inference():
             actual = convnext_ops.linear_gelu(ops.convert_to_tensor(x), ops.convert_to_tensor(kernel), bias)
             np.testing.assert_allclose(ops.convert_to_numpy(actual), expected, rtol=1e-5, atol=1e-4)
-    with _inference():
-        x_bf16, kernel_bf16, bias_bf16 = (ops.cast(ops.convert_to_tensor(a), "bfloat16") for a in (x, kernel, bias))
-        actual_bf16 = ops.cast(convnext_ops.linear_gelu(x_bf16, kernel_bf16, bias_bf16), "float32")
-        np.testing.assert_allclose(ops.convert_to_numpy(actual_bf16), expected, rtol=5e-2, atol=1e-1)
+    x_bf16, kernel_bf16, bias_bf16 = (ops.cast(ops.convert_to_tensor(a), "bfloat16") for a in (x, kernel, bias))
+    for _ in _each_inference_product(monkeypatch, "bfloat16"):
+        with _inference():
+            actual_bf16 = ops.cast(convnext_ops.linear_gelu(x_bf16, kernel_bf16, bias_bf16), "float32")
+            np.testing.assert_allclose(ops.convert_to_numpy(actual_bf16), expected, rtol=5e-2, atol=1e-1)
     weights = rng.normal(size=shape[:-1] + (12,)).astype("float32")
     expected_gradients = _gradient(lambda a, k: convnext_ops.portable_linear_gelu(a, k, bias), x, kernel, weights)
     gradients = _gradient(lambda a, k: convnext_ops.linear_gelu(a, k, bias), x, kernel, weights)
@@ -755,7 +776,7 @@ def test_bfloat16_depthwise_rounds_once():
 
 
 @pytest.mark.parametrize("gelu", [False, True])
-def test_bfloat16_linear_agrees_with_float32(gelu):
+def test_bfloat16_linear_agrees_with_float32(gelu, monkeypatch):
     """bfloat16 Linear (with GELU) against float32 arithmetic on the same values; gradients too."""
     rng = np.random.default_rng(14)
     x, kernel, bias = (
@@ -768,14 +789,15 @@ def test_bfloat16_linear_agrees_with_float32(gelu):
         else (convnext_ops.linear, convnext_ops.portable_linear)
     )
     exact = ops.convert_to_numpy(portable(*(ops.cast(a, "float32") for a in (x, kernel, bias))))
-    with _inference():
-        actual = fast(x, kernel, bias)
-        from_variables = fast(x, keras.Variable(kernel, dtype="bfloat16"), keras.Variable(bias, dtype="bfloat16"))
-    assert keras.backend.standardize_dtype(actual.dtype) == "bfloat16"
-    np.testing.assert_array_equal(ops.convert_to_numpy(from_variables), ops.convert_to_numpy(actual))
-    # a few bfloat16 roundings (2**-8 relative each) where a backend rounds the
-    # product before the bias and GELU
-    np.testing.assert_allclose(ops.convert_to_numpy(ops.cast(actual, "float32")), exact, rtol=2e-2, atol=2e-2)
+    for _ in _each_inference_product(monkeypatch, "bfloat16"):
+        with _inference():
+            actual = fast(x, kernel, bias)
+            from_variables = fast(x, keras.Variable(kernel, dtype="bfloat16"), keras.Variable(bias, dtype="bfloat16"))
+        assert keras.backend.standardize_dtype(actual.dtype) == "bfloat16"
+        np.testing.assert_array_equal(ops.convert_to_numpy(from_variables), ops.convert_to_numpy(actual))
+        # a few bfloat16 roundings (2**-8 relative each) where a backend rounds the
+        # product before the bias and GELU
+        np.testing.assert_allclose(ops.convert_to_numpy(ops.cast(actual, "float32")), exact, rtol=2e-2, atol=2e-2)
     if keras.backend.backend() == "jax":  # the gradient of the float32-result product
         import jax
 

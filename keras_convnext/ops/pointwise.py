@@ -5,8 +5,8 @@ that backend the fast paths fuse what they can: the Linear bias goes into
 the matrix product, and GRN's scale-and-shift is one `addcmul`. oneDNN's
 kernels use AVX-512 where MKL's `addmm` does not on every processor: at
 inference the Linear is oneDNN's matrix product, with GELU applied as it
-writes (float32 on Intel processors keeps `addmm`: MKL takes its AVX-512
-path there and wins); in training, from 1024 positions up, it is a 1x1
+writes (float32 keeps `addmm` on Intel processors, where MKL takes its
+AVX-512 path, and on processors without AVX-512: `_addmm_wins_on`); in training, from 1024 positions up, it is a 1x1
 convolution over the channels_last memory, which PyTorch hands to oneDNN
 (1.6x-2.2x faster forward+backward at ConvNeXt V2 Tiny's shapes on an AMD
 EPYC, see benchmarks/README.md). TensorFlow's graphs without XLA also run each
@@ -62,7 +62,7 @@ def _torch_linear(inputs, kernel, bias=None, gelu=False):
     channels = inputs.shape[-1]
     positions = inputs.numel() // max(channels, 1)
     inference = _torch_inference_matmul_applies(inputs)
-    if inference and not (inputs.dtype == torch.float32 and _torch_mkl_is_native()):
+    if inference and _torch_onednn_product_wins(inputs.dtype):
         # oneDNN's matrix product reads the plain weight as it is (no re-layout,
         # unlike its convolution) and can apply GELU as it writes the output:
         # one pass less over the block's widest tensor. V2 Tiny, one block per
@@ -98,17 +98,30 @@ def _torch_linear(inputs, kernel, bias=None, gelu=False):
 
 
 @functools.lru_cache(maxsize=None)
-def _torch_mkl_is_native():
-    """Whether PyTorch's float32 `addmm` is MKL on an Intel processor, where MKL takes its AVX-512 path.
-
-    There `addmm` and a separate GELU beat oneDNN's product at inference
-    (V2 Tiny on an Intel Xeon with AMX, one process, alternating: batch 1
-    1.11x faster, batch 8 even); elsewhere (an AMD EPYC: batch 1 13.0 -> 9.3
-    ms for one block per stage) oneDNN's product wins.
-    """
+def _torch_addmm_wins():
+    """Whether PyTorch's float32 `addmm` beats oneDNN's product at inference on this processor."""
     import torch
 
-    return bool(torch.backends.mkl.is_available()) and "GenuineIntel" in _cpu_vendor()
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
+    return _addmm_wins_on(_cpu_vendor(), capability, bool(torch.backends.mkl.is_available()))
+
+
+def _addmm_wins_on(vendor, capability, mkl):
+    """The rule behind `_torch_addmm_wins`, from the processor's vendor, PyTorch's
+    vector capability ("AVX512", "AVX2", ...) and whether `addmm` is MKL's.
+
+    oneDNN uses AVX-512 wherever the processor has it; MKL takes its AVX-512
+    path only on Intel processors. So oneDNN's product (with GELU fused) wins
+    on an AMD EPYC with AVX-512 (batch 1 13.0 -> 9.3 ms for one block per
+    stage), and MKL's `addmm` with a separate GELU wins where both use the same
+    instructions: an Intel Xeon with AMX (V2 Tiny, one process, alternating:
+    batch 1 1.11x faster, batch 8 even) and an AMD EPYC with AVX2 only (batch 1
+    1.37x, batch 8 1.46x; oneDNN re-lays out the Keras (in, out) kernel there).
+    Without MKL, oneDNN's product.
+    """
+    if not mkl:
+        return False
+    return "GenuineIntel" in vendor or not capability.upper().startswith("AVX512")
 
 
 def _cpu_vendor():
@@ -132,8 +145,16 @@ def _torch_inference_matmul_applies(inputs):
         and not _torch_compiling()  # torch.compile picks its own kernels
         and inputs.device.type == "cpu"
         and inputs.dtype in (torch.float32, torch.bfloat16)
-        and _torch_inference_matmul_works()
     )
+
+
+def _torch_onednn_product_wins(dtype):
+    """Whether a Linear at inference, in `dtype`, takes oneDNN's product (else `addmm`)."""
+    import torch
+
+    if dtype == torch.float32 and _torch_addmm_wins():
+        return False
+    return _torch_inference_matmul_works(dtype)
 
 
 def _torch_compiling():
@@ -148,25 +169,32 @@ def _torch_compiling():
 
 
 @functools.lru_cache(maxsize=None)
-def _torch_inference_matmul_works():
-    """Whether this PyTorch has oneDNN's matrix product with GELU, giving the expected result.
+def _torch_inference_matmul_works(dtype=None):
+    """Whether this PyTorch has oneDNN's matrix product with GELU in `dtype` (default
+    float32) on this processor, giving the expected result.
 
     The operator is internal to PyTorch (it serves `torch.compile`), so it is
-    checked once against the separate operations before it is used.
+    checked once per dtype against the separate operations before it is used.
+    In bfloat16 oneDNN needs the processor's AVX-512 (an AMD EPYC with AVX2
+    only has no bfloat16 product: "could not create a primitive descriptor").
     """
     import torch
     import torch.nn.functional as F
 
+    dtype = torch.float32 if dtype is None else dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 5e-2
     try:
         generator = torch.Generator().manual_seed(0)
-        x = torch.randn(6, 3, generator=generator)
-        kernel, bias = torch.randn(3, 5, generator=generator), torch.randn(5, generator=generator)
+        x = torch.randn(6, 3, generator=generator).to(dtype)
+        kernel = torch.randn(3, 5, generator=generator).to(dtype)
+        bias = torch.randn(5, generator=generator).to(dtype)
         with torch.no_grad():
             plain = torch.ops.mkldnn._linear_pointwise(x, kernel.t(), bias, "none", [], "")
             fused = torch.ops.mkldnn._linear_pointwise(x, kernel.t(), bias, "gelu", [None], "none")
-            expected = torch.addmm(bias, x, kernel)
+            expected = torch.addmm(bias.float(), x.float(), kernel.float())
             return bool(
-                torch.allclose(plain, expected, atol=1e-5) and torch.allclose(fused, F.gelu(expected), atol=1e-5)
+                torch.allclose(plain.float(), expected, atol=tolerance, rtol=tolerance)
+                and torch.allclose(fused.float(), F.gelu(expected), atol=tolerance, rtol=tolerance)
             )
     except (AttributeError, RuntimeError, TypeError):
         return False
