@@ -473,33 +473,3 @@ def test_layer_chain_declines_other_graphs_and_quantized_layers(first_layer):
     mixed.get_layer("predictions").quantize("int8")  # Layer.__call__ runs its quantized_call
     assert mixed.layer_chain() is not None
     assert not model_module._direct_calls_apply(mixed.layer_chain())
-
-
-@pytest.mark.parametrize("onednn", [False, True])
-def test_tensorflow_auto_jit_compile_takes_xla_on_a_cpu_without_onednn(onednn, monkeypatch):
-    """`jit_compile="auto"` on TensorFlow: XLA where oneDNN's rewrites are off, Keras' choice elsewhere."""
-    if keras.backend.backend() != "tensorflow":
-        pytest.skip("the choice is TensorFlow's")
-    import tensorflow as tf
-
-    if tf.config.list_physical_devices("GPU"):
-        pytest.skip("on a GPU Keras already takes XLA")
-    monkeypatch.setattr(model_module, "tensorflow_onednn_enabled", lambda: onednn)
-    model = kc.ConvNeXtV2Atto(weights=None, input_shape=(32, 32, 3), classes=4)
-    assert model.jit_compile is (not onednn)
-    compiled = kc.ConvNeXtV2Atto(weights=None, input_shape=(32, 32, 3), classes=4)
-    compiled.compile(optimizer="adam", loss="mse")  # "auto"
-    assert compiled.jit_compile is (not onednn)
-    assert model.tensorflow_compiled_inference()._jit_compile is (not onednn)
-    explicit = kc.ConvNeXtV2Atto(weights=None, input_shape=(32, 32, 3), classes=4)
-    explicit.compile(optimizer="adam", loss="mse", jit_compile=False)
-    assert explicit.jit_compile is False
-    with tf.distribute.OneDeviceStrategy("/cpu:0").scope():
-        distributed = kc.ConvNeXtV2Atto(weights=None, input_shape=(32, 32, 3), classes=4)
-    assert distributed.jit_compile is False  # Keras leaves XLA off under tf.distribute
-    # Both ways give the same output.
-    images = np.random.default_rng(0).uniform(0, 255, size=(2, 32, 32, 3)).astype("float32")
-    explicit.set_weights(model.get_weights())
-    np.testing.assert_allclose(
-        model.predict_on_batch(images), explicit.predict_on_batch(images), rtol=1e-5, atol=1e-5
-    )

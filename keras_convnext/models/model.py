@@ -7,7 +7,7 @@ from keras_convnext.layers.block import ConvNeXtBlock
 from keras_convnext.layers.layer_norm import LayerNorm
 from keras_convnext.layers.pointwise import PatchConv2D
 from keras_convnext.layers.preprocessing import ImageNormalization
-from keras_convnext.ops.pointwise import _torch_compiling, tensorflow_onednn_enabled
+from keras_convnext.ops.pointwise import _torch_compiling
 
 # Layers whose `call` at inference is all that `Layer.__call__` would run for
 # them once built: no masks, no training-only behaviour, no quantized call
@@ -125,33 +125,9 @@ class ConvNeXtModel(keras.Model):
                 with keras_backend.AutocastScope(None):  # as for JAX above
                     return self(inputs, training=False)
 
-            cache = tf.function(inference, reduce_retracing=True, jit_compile=bool(self.jit_compile))
+            cache = tf.function(inference, reduce_retracing=True)
             object.__setattr__(self, "_tensorflow_inference_cache", cache)
         return cache
-
-    def _resolve_auto_jit_compile(self):
-        """`jit_compile="auto"`: Keras' choice, except XLA for TensorFlow on a CPU without oneDNN.
-
-        Keras leaves XLA off for TensorFlow on CPU-only machines. This model's
-        TensorFlow graph is written for oneDNN's graph rewrites (one fused
-        product with bias and GELU, one LayerNorm kernel), which TensorFlow
-        turns on by default only on processors with AVX-512 VNNI or newer
-        instructions. Without them each GELU, LayerNorm and GRN is several
-        passes of TensorFlow's own kernels, and XLA, fusing them, is faster: V2
-        Tiny on an AMD EPYC with AVX2 only, one process, alternating, inference
-        1.20x at batch 1 and 1.08x at batch 8, a training step at batch 16
-        1.08x (benchmarks/README.md, item 33). Under `tf.distribute`, Keras'
-        choice (no XLA) stands.
-        """
-        if (
-            keras.backend.backend() == "tensorflow"
-            and not getattr(self, "_distribute_strategy", None)
-            and _tensorflow_cpu_without_onednn()
-        ):
-            from keras.src.trainers.trainer import model_supports_jit
-
-            return model_supports_jit(self)
-        return super()._resolve_auto_jit_compile()
 
     def call_layer_chain(self, inputs, chain=None):
         """The inference output computed by calling each layer's `call` in turn.
@@ -187,12 +163,6 @@ class ConvNeXtModel(keras.Model):
             cache = (_find_chain(self),)
             object.__setattr__(self, "_layer_chain_cache", cache)
         return cache[0]
-
-
-def _tensorflow_cpu_without_onednn():
-    import tensorflow as tf
-
-    return not tensorflow_onednn_enabled() and not tf.config.list_physical_devices("GPU")
 
 
 def _compiled_eager_call(model, inputs):

@@ -486,23 +486,13 @@ def _tensorflow_fuses_layer_norm():
     """oneDNN's graph rewrites are on and no GPU is visible (the fused LayerNorm is a CPU kernel)."""
     import tensorflow as tf
 
-    return tensorflow_onednn_enabled() and not tf.config.list_logical_devices("GPU")
-
-
-@functools.lru_cache(maxsize=None)
-def tensorflow_onednn_enabled():
-    """Whether TensorFlow's oneDNN graph rewrites are on in this process.
-
-    TensorFlow decides once, as it starts: on by default on x86 processors
-    with AVX-512 VNNI or newer instructions, else only with the environment
-    variable `TF_ENABLE_ONEDNN_OPTS=1` set before TensorFlow is imported.
-    """
     try:
         from tensorflow.python.util import _pywrap_util_port
 
-        return bool(_pywrap_util_port.IsMklEnabled())
+        onednn = bool(_pywrap_util_port.IsMklEnabled())
     except (ImportError, AttributeError):
         return False
+    return onednn and not tf.config.list_logical_devices("GPU")
 
 
 def layer_norm(inputs, gamma, beta, epsilon):
