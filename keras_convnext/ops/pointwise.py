@@ -6,8 +6,9 @@ the matrix product, and GRN's scale-and-shift is one `addcmul`. oneDNN's
 kernels use AVX-512 where MKL's `addmm` does not on every processor: at
 inference the Linear is oneDNN's matrix product, with GELU applied as it
 writes (float32 keeps `addmm` on Intel processors, where MKL takes its
-AVX-512 path, and on processors without AVX-512: `_addmm_wins_on`); in training, from 1024 positions up, it is a 1x1
-convolution over the channels_last memory, which PyTorch hands to oneDNN
+AVX-512 path, and on processors without AVX-512: `_addmm_wins_on`); in
+training, from 1024 positions up, it is a 1x1 convolution over the
+channels_last memory, which PyTorch hands to oneDNN
 (1.6x-2.2x faster forward+backward at ConvNeXt V2 Tiny's shapes on an AMD
 EPYC, see benchmarks/README.md). TensorFlow's graphs without XLA also run each
 operation as its own pass: there the Linear is written in the form its
