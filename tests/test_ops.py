@@ -494,9 +494,11 @@ def test_linear_gelu_agrees_with_portable(shape, monkeypatch):
     expected = ops.convert_to_numpy(convnext_ops.portable_linear_gelu(x, kernel, bias))
     assert expected.min() < -0.1  # GELU's negative lobe is exercised
     if keras.backend.backend() == "torch":
+        import torch
+
         from keras_convnext.ops.pointwise import _torch_inference_matmul_works
 
-        assert _torch_inference_matmul_works(), "the fused path would go untested on this PyTorch"
+        assert _torch_inference_matmul_works(torch.float32), "the fused path would go untested on this PyTorch"
     for _ in _each_inference_product(monkeypatch):
         with _inference():
             actual = convnext_ops.linear_gelu(ops.convert_to_tensor(x), ops.convert_to_tensor(kernel), bias)

@@ -170,9 +170,9 @@ def _torch_compiling():
 
 
 @functools.lru_cache(maxsize=None)
-def _torch_inference_matmul_works(dtype=None):
-    """Whether this PyTorch has oneDNN's matrix product with GELU in `dtype` (default
-    float32) on this processor, giving the expected result.
+def _torch_inference_matmul_works(dtype):
+    """Whether this PyTorch has oneDNN's matrix product with GELU in `dtype` (a torch
+    dtype) on this processor, giving the expected result.
 
     The operator is internal to PyTorch (it serves `torch.compile`), so it is
     checked once per dtype against the separate operations before it is used.
@@ -182,7 +182,6 @@ def _torch_inference_matmul_works(dtype=None):
     import torch
     import torch.nn.functional as F
 
-    dtype = torch.float32 if dtype is None else dtype
     tolerance = 1e-5 if dtype == torch.float32 else 5e-2
     try:
         generator = torch.Generator().manual_seed(0)
