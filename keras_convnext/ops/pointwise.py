@@ -126,16 +126,24 @@ def _addmm_wins_on(vendor, capability, mkl):
 
 
 def _cpu_vendor():
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    vendor = _cpuinfo_field("vendor_id")
+    if vendor is not None:
+        return vendor
     import platform
 
     return platform.processor()  # Windows: "Intel64 Family 6 Model 85 Stepping 7, GenuineIntel"
+
+
+def _cpuinfo_field(name):
+    """The first `name` field of Linux's /proc/cpuinfo ("vendor_id", "flags"), or None."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.split(":", 1)[0].strip() == name:
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def _torch_inference_matmul_applies(inputs):
