@@ -112,6 +112,12 @@ class ConvNeXtBlock(keras.layers.Layer):
         self.pwconv2.build(hidden_shape)
         if self.layer_scale is not None:
             self.layer_scale.build(input_shape)
+        if self.drop_path is not None:
+            # No weights, but it must count as built: Keras' JAX `predict` and
+            # `predict_on_batch` otherwise run the whole model eagerly, one
+            # compiled operation at a time, to build it, on every call
+            # (benchmarks/README.md, item 35).
+            self.drop_path.build(input_shape)
 
     def residual_branch(self, x, training=None):
         """The block without its shortcut; channels_last in and out.
