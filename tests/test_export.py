@@ -161,3 +161,25 @@ def test_tflite_converter_takes_the_model_as_traced_for_speed(tmp_path):
     images = sample_images(SIZE, SIZE)
     got = _run_artifact("tflite", str(path), images)
     np.testing.assert_allclose(got, np.asarray(model.predict(images, verbose=0)), atol=1e-4)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="converts in this process")
+def test_tflite_artifact_computes_what_the_keras_converter_writes(exported, tmp_path):
+    """The TFLite files are converted from one archive of the model instead of
+    `TFLiteConverter.from_keras_model` once per format; the float32 file must
+    compute bit for bit what that converter's does on the same traced graph."""
+    import tensorflow as tf
+
+    from keras_convnext.ops.pointwise import tracing_for_export
+
+    model, _, reports = exported
+    inputs = keras.Input(batch_shape=(None, SIZE, SIZE, 3), name="images")
+    fixed = keras.Model(inputs, model(inputs, training=False))
+    with tracing_for_export():
+        converted = tf.lite.TFLiteConverter.from_keras_model(fixed).convert()
+    path = tmp_path / "keras_converter.tflite"
+    path.write_bytes(converted)
+    images = sample_images(SIZE, SIZE)
+    np.testing.assert_array_equal(
+        _run_artifact("tflite", reports["tflite"].path, images), _run_artifact("tflite", str(path), images)
+    )
