@@ -202,7 +202,8 @@ def test_decode_predictions_uses_shipped_names():
 
 
 # The parity and fast-path tests, in a process whose XLA compiles at its default
-# level (what users run), since the JAX run compiles at level 0 (conftest.py).
+# level (what users run), since the JAX run compiles at level 0 with XLA:CPU's loop
+# emitters (conftest.py).
 DEFAULT_LEVEL_TESTS = [
     "tests/test_weights.py::test_v2_parity_in_every_naming[hf-safetensors]",
     "tests/test_weights.py::test_v1_parity_in_every_naming[hf-safetensors]",
