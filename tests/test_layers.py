@@ -146,3 +146,111 @@ def test_weights_in_compute_dtype_without_a_cast_when_the_dtype_matches():
     x = ops.ones((2, 3), dtype="float32")
     assert in_dtype(x, "float32") is x
     assert keras.backend.standardize_dtype(in_dtype(x, "bfloat16").dtype) == "bfloat16"
+
+
+def test_stored_value_reads_the_float32_weight_inside_a_mixed_call():
+    from keras_convnext.layers.compute_dtype import stored_value
+
+    seen = {}
+
+    class Probe(keras.layers.Layer):
+        def build(self, input_shape):
+            self.w = self.add_weight(shape=(2,), initializer="ones")
+
+        def call(self, x):
+            seen["autocast"] = keras.backend.standardize_dtype(self.w.value.dtype)
+            seen["stored"] = keras.backend.standardize_dtype(stored_value(self.w).dtype)
+            return x
+
+    Probe(dtype="mixed_bfloat16")(ops.ones((1, 2)))
+    assert seen == {"autocast": "bfloat16", "stored": "float32"}
+
+
+def _product_rule_input(positions_per_image, images):
+    """Inputs and kernel whose product keeps what bfloat16 weights lose.
+
+    The kernel's columns alternate (1 + 3 * 2**-10) and 1 over inputs that
+    alternate +1 and -1: a bfloat16 kernel (both entries round to 1) gives 0,
+    the float32 one 32 * 3 * 2**-10 = 0.09375 over 64 inputs.
+    """
+    kernel = np.ones((64, 4), "float32")
+    kernel[0::2] += 3 * 2.0**-10
+    x = np.ones((images, positions_per_image, 1, 64), "float32")
+    x[..., 1::2] = -1.0
+    return x, kernel
+
+
+@pytest.mark.parametrize("positions,expected", [(8, 0.09375), (1600, 0.0)])
+def test_bfloat16_linear_on_jax_cpu_reads_the_stored_kernel_for_small_products(positions, expected):
+    """On JAX's CPU, a `mixed_bfloat16` Linear of up to 1024 positions multiplies
+    by its float32 kernel (no per-call rounding pass over the weights); larger
+    ones, and every other backend, by the kernel rounded to bfloat16."""
+    from keras_convnext.ops.depthwise import _jax_on_cpu
+    from keras_convnext.ops.pointwise import float32_kernel_pays
+
+    on_jax_cpu = keras.backend.backend() == "jax" and _jax_on_cpu()
+    assert float32_kernel_pays(1024, "bfloat16", "float32") == on_jax_cpu
+    assert not float32_kernel_pays(1025, "bfloat16", "float32")
+    assert not float32_kernel_pays(None, "bfloat16", "float32")  # positions unknown when traced
+    assert not float32_kernel_pays(8, "float16", "float32")
+    assert not float32_kernel_pays(8, "float32", "float32")
+
+    x, kernel = _product_rule_input(positions, 2 if positions == 8 else 1)
+    dense = layers.PointwiseDense(4, dtype="mixed_bfloat16")
+    dense.build(x.shape)
+    dense.kernel.assign(kernel)
+    outputs = dense(x)
+    assert keras.backend.standardize_dtype(outputs.dtype) == "bfloat16"
+    values = ops.convert_to_numpy(ops.cast(outputs, "float32"))
+    # float32 arithmetic on the float32 kernel, rounded once: 0.09375 is exact in bfloat16
+    np.testing.assert_array_equal(values, np.full(values.shape, expected if on_jax_cpu else 0.0))
+
+    if on_jax_cpu and positions == 8:  # the patch convolution's product follows the same rule
+        patch = layers.PatchConv2D(4, 2, dtype="mixed_bfloat16")
+        maps = np.ones((1, 4, 4, 16), "float32")
+        maps[..., 1::2] = -1.0
+        patch.build(maps.shape)
+        patch.kernel.assign(kernel.reshape(2, 2, 16, 4))
+        patched = ops.convert_to_numpy(ops.cast(patch(maps), "float32"))
+        np.testing.assert_array_equal(patched, np.full((1, 2, 2, 4), 0.09375))
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="the float32-kernel product is JAX's")
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_bfloat16_linear_from_the_stored_kernel_agrees_with_float32_and_trains(activation):
+    """Values and gradients of the float32-kernel product against float32
+    arithmetic on the same values (the portable Linear in float32)."""
+    import jax
+
+    from keras_convnext.ops import pointwise as convnext_ops
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 5, 3, 32)).astype("float32")
+    dense = layers.PointwiseDense(16, activation=activation, dtype="mixed_bfloat16")
+    dense.build(x.shape)
+    dense.kernel.assign(rng.normal(size=(32, 16)).astype("float32") * 0.3)
+    dense.bias.assign(rng.normal(size=16).astype("float32"))
+    x_bf16 = ops.cast(x, "bfloat16")
+    portable = convnext_ops.portable_linear_gelu if activation else convnext_ops.portable_linear
+
+    def reference(kernel, bias):
+        return portable(ops.cast(x_bf16, "float32"), kernel, ops.cast(ops.cast(bias, "bfloat16"), "float32"))
+
+    def ours(kernel, bias):
+        return dense.stateless_call([kernel, bias], [], x_bf16)[0]
+
+    weights = [v.value for v in dense.trainable_variables]
+    actual, expected = ours(*weights), reference(*weights)
+    assert actual.dtype == jax.numpy.bfloat16
+    # one bfloat16 rounding of the output (2**-8 relative) apart, at most
+    np.testing.assert_allclose(np.asarray(actual, "float32"), np.asarray(expected), rtol=2**-8, atol=1e-6)
+
+    def loss(fn):
+        return lambda k, b: ops.sum(ops.cast(fn(k, b), "float32") ** 2)
+
+    gradients = jax.grad(loss(ours), argnums=(0, 1))(*weights)
+    expected_gradients = jax.grad(loss(reference), argnums=(0, 1))(*weights)
+    for g, e in zip(gradients, expected_gradients):
+        assert g.dtype == jax.numpy.float32  # the variables' own dtype
+        scale = np.abs(np.asarray(e)).max()
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), atol=2e-2 * scale)

@@ -25,6 +25,18 @@ def compute_weights(layer):
     return kernel, bias
 
 
+def stored_value(variable):
+    """The value of a Keras variable in its own dtype, not autocast to a layer's
+    compute dtype (float32 weights inside a `mixed_bfloat16` layer's call).
+    None where this Keras has no way to ask for it."""
+    try:
+        from keras.src.backend.common.variables import AutocastScope
+    except ImportError:
+        return None
+    with AutocastScope(None):
+        return variable.value
+
+
 def in_dtype(tensor, dtype):
     """`ops.cast(tensor, dtype)`, returning `tensor` itself when it already has `dtype`."""
     return tensor if keras.backend.standardize_dtype(tensor.dtype) == dtype else ops.cast(tensor, dtype)

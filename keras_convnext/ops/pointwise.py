@@ -238,9 +238,12 @@ def _jax_linear(inputs, kernel, bias=None, gelu=False):
     # result inside the same fused loop, which rounds once to bfloat16.
     # Batch 8: (8, 56, 56, 384) x (384, 96) 27.3 -> 6.5 ms, with GELU
     # (8, 56, 56, 96) x (96, 384) 35.4 -> 23.6 ms.
+    # A float32 kernel (`float32_kernel_pays`) takes the float32 product on
+    # the inputs widened to float32.
     inputs, kernel = ops.convert_to_tensor(inputs), ops.convert_to_tensor(kernel)  # Keras variables too
     dimensions = (((inputs.ndim - 1,), (0,)), ((), ()))
-    outputs = jax.lax.dot_general(inputs, kernel, dimensions, preferred_element_type=jnp.float32)
+    operand = inputs if inputs.dtype == kernel.dtype else inputs.astype(kernel.dtype)
+    outputs = jax.lax.dot_general(operand, kernel, dimensions, preferred_element_type=jnp.float32)
     if bias is not None:
         outputs = outputs + ops.cast(bias, "float32")
     if gelu:
@@ -296,9 +299,43 @@ _INV_SQRT_2PI = 0.3989422804014327
 
 
 def _jax_bfloat16_on_cpu(inputs, kernel):
+    """bfloat16 inputs on JAX's CPU, with a bfloat16 kernel or the float32 one of `float32_kernel_pays`."""
     return (
         keras.backend.standardize_dtype(inputs.dtype) == "bfloat16"
-        and keras.backend.standardize_dtype(kernel.dtype) == "bfloat16"
+        and keras.backend.standardize_dtype(kernel.dtype) in ("bfloat16", "float32")
+        and _jax_on_cpu()
+    )
+
+
+# Up to this many positions (rows of the product), a bfloat16 Linear on JAX's
+# CPU reads its float32 kernel as stored. Rounding the kernel to bfloat16 is a
+# pass over the weights on every call, which a small product does not pay
+# back: in a V2 Tiny batch-1 pass that conversion was 22 of 46 ms (XLA's
+# profile), for 28M weights read from memory as float32, written as bfloat16
+# and read again by the product. V2 Tiny `predict_on_batch`, each setting in
+# its own process, twice (AMD EPYC Zen 5 with AVX-512 BF16): batch 1 46.2 and
+# 46.6 ms with every kernel rounded, 35.4 and 35.3 ms up to 1024 positions
+# (stages 2-4; 34.1 and 40.9 up to 256), 36.4 and 36.5 with every kernel
+# float32; batch 8 212-216 ms, 217 ms up to 1024 positions (stage 4), 275-312
+# ms with every kernel float32 (there the bfloat16 products pay).
+_JAX_FLOAT32_KERNEL_MAX_POSITIONS = 1024
+
+
+def float32_kernel_pays(positions, compute_dtype, variable_dtype):
+    """Whether a Linear over `positions` rows (None: not known when traced) should
+    multiply by its float32 kernel as stored instead of the kernel rounded to its
+    bfloat16 compute dtype: on JAX's CPU, for small products.
+
+    The result is float32 arithmetic on the bfloat16 inputs and the float32
+    weights, rounded once to bfloat16: closer to the float32 model than the
+    rounded kernel gives.
+    """
+    return (
+        positions is not None
+        and positions <= _JAX_FLOAT32_KERNEL_MAX_POSITIONS
+        and keras.backend.standardize_dtype(compute_dtype) == "bfloat16"
+        and keras.backend.standardize_dtype(variable_dtype) == "float32"
+        and keras.backend.backend() == "jax"
         and _jax_on_cpu()
     )
 
