@@ -18,7 +18,9 @@ takes the form that the optimizer turns into oneDNN's one-pass kernel
 (not in exported artifacts, see `tracing_for_export`). XLA (JAX,
 TensorFlow with `jit_compile`) fuses the portable formulations by itself;
 on the CPU, JAX's bfloat16 products ask for a float32 result, which
-XLA:CPU computes several times faster than a bfloat16 one, and JAX's GELU
+XLA:CPU computes several times faster than a bfloat16 one, a small product
+(up to 1024 rows) multiplies by the float32 kernel as stored instead of
+rounding the weights on every call (`float32_kernel_pays`), and JAX's GELU
 keeps only its input for the backward pass (`_jax_gelu`).
 """
 
