@@ -19,7 +19,7 @@ digits), train and prepare the images elsewhere, then bring both:
 Reported per backend: top-1 agreement between the two precisions, held-out
 accuracy of each, and inference images/s of each at `--batch-size` (the
 speed at ImageNet resolution is `run.py --precision mixed_bfloat16`).
-Results go to `benchmarks/results/bf16_agreement_<model>.json` and `.md`.
+Results go to `benchmarks/results/bf16_agreement_<model>.json` and `.md` (or `--name`).
 """
 
 import argparse
@@ -149,6 +149,7 @@ def main(argv=None):
     parser.add_argument("--save-weights", help="also keep the trained model here (.keras)")
     parser.add_argument("--arrays", help="held-out images and labels (.npz); written first if missing")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--name", help="results file name (default: bf16_agreement_<model>, _cuda added on a GPU)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -177,7 +178,7 @@ def main(argv=None):
         "versions": _versions(), "results": results,
     }
     suffix = "" if args.device == "cpu" else f"_{args.device}"
-    write_report(f"bf16_agreement_{args.model}{suffix}", report, markdown(report))
+    write_report(args.name or f"bf16_agreement_{args.model}{suffix}", report, markdown(report))
     return 0
 
 

@@ -277,3 +277,18 @@ def test_paired_latency_times_every_worker_in_rotating_turns_and_keeps_failures(
     paired = run.paired_latency(workers, [1], 3, {1: 2}, pause=0.0, answer_timeout=3.0)
     assert paired["errors"] == {"keras_convnext/jax": ["no answer within 3 s; the worker was stopped"]}
     assert paired["latency_ms"] == {"pytorch-reference": {"1": [20.0] * 3}}
+
+
+def test_bf16_agreement_writes_its_results_under_the_name_given(monkeypatch, tmp_path):
+    import bf16_agreement
+
+    written, commands = [], []
+    monkeypatch.setattr(bf16_agreement, "run_in_backend", lambda command, backend, device: commands.append(command))
+    monkeypatch.setattr(bf16_agreement, "markdown", lambda report: "table")
+    monkeypatch.setattr(bf16_agreement, "write_report", lambda name, report, text: written.append(name))
+    weights = str(tmp_path / "trained.keras")
+    argv = ["--weights", weights, "--backends", "jax"]
+    bf16_agreement.main(argv + ["--name", "bf16_agreement_atto_zen5"])
+    bf16_agreement.main(argv)
+    assert written == ["bf16_agreement_atto_zen5", "bf16_agreement_ConvNeXtV2Atto"]
+    assert all("--weights" in command and weights in command for command in commands)
