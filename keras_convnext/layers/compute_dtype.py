@@ -20,9 +20,12 @@ def in_compute_dtype(variable, dtype):
 
 def compute_weights(layer):
     """The layer's `kernel` and `bias` (None without one) in its compute dtype."""
-    kernel = in_compute_dtype(layer.kernel, layer.compute_dtype)
-    bias = in_compute_dtype(layer.bias, layer.compute_dtype) if layer.use_bias else None
-    return kernel, bias
+    return in_compute_dtype(layer.kernel, layer.compute_dtype), compute_bias(layer)
+
+
+def compute_bias(layer):
+    """The layer's `bias` in its compute dtype, None without one."""
+    return in_compute_dtype(layer.bias, layer.compute_dtype) if layer.use_bias else None
 
 
 def stored_value(variable):

@@ -2,7 +2,7 @@
 
 import keras
 
-from keras_convnext.layers.compute_dtype import compute_weights, in_compute_dtype, in_dtype, stored_value
+from keras_convnext.layers.compute_dtype import compute_bias, compute_weights, in_dtype, stored_value
 from keras_convnext.ops.pointwise import float32_kernel_pays, grn_linear, linear, linear_gelu, patch_conv2d
 
 
@@ -21,7 +21,7 @@ def _product_weights(layer, positions):
     if float32_kernel_pays(positions, layer.compute_dtype, layer.variable_dtype):
         stored = stored_value(layer.kernel)
         if stored is not None:  # no rounded copy made only to be dropped (an eager call would run it)
-            return stored, in_compute_dtype(layer.bias, layer.compute_dtype) if layer.use_bias else None
+            return stored, compute_bias(layer)
     return compute_weights(layer)
 
 
