@@ -109,6 +109,32 @@ def test_image_normalization():
     _roundtrip(layer)
 
 
+def test_image_normalization_rounds_once_under_a_16_bit_policy():
+    """Under `mixed_bfloat16` the arithmetic runs in float32 and only the result is rounded."""
+    import ml_dtypes
+
+    pixels = np.random.default_rng(3).uniform(0, 255, size=(2, 16, 16, 3)).astype("float32")
+    mean = np.array(layers.preprocessing.IMAGENET_MEAN, "float32")
+    inv_std = np.array([1.0 / s for s in layers.preprocessing.IMAGENET_STD], "float32")
+    expected = ((pixels - mean) * inv_std).astype(ml_dtypes.bfloat16).astype("float32")
+    layer = layers.ImageNormalization(dtype="mixed_bfloat16")
+    assert layer.input_dtype == "float32"
+    out = layer(pixels)
+    assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
+    np.testing.assert_array_equal(ops.convert_to_numpy(ops.cast(out, "float32")), expected)
+    # Rounded at each step instead, about a fifth of these values come out different.
+    stepwise = pixels.astype(ml_dtypes.bfloat16)
+    stepwise = (stepwise - mean.astype(ml_dtypes.bfloat16)).astype(ml_dtypes.bfloat16)
+    stepwise = (stepwise * inv_std.astype(ml_dtypes.bfloat16)).astype(ml_dtypes.bfloat16)
+    assert np.mean(stepwise.astype("float32") != expected) > 0.05
+    # Integer pixels are converted in the layer, to the same values.
+    whole = np.round(pixels).astype("uint8")
+    expected_whole = ((whole.astype("float32") - mean) * inv_std).astype(ml_dtypes.bfloat16).astype("float32")
+    np.testing.assert_array_equal(ops.convert_to_numpy(ops.cast(layer(whole), "float32")), expected_whole)
+    assert layers.ImageNormalization().input_dtype == "float32"
+    assert layers.ImageNormalization(dtype="float64").input_dtype == "float64"
+
+
 def test_host_truncated_normal_distribution_seeding_and_config():
     initializer = layers.HostTruncatedNormal(mean=0.1, stddev=0.02)
     values = ops.convert_to_numpy(initializer((256, 512)))
