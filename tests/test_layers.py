@@ -131,6 +131,14 @@ def test_image_normalization_rounds_once_under_a_16_bit_policy():
     whole = np.round(pixels).astype("uint8")
     expected_whole = ((whole.astype("float32") - mean) * inv_std).astype(ml_dtypes.bfloat16).astype("float32")
     np.testing.assert_array_equal(ops.convert_to_numpy(ops.cast(layer(whole), "float32")), expected_whole)
+    # channels_first (the per-channel broadcast) and a width unknown when traced give the same.
+    first = layers.ImageNormalization(dtype="mixed_bfloat16", data_format="channels_first")
+    out_first = ops.convert_to_numpy(ops.cast(first(np.transpose(pixels, (0, 3, 1, 2))), "float32"))
+    np.testing.assert_array_equal(np.transpose(out_first, (0, 2, 3, 1)), expected)
+    inputs = keras.Input((None, None, 3))
+    flexible = keras.Model(inputs, layers.ImageNormalization(dtype="mixed_bfloat16")(inputs))
+    out_flexible = ops.convert_to_numpy(ops.cast(flexible.predict_on_batch(pixels), "float32"))
+    np.testing.assert_array_equal(out_flexible, expected)
     assert layers.ImageNormalization().input_dtype == "float32"
     assert layers.ImageNormalization(dtype="float64").input_dtype == "float64"
 

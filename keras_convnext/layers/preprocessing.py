@@ -49,12 +49,22 @@ class ImageNormalization(keras.layers.Layer):
         return "float32" if compute in ("bfloat16", "float16") else compute
 
     def call(self, inputs):
-        shape = (1, 1, 1, -1) if self.data_format == "channels_last" else (1, -1, 1, 1)
         dtype = self.input_dtype
         x = ops.cast(inputs, dtype)
-        mean = ops.reshape(ops.convert_to_tensor(self.mean, dtype), shape)
-        inv_std = ops.reshape(ops.convert_to_tensor([1.0 / s for s in self.std], dtype), shape)
-        return ops.cast((x - mean) * inv_std, self.compute_dtype)
+        mean = ops.convert_to_tensor(self.mean, dtype)
+        inv_std = ops.convert_to_tensor([1.0 / s for s in self.std], dtype)
+        width = x.shape[2]
+        if self.data_format == "channels_last" and width is not None:
+            # One row per image row, the statistics repeated along it: the same
+            # values, but TensorFlow's kernels broadcast a long row much faster
+            # than a 3-channel one (V2 Tiny at batch 8, 224x224, a batch size
+            # unknown when traced: 0.89 against 1.93 ms; item 39).
+            rows = ops.reshape(x, (-1, width * len(self.mean)))
+            rows = (rows - ops.tile(mean, [width])) * ops.tile(inv_std, [width])
+            return ops.cast(ops.reshape(rows, ops.shape(x)), self.compute_dtype)
+        shape = (1, 1, 1, -1) if self.data_format == "channels_last" else (1, -1, 1, 1)
+        outputs = (x - ops.reshape(mean, shape)) * ops.reshape(inv_std, shape)
+        return ops.cast(outputs, self.compute_dtype)
 
     def compute_output_shape(self, input_shape):
         return input_shape
