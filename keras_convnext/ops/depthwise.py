@@ -15,6 +15,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_convnext.ops.rounding import cast_rounded
+
 
 def portable_depthwise_conv2d(inputs, kernel, bias=None):
     """Reference formulation: `keras.ops.depthwise_conv`.
@@ -220,7 +222,7 @@ def _xla_depthwise_conv2d(inputs, kernel, bias=None):
     dtype = keras.backend.standardize_dtype(inputs.dtype)
     if dtype in ("bfloat16", "float16"):
         outputs = _xla_depthwise_conv2d(*(ops.cast(tensor, "float32") for tensor in (inputs, kernel, bias)))
-        return ops.cast(outputs, dtype)
+        return cast_rounded(outputs, dtype)
     if keras.backend.backend() == "jax":
         if not _JAX_CONVOLVE:
             _JAX_CONVOLVE.append(_jax_shifted_with_fast_gradient())
