@@ -820,3 +820,55 @@ def test_bfloat16_linear_agrees_with_float32(gelu, monkeypatch):
             assert a.dtype == e.dtype == jax.numpy.bfloat16
             scale = np.abs(np.asarray(e, "float32")).max()
             np.testing.assert_allclose(np.asarray(a, "float32"), np.asarray(e, "float32"), atol=3e-2 * scale)
+
+
+def _special_and_random_float32():
+    rng = np.random.default_rng(21)
+    specials = np.array(
+        [0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan, 3.4028235e38, -3.4028235e38, 1e-45, -1e-45,
+         1.00390625, 1.01171875, -1.00390625, 65536.5, 3.3961776e38, 1.1754942e-38],
+        "float32",
+    )
+    patterns = rng.integers(0, 2**32, size=50000, dtype=np.uint64).astype(np.uint32)
+    signalling = np.array([0x7F800001, 0xFF800001, 0x7FFFFFFF, 0xFFFFFFFF, 0x7FBFFFFF], np.uint32)
+    return np.concatenate([specials, patterns.view("float32"), signalling.view("float32")])
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="the integer rounding is JAX's")
+def test_integer_rounding_to_bfloat16_gives_the_bits_of_a_cast():
+    """Every float32 bit pattern rounds as `astype(bfloat16)` does; NaN stays NaN, even where its
+    payload would carry into the sign bit; the gradient is the cast's."""
+    import jax
+    import jax.numpy as jnp
+    import ml_dtypes
+
+    from keras_convnext.ops.rounding import round_to_bfloat16
+
+    values = _special_and_random_float32()
+    rounded = np.asarray(jax.jit(round_to_bfloat16)(values))
+    assert rounded.dtype == ml_dtypes.bfloat16
+    nan = np.isnan(values)
+    assert nan.sum() > 100 and np.isnan(rounded[nan].astype("float32")).all()
+    expected = values[~nan].astype(ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(rounded[~nan].view(np.uint16), expected.view(np.uint16))
+    gradient = jax.grad(lambda v: jnp.sum(round_to_bfloat16(v).astype(jnp.float32) * jnp.arange(4.0)))(jnp.ones(4))
+    assert gradient.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(gradient), np.arange(4.0))
+
+
+def test_cast_rounded_is_a_cast():
+    """`cast_rounded` equals `ops.cast` on every backend; on JAX's CPU it takes the integer rounding."""
+    from keras_convnext.ops import rounding
+
+    values = _special_and_random_float32()[:20000]
+    finite = values[np.isfinite(values)]
+    actual = ops.convert_to_numpy(ops.cast(rounding.cast_rounded(ops.convert_to_tensor(finite), "bfloat16"), "float32"))
+    expected = ops.convert_to_numpy(ops.cast(rounding.portable_round_to_bfloat16(finite), "float32"))
+    np.testing.assert_array_equal(actual, expected)
+    unchanged = rounding.cast_rounded(ops.convert_to_tensor(finite[:8]), "float32")
+    np.testing.assert_array_equal(ops.convert_to_numpy(unchanged), finite[:8])
+    if keras.backend.backend() == "jax" and rounding._jax_on_cpu():
+        import jax
+
+        program = jax.jit(lambda v: rounding.cast_rounded(v, "bfloat16")).lower(finite).as_text()
+        assert "bitcast_convert" in program
