@@ -80,11 +80,18 @@ def base_parser(description):
     parser.add_argument("--output-dir", default="convnext_run", help="where the model, history and plots go.")
     parser.add_argument("--steps-per-epoch", type=int, default=None)
     parser.add_argument("--quiet", action="store_true", help="no progress bars.")
+    parser.add_argument("--reuse-freed-memory", action="store_true",
+                        help="keep freed memory in the process (glibc): faster training steps on JAX and "
+                             "PyTorch, at the cost of holding the peak memory (docs/workflows.md).")
     return parser
 
 
 def parse(parser, argv):
     args = parser.parse_args(argv)
+    if args.reuse_freed_memory:
+        import keras_convnext
+
+        keras_convnext.reuse_freed_memory()  # before any model is built
     args.data = resolve_data(args.data)
     if args.image_size is None:
         args.image_size = 32 if args.data == "digits" else 224

@@ -42,6 +42,9 @@ def parse_args(argv):
     parser.add_argument("--samples", type=int, default=4, help="rows of the reconstruction grid")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="fcmae_output")
+    parser.add_argument("--reuse-freed-memory", action="store_true",
+                        help="keep freed memory in the process (glibc): faster training steps on JAX and "
+                             "PyTorch, at the cost of holding the peak memory (docs/workflows.md).")
     return parser.parse_args(argv)
 
 
@@ -148,6 +151,11 @@ def main(argv=None):
     args = parse_args(argv)
     _select_backend(args.backend)
     import keras
+
+    if args.reuse_freed_memory:
+        import keras_convnext
+
+        keras_convnext.reuse_freed_memory()  # before any model is built
     import matplotlib
 
     matplotlib.use("Agg")

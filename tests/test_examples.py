@@ -6,6 +6,7 @@ digits ship with scikit-learn.
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -260,3 +261,20 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
     assert result["single_loss"][-1] < result["single_loss"][0]  # the weights did move
     np.testing.assert_allclose(result["multi_loss"], result["single_loss"], rtol=1e-4)
     np.testing.assert_allclose(result["multi_val"], result["single_val"], rtol=1e-4)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's settings")
+def test_fit_evaluate_script_reuses_freed_memory_before_the_model(tmp_path):
+    """`--reuse-freed-memory` is applied before the backend runs anything (else it warns)."""
+    output = tmp_path / "run"
+    env = dict(os.environ, KERAS_BACKEND=BACKEND, PYTHONWARNINGS="always")
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+    command = [
+        sys.executable, os.path.join(EXAMPLES, "fit_evaluate.py"), "--data", "digits", "--limit", "16",
+        "--epochs", "1", "--batch-size", "16", "--image-size", "32", "--depths", "1,1,1,1",
+        "--dims", "8,8,16,16", "--quiet", "--no-evaluation", "--reuse-freed-memory", "--output-dir", str(output),
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "reuse_freed_memory() was called after" not in done.stderr
+    assert (output / "model.keras").exists()

@@ -1,0 +1,65 @@
+import os
+import platform
+import subprocess
+import sys
+
+import keras
+import pytest
+
+_SCRIPT = """
+import resource, sys, warnings
+import numpy as np
+import keras_convnext
+
+applied = keras_convnext.reuse_freed_memory() if sys.argv[1] == "reuse" else None
+if sys.argv[2] == "started":
+    import keras
+    keras.ops.convert_to_numpy(keras.ops.ones((2,)) + 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        applied = keras_convnext.reuse_freed_memory()
+    print("warned", any("before the first model" in str(w.message) for w in caught))
+
+# NumPy asks for huge pages on large arrays (2 MB pages, few faults); XLA and PyTorch do not.
+multiarray = getattr(np, "_core", None) or np.core
+multiarray.multiarray._set_madvise_hugepage(False)
+
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+block = np.ones(64 * 2**20 // 8)  # 64 MB, above glibc's largest threshold for mapping blocks on their own
+del block
+before = faults()
+block = np.ones(64 * 2**20 // 8)
+print("applied", applied, "faults", faults() - before)
+"""
+
+
+def _run(*args):
+    done = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, *args], capture_output=True, text=True, timeout=300,
+        env=dict(os.environ), check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def _faults(output):
+    return int(output.split("faults")[-1].split()[0])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc's settings")
+def test_reuse_freed_memory_hands_out_freed_pages_again():
+    """A 64 MB block freed and allocated again faults every page by default, none after the call."""
+    default = _run("default", "fresh")
+    reused = _run("reuse", "fresh")
+    assert "applied None" in default and "applied True" in reused
+    assert _faults(default) > 8000, default  # 16384 pages of 4 KB
+    assert _faults(reused) < 500, reused
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "jax" or platform.libc_ver()[0] != "glibc", reason="JAX's worker threads"
+)
+def test_reuse_freed_memory_warns_once_jax_has_run():
+    assert "warned True" in _run("default", "started")
