@@ -867,7 +867,9 @@ def test_cast_rounded_is_a_cast():
     np.testing.assert_array_equal(actual, expected)
     unchanged = rounding.cast_rounded(ops.convert_to_tensor(finite[:8]), "float32")
     np.testing.assert_array_equal(ops.convert_to_numpy(unchanged), finite[:8])
-    if keras.backend.backend() == "jax" and rounding._jax_on_cpu():
+    from keras_convnext.ops.depthwise import _jax_on_cpu
+
+    if keras.backend.backend() == "jax" and _jax_on_cpu():
         import jax
 
         program = jax.jit(lambda v: rounding.cast_rounded(v, "bfloat16")).lower(finite).as_text()

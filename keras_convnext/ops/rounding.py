@@ -21,6 +21,8 @@ def portable_round_to_bfloat16(inputs):
 
 def cast_rounded(inputs, dtype):
     """`ops.cast(inputs, dtype)`; float32 to bfloat16 on JAX's CPU through `round_to_bfloat16`."""
+    from keras_convnext.ops.depthwise import _jax_on_cpu  # that module imports this one
+
     if (
         keras.backend.standardize_dtype(dtype) == "bfloat16"
         and keras.backend.standardize_dtype(inputs.dtype) == "float32"
@@ -67,9 +69,3 @@ def _jax_rounding():
 
     rounded.defvjp(forward, backward)
     return rounded
-
-
-def _jax_on_cpu():
-    import jax
-
-    return jax.default_backend() == "cpu"
