@@ -40,10 +40,8 @@ class ImageNormalization(keras.layers.Layer):
 
         Pixels in [0, 255] minus the mean, times 1 / std, computed in bfloat16,
         round three times (the input, the difference, the product); in float32
-        the result rounds once to the compute dtype. TensorFlow's elementwise
-        kernels are also faster in float32 here: V2 Tiny's normalization at batch
-        8, 224x224, took 1.5 against 2.7 ms in a `tf.function` (AMD EPYC Zen 5;
-        benchmarks/README.md, item 39).
+        the result rounds once to the compute dtype (benchmarks/README.md, item
+        39, has the speed of both forms).
         """
         compute = keras.backend.standardize_dtype(self.compute_dtype)
         return "float32" if compute in ("bfloat16", "float16") else compute
