@@ -540,7 +540,7 @@ def _implementations(args):
 
 
 def _run_worker(args, backend, implementation):
-    return run_in_backend(_worker_command(args, ["--worker", implementation]), backend, args.device)
+    return run_in_backend(_worker_command(args, ["--worker", implementation]), backend, args.device, args.malloc)
 
 
 def _worker_command(args, role):
@@ -691,14 +691,26 @@ def device_environment(device):
     return {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "TF_FORCE_GPU_ALLOW_GROWTH": "true"}
 
 
-def backend_environment(backend, device="cpu"):
-    """This process's environment with `backend` as the Keras backend, on `device`."""
-    return dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3", **device_environment(device))
+def malloc_environment(malloc):
+    """glibc's settings for a worker process: "default" (the system's) or "reuse"
+    (`keras_convnext.reuse_freed_memory`'s, as environment variables)."""
+    if malloc == "default":
+        return {}
+    sys.path.insert(0, ROOT)
+    from keras_convnext.process import REUSE_FREED_MEMORY_ENVIRONMENT
+
+    return dict(REUSE_FREED_MEMORY_ENVIRONMENT)
 
 
-def run_in_backend(command, backend, device="cpu"):
+def backend_environment(backend, device="cpu", malloc="default"):
+    """This process's environment with `backend` as the Keras backend, on `device`, with glibc's `malloc` settings."""
+    return dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3", **device_environment(device),
+                **malloc_environment(malloc))
+
+
+def run_in_backend(command, backend, device="cpu", malloc="default"):
     """Runs a worker command under `backend` on `device`; its last `RESULT <json>` line, or `{"error": [...]}`."""
-    environment = backend_environment(backend, device)
+    environment = backend_environment(backend, device, malloc)
     completed = subprocess.run(command, env=environment, capture_output=True, text=True)
     lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
     if completed.returncode != 0 or not lines:
@@ -784,6 +796,13 @@ def markdown(report):
         f"{report['date']}, {report['machine']}, " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
         "",
     ]
+    if report.get("malloc", "default") != "default":
+        lines += [
+            "glibc's settings in every process, the reference's included: "
+            + " ".join(f"{key}={value}" for key, value in malloc_environment(report["malloc"]).items())
+            + " (`keras_convnext.reuse_freed_memory()`: freed memory is handed out again instead of new pages).",
+            "",
+        ]
     if not rows:  # --rounds 0: only the paired measurement ran
         return "\n".join(lines) + paired_markdown(report)
     lines += [
@@ -945,6 +964,10 @@ def main(argv=None):
                              "(default: each framework's own choice, which differ)")
     parser.add_argument("--torch-compile", action="store_true",
                         help="also time the PyTorch backend with jit_compile=True (torch.compile)")
+    parser.add_argument("--malloc", default="default", choices=["default", "reuse"],
+                        help="glibc's settings in every implementation's process, the reference's included: "
+                             "the system's, or those of keras_convnext.reuse_freed_memory() (freed memory "
+                             "handed out again instead of new pages)")
     parser.add_argument("--name", help="results file name (default: derived from the settings)")
     parser.add_argument("--paired", type=int, default=0, metavar="TURNS",
                         help="also time inference with every implementation alive at once, calls taken in turn "
@@ -981,6 +1004,7 @@ def main(argv=None):
         "date": datetime.date.today().isoformat(),
         "machine": machine(args.device),
         "device": args.device,
+        "malloc": args.malloc,
         "versions": _versions(),
         "results": median_results(rounds) if rounds else {},
         "rounds": rounds,
@@ -988,13 +1012,13 @@ def main(argv=None):
     if args.paired:
         batch_sizes = sorted({1, args.batch_size})
         workers = {
-            name: (_worker_command(args, ["--serve", implementation]), backend_environment(backend, args.device))
+            name: (_worker_command(args, ["--serve", implementation]), backend_environment(backend, args.device, args.malloc))
             for name, backend, implementation in implementations
         }
         calls = {batch: PAIRED_CALLS.get(batch, 2) for batch in batch_sizes}
         report["paired"] = {"turns": args.paired, "calls": {str(b): c for b, c in calls.items()},
                             **paired_latency(workers, batch_sizes, args.paired, calls)}
-    suffix = "" if args.device == "cpu" else f"_{args.device}"
+    suffix = ("" if args.device == "cpu" else f"_{args.device}") + ("" if args.malloc == "default" else "_malloc_reuse")
     write_report(args.name or f"{args.model}_b{args.batch_size}_{args.resolution}_{args.precision}{suffix}",
                  report, markdown(report))
     return 0

@@ -10,6 +10,15 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
+# The same settings as environment variables, which glibc reads as a process
+# starts, before any thread has allocated: for programs started afresh (the
+# benchmark's worker processes take them with `--malloc reuse`).
+REUSE_FREED_MEMORY_ENVIRONMENT = {
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_MAX_": "0",
+    "MALLOC_TRIM_THRESHOLD_": "8000000000",
+}
+
 
 def reuse_freed_memory():
     """Makes glibc keep memory the process frees and hand it out again, instead of new pages.
@@ -23,11 +32,11 @@ def reuse_freed_memory():
     (778k -> 0 faults a step), PyTorch 2.58 -> 1.96-1.98 s; TensorFlow keeps its
     own memory and is unchanged (benchmarks/README.md, item 41).
 
-    The settings are the process's, as the environment variables
-    `MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large>` would
-    make them: every thread allocates from one arena, nothing is mapped on its
-    own, and freed memory is not returned to the system, so the process keeps
-    its peak memory until it exits. Call this at the start of a program, before
+    The settings are the process's, as the environment variables of
+    `REUSE_FREED_MEMORY_ENVIRONMENT` would make them: every thread allocates
+    from one arena, nothing is mapped on its own, and freed memory is not
+    returned to the system, so the process keeps its peak memory until it
+    exits. Call this at the start of a program, before
     the first model is built: threads that have already allocated (JAX's
     workers, once JAX has run anything) keep arenas of their own, whose large
     blocks are mapped afresh whatever this sets.

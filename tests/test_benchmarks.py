@@ -146,6 +146,23 @@ def test_device_environment_hides_or_shares_the_gpu():
     assert cuda["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false" and "CUDA_VISIBLE_DEVICES" not in cuda
 
 
+def test_malloc_reuse_reaches_every_worker_and_the_table_says_so():
+    from keras_convnext.process import REUSE_FREED_MEMORY_ENVIRONMENT
+
+    reused = run.backend_environment("jax", "cpu", "reuse")
+    assert all(reused[key] == value for key, value in REUSE_FREED_MEMORY_ENVIRONMENT.items())
+    default = run.backend_environment("torch", "cpu")
+    assert not any(key in default and default[key] == value for key, value in REUSE_FREED_MEMORY_ENVIRONMENT.items())
+    report = {
+        "model": "ConvNeXtV2Tiny", "batch_size": 8, "train_batch_size": 16, "resolution": 224,
+        "precision": "float32", "multiply_adds": 1, "date": "2026-11-29", "machine": "test CPU",
+        "versions": {"keras": "3"}, "results": {"pytorch-reference": _row(10.0, 60.0, 300.0)},
+    }
+    assert "MALLOC_" not in run.markdown(report)
+    text = run.markdown(dict(report, malloc="reuse"))
+    assert "in every process, the reference's included: MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0" in text
+
+
 def test_steady_inference_without_a_resettable_peak_reports_the_first_calls():
     class Meter:  # as JAX's GPU allocator: a peak since the start, no reset
         peak_mb = 0.0

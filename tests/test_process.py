@@ -35,10 +35,10 @@ print("applied", applied, "faults", faults() - before)
 """
 
 
-def _run(*args):
+def _run(*args, environment=None):
     done = subprocess.run(
         [sys.executable, "-c", _SCRIPT, *args], capture_output=True, text=True, timeout=300,
-        env=dict(os.environ), check=False,
+        env=dict(os.environ, **(environment or {})), check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
@@ -56,6 +56,18 @@ def test_reuse_freed_memory_hands_out_freed_pages_again():
     assert "applied None" in default and "applied True" in reused
     assert _faults(default) > 8000, default  # 16384 pages of 4 KB
     assert _faults(reused) < 500, reused
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc's settings")
+def test_reuse_freed_memory_environment_does_the_same_for_a_new_process():
+    """The environment variables that the benchmark's `--malloc reuse` gives its workers."""
+    from keras_convnext.process import REUSE_FREED_MEMORY_ENVIRONMENT
+
+    reused = _run("default", "fresh", environment=REUSE_FREED_MEMORY_ENVIRONMENT)
+    assert "applied None" in reused and _faults(reused) < 500, reused
+    # One setting alone is not enough: the block is still mapped on its own and unmapped when freed.
+    arenas_only = _run("default", "fresh", environment={"MALLOC_ARENA_MAX": "1"})
+    assert _faults(arenas_only) > 8000, arenas_only
 
 
 @pytest.mark.skipif(
