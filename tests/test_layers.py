@@ -216,15 +216,15 @@ def _product_rule_input(positions_per_image, images):
 
 @pytest.mark.parametrize("positions,expected", [(8, 0.09375), (1600, 0.0)])
 def test_bfloat16_linear_on_jax_cpu_reads_the_stored_kernel_for_small_products(positions, expected):
-    """On JAX's CPU, a `mixed_bfloat16` Linear of up to 1024 positions multiplies
+    """On JAX's CPU, a `mixed_bfloat16` Linear of up to 256 positions multiplies
     by its float32 kernel (no per-call rounding pass over the weights); larger
     ones, and every other backend, by the kernel rounded to bfloat16."""
     from keras_convnext.ops.depthwise import _jax_on_cpu
     from keras_convnext.ops.pointwise import float32_kernel_pays
 
     on_jax_cpu = keras.backend.backend() == "jax" and _jax_on_cpu()
-    assert float32_kernel_pays(1024, "bfloat16", "float32") == on_jax_cpu
-    assert not float32_kernel_pays(1025, "bfloat16", "float32")
+    assert float32_kernel_pays(256, "bfloat16", "float32") == on_jax_cpu
+    assert not float32_kernel_pays(257, "bfloat16", "float32")
     assert not float32_kernel_pays(None, "bfloat16", "float32")  # positions unknown when traced
     assert not float32_kernel_pays(8, "float16", "float32")
     assert not float32_kernel_pays(8, "float32", "float32")

@@ -19,7 +19,7 @@ takes the form that the optimizer turns into oneDNN's one-pass kernel
 TensorFlow with `jit_compile`) fuses the portable formulations by itself;
 on the CPU, JAX's bfloat16 products ask for a float32 result, which
 XLA:CPU computes several times faster than a bfloat16 one, a small product
-(up to 1024 rows) multiplies by the float32 kernel as stored instead of
+(up to 256 rows) multiplies by the float32 kernel as stored instead of
 rounding the weights on every call (`float32_kernel_pays`), and JAX's GELU
 keeps only its input for the backward pass (`_jax_gelu`).
 """
@@ -314,13 +314,18 @@ def _jax_bfloat16_on_cpu(inputs, kernel):
 # pass over the weights on every call, which a small product does not pay
 # back: in a V2 Tiny batch-1 pass that conversion was 22 of 46 ms (XLA's
 # profile), for 28M weights read from memory as float32, written as bfloat16
-# and read again by the product. V2 Tiny `predict_on_batch`, each setting in
-# its own process, twice (AMD EPYC Zen 5 with AVX-512 BF16): batch 1 46.2 and
-# 46.6 ms with every kernel rounded, 35.4 and 35.3 ms up to 1024 positions
-# (stages 2-4; 34.1 and 40.9 up to 256), 36.4 and 36.5 with every kernel
-# float32; batch 8 212-216 ms, 217 ms up to 1024 positions (stage 4), 275-312
-# ms with every kernel float32 (there the bfloat16 products pay).
-_JAX_FLOAT32_KERNEL_MAX_POSITIONS = 1024
+# and read again by the product. The float32 product is the slower one per
+# row, so the rule is a number of rows whatever the weights' size: XLA:CPU's
+# float32 products took 1.2-1.3x the time of the bfloat16 ones at 98 rows,
+# 1.5x at 196 and 1.6-1.7x at 392 (V2 Tiny's blocks chained, conversion
+# included). V2 Tiny `predict_on_batch`, each setting in its own process,
+# alternating, medians (AMD EPYC Zen 5 with AVX-512 BF16; benchmarks/README.md,
+# items 37 and 43): batch 1 33.7-35.3 ms up to 256 positions (stages 3-4)
+# against 36.0-46.5 up to 1024 (stages 2-4) and 45.7-54.1 with every kernel
+# rounded; batch 8 218.8-243.9 against 212.8-254.4 ms (stage 4's 392 rows
+# rounded or not), and with glibc's memory kept for reuse (item 41) 185.1-195.0
+# against 197.6-218.9 ms; batch 4 110.5 and 115.0 against 126.8 and 124.3 ms.
+_JAX_FLOAT32_KERNEL_MAX_POSITIONS = 256
 
 
 def float32_kernel_pays(positions, compute_dtype, variable_dtype):
