@@ -315,10 +315,10 @@ def _jax_bfloat16_on_cpu(inputs, kernel):
 # back: in a V2 Tiny batch-1 pass that conversion was 22 of 46 ms (XLA's
 # profile), for 28M weights read from memory as float32, written as bfloat16
 # and read again by the product. The float32 product is the slower one per
-# row, so the rule is a number of rows whatever the weights' size: XLA:CPU's
-# float32 products took 1.2-1.3x the time of the bfloat16 ones at 98 rows,
-# 1.5x at 196 and 1.6-1.7x at 392 (V2 Tiny's blocks chained, conversion
-# included). V2 Tiny `predict_on_batch`, each setting in its own process,
+# row, so the rule is a number of rows whatever the weights' size: V2 Tiny's
+# products chained alone, XLA:CPU's float32 ones took 1.15-1.31x the time of
+# the bfloat16 ones (conversion included) at 98 rows and 1.22-1.69x at 392.
+# V2 Tiny `predict_on_batch`, each setting in its own process,
 # alternating, medians (AMD EPYC Zen 5 with AVX-512 BF16; benchmarks/README.md,
 # items 37 and 43): batch 1 33.7-35.3 ms up to 256 positions (stages 3-4)
 # against 36.0-46.5 up to 1024 (stages 2-4) and 45.7-54.1 with every kernel
