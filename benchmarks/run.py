@@ -1012,7 +1012,10 @@ def main(argv=None):
     if args.paired:
         batch_sizes = sorted({1, args.batch_size})
         workers = {
-            name: (_worker_command(args, ["--serve", implementation]), backend_environment(backend, args.device, args.malloc))
+            name: (
+                _worker_command(args, ["--serve", implementation]),
+                backend_environment(backend, args.device, args.malloc),
+            )
             for name, backend, implementation in implementations
         }
         calls = {batch: PAIRED_CALLS.get(batch, 2) for batch in batch_sizes}

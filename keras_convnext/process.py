@@ -36,10 +36,10 @@ def reuse_freed_memory():
     `REUSE_FREED_MEMORY_ENVIRONMENT` would make them: every thread allocates
     from one arena, nothing is mapped on its own, and freed memory is not
     returned to the system, so the process keeps its peak memory until it
-    exits. Call this at the start of a program, before
-    the first model is built: threads that have already allocated (JAX's
-    workers, once JAX has run anything) keep arenas of their own, whose large
-    blocks are mapped afresh whatever this sets.
+    exits. Call this at the start of a program, before the first model is
+    built: threads that have already allocated (JAX's workers, once JAX has
+    run anything) keep arenas of their own, whose large blocks are mapped
+    afresh whatever this sets.
 
     Returns True where the settings were made (Linux with glibc), False
     elsewhere, where nothing changes.

@@ -35,6 +35,11 @@ print("applied", applied, "faults", faults() - before)
 """
 
 
+_needs_glibc = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc's settings"
+)
+
+
 def _run(*args, environment=None):
     done = subprocess.run(
         [sys.executable, "-c", _SCRIPT, *args], capture_output=True, text=True, timeout=300,
@@ -48,7 +53,7 @@ def _faults(output):
     return int(output.split("faults")[-1].split()[0])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc's settings")
+@_needs_glibc
 def test_reuse_freed_memory_hands_out_freed_pages_again():
     """A 64 MB block freed and allocated again faults every page by default, none after the call."""
     default = _run("default", "fresh")
@@ -58,7 +63,7 @@ def test_reuse_freed_memory_hands_out_freed_pages_again():
     assert _faults(reused) < 500, reused
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc's settings")
+@_needs_glibc
 def test_reuse_freed_memory_environment_does_the_same_for_a_new_process():
     """The environment variables that the benchmark's `--malloc reuse` gives its workers."""
     from keras_convnext.process import REUSE_FREED_MEMORY_ENVIRONMENT
