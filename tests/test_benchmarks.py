@@ -146,9 +146,11 @@ def test_device_environment_hides_or_shares_the_gpu():
     assert cuda["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false" and "CUDA_VISIBLE_DEVICES" not in cuda
 
 
-def test_malloc_reuse_reaches_every_worker_and_the_table_says_so():
+def test_malloc_reuse_reaches_every_worker_and_the_table_says_so(monkeypatch):
     from keras_convnext.process import REUSE_FREED_MEMORY_ENVIRONMENT
 
+    for key in REUSE_FREED_MEMORY_ENVIRONMENT:  # as a shell that exported them would pass them on
+        monkeypatch.delenv(key, raising=False)
     reused = run.backend_environment("jax", "cpu", "reuse")
     assert all(reused[key] == value for key, value in REUSE_FREED_MEMORY_ENVIRONMENT.items())
     default = run.backend_environment("torch", "cpu")
