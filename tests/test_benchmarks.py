@@ -154,7 +154,7 @@ def test_malloc_reuse_reaches_every_worker_and_the_table_says_so(monkeypatch):
     reused = run.backend_environment("jax", "cpu", "reuse")
     assert all(reused[key] == value for key, value in REUSE_FREED_MEMORY_ENVIRONMENT.items())
     default = run.backend_environment("torch", "cpu")
-    assert not any(key in default and default[key] == value for key, value in REUSE_FREED_MEMORY_ENVIRONMENT.items())
+    assert not any(key in default for key in REUSE_FREED_MEMORY_ENVIRONMENT)
     report = {
         "model": "ConvNeXtV2Tiny", "batch_size": 8, "train_batch_size": 16, "resolution": 224,
         "precision": "float32", "multiply_adds": 1, "date": "2026-11-29", "machine": "test CPU",
