@@ -251,15 +251,19 @@ def test_bfloat16_linear_on_jax_cpu_reads_the_stored_kernel_for_small_products(p
 
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="the float32-kernel product is JAX's")
 @pytest.mark.parametrize("activation", [None, "gelu"])
-def test_bfloat16_linear_from_the_stored_kernel_agrees_with_float32_and_trains(activation):
-    """Values and gradients of the float32-kernel product against float32
-    arithmetic on the same values (the portable Linear in float32)."""
+@pytest.mark.parametrize("positions", [(5, 3), (20, 8)])
+def test_bfloat16_linear_from_the_stored_kernel_agrees_with_float32_and_trains(activation, positions):
+    """Values and gradients of the product from the stored float32 kernel
+    against float32 arithmetic on the same values (the portable Linear in
+    float32): the float32 kernel itself up to 256 rows (30 here), the kernel
+    rounded to bfloat16 inside the product beyond (320 rows)."""
     import jax
 
     from keras_convnext.ops import pointwise as convnext_ops
 
     rng = np.random.default_rng(3)
-    x = rng.normal(size=(2, 5, 3, 32)).astype("float32")
+    x = rng.normal(size=(2,) + positions + (32,)).astype("float32")
+    rounded = 2 * positions[0] * positions[1] > 256
     dense = layers.PointwiseDense(16, activation=activation, dtype="mixed_bfloat16")
     dense.build(x.shape)
     dense.kernel.assign(rng.normal(size=(32, 16)).astype("float32") * 0.3)
@@ -268,6 +272,7 @@ def test_bfloat16_linear_from_the_stored_kernel_agrees_with_float32_and_trains(a
     portable = convnext_ops.portable_linear_gelu if activation else convnext_ops.portable_linear
 
     def reference(kernel, bias):
+        kernel = ops.cast(ops.cast(kernel, "bfloat16"), "float32") if rounded else kernel
         return portable(ops.cast(x_bf16, "float32"), kernel, ops.cast(ops.cast(bias, "bfloat16"), "float32"))
 
     def ours(kernel, bias):

@@ -856,6 +856,70 @@ def test_integer_rounding_to_bfloat16_gives_the_bits_of_a_cast():
     np.testing.assert_array_equal(np.asarray(gradient), np.arange(4.0))
 
 
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="the rounding inside JAX's product")
+def test_jax_kernel_rounded_after_its_input_is_the_cast():
+    """`_rounded_after` gives the bits of `astype(bfloat16)` for every float32
+    value (-0.0 stays -0.0), whatever the input value it is tied to (NaN and
+    infinities included), and the cast's gradient."""
+    import jax
+    import jax.numpy as jnp
+    import ml_dtypes
+
+    from keras_convnext.ops.pointwise import _rounded_after
+
+    values = _special_and_random_float32()
+    kernel = values[: values.size // 8 * 8].reshape(-1, 8)
+    nan = np.isnan(kernel)
+    with np.errstate(invalid="ignore"):  # NaN payloads
+        expected = kernel.astype(ml_dtypes.bfloat16).view(np.uint16)
+    for first in (np.nan, -np.nan, np.inf, -np.inf, -0.0, 3.0, -1e-45):
+        inputs = np.full((2, 3, 8), 1.5, "float32")
+        inputs[0, 0, 0] = first
+        rounded = np.asarray(jax.jit(_rounded_after)(kernel, jnp.asarray(inputs, jnp.bfloat16)))
+        assert rounded.dtype == ml_dtypes.bfloat16
+        assert np.isnan(rounded[nan].astype("float32")).all()
+        np.testing.assert_array_equal(rounded[~nan].view(np.uint16), expected[~nan])
+    upstream = jnp.arange(24.0).reshape(3, 8)
+    inputs = jnp.full((4, 8), jnp.nan, jnp.bfloat16)
+    gradient = jax.grad(lambda k: jnp.sum(_rounded_after(k, inputs).astype(jnp.float32) * upstream))(jnp.ones((3, 8)))
+    assert gradient.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(gradient), np.asarray(upstream))
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="XLA:CPU's schedule")
+def test_jax_rounds_each_kernel_just_before_its_product(monkeypatch):
+    """On JAX's CPU, `mixed_bfloat16` Linear layers of more than 256 rows round
+    their float32 kernels inside the product, once its input exists: XLA's
+    temporary buffer then holds a rounded kernel or two at a time, not all of
+    them (which it does when each kernel is simply cast), and the outputs are
+    the same."""
+    import jax
+
+    from keras_convnext.layers import PointwiseDense
+    from keras_convnext.ops import pointwise
+    from keras_convnext.ops.depthwise import _jax_on_cpu
+
+    if not _jax_on_cpu():
+        pytest.skip("the float32 kernels are handed to the product on JAX's CPU only")
+    width, depth = 512, 6
+    layers = [PointwiseDense(width, dtype="mixed_bfloat16") for _ in range(depth)]
+    model = keras.Sequential([keras.Input((300, 1, width))] + layers)
+    x = np.random.default_rng(0).normal(size=(1, 300, 1, width)).astype("float32")
+    weights = [v.value for v in model.trainable_variables]
+
+    def compiled():
+        program = jax.jit(lambda w, v: model.stateless_call(w, [], v)[0]).lower(weights, x).compile()
+        return program.memory_analysis().temp_size_in_bytes, np.asarray(program(weights, x), "float32")
+
+    tied_bytes, tied = compiled()
+    monkeypatch.setattr(pointwise, "_rounded_after", lambda kernel, inputs: kernel.astype(inputs.dtype))
+    cast_bytes, cast = compiled()
+    kernel_bytes = width * width * 2
+    assert cast_bytes > (depth - 1) * kernel_bytes  # every rounded kernel alive at once
+    assert tied_bytes < 3 * kernel_bytes, (tied_bytes, cast_bytes)
+    np.testing.assert_array_equal(tied, cast)
+
+
 def test_cast_rounded_is_a_cast():
     """`cast_rounded` equals `ops.cast` on every backend; on JAX's CPU it takes the integer rounding."""
     from keras_convnext.ops import rounding

@@ -3,22 +3,12 @@
 import keras
 
 from keras_convnext.layers.compute_dtype import compute_bias, compute_weights, in_dtype, stored_value
-from keras_convnext.ops.pointwise import float32_kernel_pays, grn_linear, linear, linear_gelu, patch_conv2d
+from keras_convnext.ops.pointwise import grn_linear, linear, linear_gelu, patch_conv2d, reads_stored_kernel
 
 
-def _positions(shape):
-    """The number of rows a Linear over the last axis of `shape` multiplies (None if unknown)."""
-    positions = 1
-    for size in shape[:-1]:
-        if size is None:
-            return None
-        positions *= size
-    return positions
-
-
-def _product_weights(layer, positions):
-    """`compute_weights(layer)`, with the float32 kernel as stored where `float32_kernel_pays`."""
-    if float32_kernel_pays(positions, layer.compute_dtype, layer.variable_dtype):
+def _product_weights(layer):
+    """`compute_weights(layer)`, with the float32 kernel as stored where `reads_stored_kernel`."""
+    if reads_stored_kernel(layer.compute_dtype, layer.variable_dtype):
         stored = stored_value(layer.kernel)
         if stored is not None:  # no rounded copy made only to be dropped (an eager call would run it)
             return stored, compute_bias(layer)
@@ -43,7 +33,7 @@ class PointwiseDense(keras.layers.Dense):
     def call(self, inputs, training=None):
         if _falls_back(self):
             return super().call(inputs, training=training)
-        kernel, bias = _product_weights(self, _positions(inputs.shape))
+        kernel, bias = _product_weights(self)
         if self.activation is keras.activations.gelu:
             return linear_gelu(inputs, kernel, bias)
         outputs = linear(inputs, kernel, bias)
@@ -65,7 +55,7 @@ class PointwiseDense(keras.layers.Dense):
         )
         if not folds:
             return self.call(grn.call(inputs))
-        kernel, bias = _product_weights(self, _positions(inputs.shape))
+        kernel, bias = _product_weights(self)
         return grn_linear(
             in_dtype(inputs, self.compute_dtype), grn.gamma.value, grn.beta.value, kernel, bias, grn.epsilon
         )
@@ -111,8 +101,7 @@ class PatchConv2D(keras.layers.Conv2D):
             )
         if _falls_back(self):
             return super().call(inputs)
-        rows, cols = (None if length is None else length // size for length in (height, width))
-        kernel, bias = _product_weights(self, _positions((inputs.shape[0], rows, cols, None)))
+        kernel, bias = _product_weights(self)
         outputs = patch_conv2d(inputs, kernel, bias)
         if self.activation is not None:
             outputs = self.activation(outputs)

@@ -240,17 +240,63 @@ def _jax_linear(inputs, kernel, bias=None, gelu=False):
     # result inside the same fused loop, which rounds once to bfloat16.
     # Batch 8: (8, 56, 56, 384) x (384, 96) 27.3 -> 6.5 ms, with GELU
     # (8, 56, 56, 96) x (96, 384) 35.4 -> 23.6 ms.
-    # A float32 kernel (`float32_kernel_pays`) takes the float32 product on
-    # the inputs widened to float32.
+    # A float32 kernel, as the layers hand it over (`reads_stored_kernel`),
+    # takes the float32 product on the inputs widened to float32 where
+    # `float32_kernel_pays`; elsewhere it is rounded to bfloat16 here, once
+    # the inputs exist (`_rounded_after`).
     inputs, kernel = ops.convert_to_tensor(inputs), ops.convert_to_tensor(kernel)  # Keras variables too
     dimensions = (((inputs.ndim - 1,), (0,)), ((), ()))
-    operand = inputs if inputs.dtype == kernel.dtype else inputs.astype(kernel.dtype)
+    operand = inputs
+    if inputs.dtype != kernel.dtype:
+        if float32_kernel_pays(_static_positions(inputs.shape), inputs.dtype, kernel.dtype):
+            operand = inputs.astype(kernel.dtype)
+        else:
+            kernel = _rounded_after(kernel, inputs)
     outputs = jax.lax.dot_general(operand, kernel, dimensions, preferred_element_type=jnp.float32)
     if bias is not None:
         outputs = outputs + ops.cast(bias, "float32")
     if gelu:
         outputs = _jax_gelu()(outputs)
     return outputs.astype(inputs.dtype)
+
+
+def _static_positions(shape):
+    """The rows of a Linear over the last axis of `shape`, or None where a size is unknown."""
+    positions = 1
+    for size in shape[:-1]:
+        if size is None:
+            return None
+        positions *= size
+    return positions
+
+
+def _rounded_after(kernel, inputs):
+    """`kernel` rounded to the dtype of `inputs`, in a computation XLA can start only once `inputs` exist.
+
+    XLA:CPU's scheduler rounds every weight at the start of the program, as
+    soon as it may: a weight depends on nothing else. All the rounded copies
+    then live until their products, so in V2 Tiny they held 47 of the 119 MB
+    of XLA's temporary buffer at batch 8 in `mixed_bfloat16`, a buffer
+    mapped afresh on every call, whose every 4 KB page then faults when first
+    written. Tied to the product's input, each weight is rounded just before
+    its product, into memory that the next rounded weight takes over: the
+    temporary buffer 72 MB, 17.7k instead of 29.1k page faults a call, and
+    the call 4-6% faster (benchmarks/README.md, item 44).
+
+    The tie is an exact zero subtracted from the kernel (`-0.0 - 0.0` stays
+    `-0.0`), made from the bits of one
+    input value by an integer clamp to [0, 0]: whatever that value is (NaN
+    and infinities included), the zero is exact, and no gradient flows
+    through it. XLA folds `bits & 0` or `bits ^ bits` away; it keeps the clamp.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    if any(size == 0 for size in inputs.shape):
+        return kernel.astype(inputs.dtype)
+    first = jax.lax.stop_gradient(inputs[(0,) * inputs.ndim]).astype(jnp.float32)
+    zero = jax.lax.clamp(0, jax.lax.bitcast_convert_type(first, jnp.int32), 0)
+    return (kernel - zero.astype(kernel.dtype)).astype(inputs.dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -301,7 +347,7 @@ _INV_SQRT_2PI = 0.3989422804014327
 
 
 def _jax_bfloat16_on_cpu(inputs, kernel):
-    """bfloat16 inputs on JAX's CPU, with a bfloat16 kernel or the float32 one of `float32_kernel_pays`."""
+    """bfloat16 inputs on JAX's CPU, with a bfloat16 kernel or the float32 one of `reads_stored_kernel`."""
     return (
         keras.backend.standardize_dtype(inputs.dtype) == "bfloat16"
         and keras.backend.standardize_dtype(kernel.dtype) in ("bfloat16", "float32")
@@ -328,6 +374,20 @@ def _jax_bfloat16_on_cpu(inputs, kernel):
 _JAX_FLOAT32_KERNEL_MAX_POSITIONS = 256
 
 
+def reads_stored_kernel(compute_dtype, variable_dtype):
+    """Whether a Linear layer hands its float32 kernel as stored to `linear` and
+    `linear_gelu` instead of the kernel autocast to its bfloat16 compute dtype:
+    on JAX's CPU, where the product multiplies by it (`float32_kernel_pays`) or
+    rounds it itself, once its input exists (`_rounded_after`).
+    """
+    return (
+        keras.backend.standardize_dtype(compute_dtype) == "bfloat16"
+        and keras.backend.standardize_dtype(variable_dtype) == "float32"
+        and keras.backend.backend() == "jax"
+        and _jax_on_cpu()
+    )
+
+
 def float32_kernel_pays(positions, compute_dtype, variable_dtype):
     """Whether a Linear over `positions` rows (None: not known when traced) should
     multiply by its float32 kernel as stored instead of the kernel rounded to its
@@ -340,10 +400,7 @@ def float32_kernel_pays(positions, compute_dtype, variable_dtype):
     return (
         positions is not None
         and positions <= _JAX_FLOAT32_KERNEL_MAX_POSITIONS
-        and keras.backend.standardize_dtype(compute_dtype) == "bfloat16"
-        and keras.backend.standardize_dtype(variable_dtype) == "float32"
-        and keras.backend.backend() == "jax"
-        and _jax_on_cpu()
+        and reads_stored_kernel(compute_dtype, variable_dtype)
     )
 
 
