@@ -559,6 +559,53 @@ def test_grn_linear_agrees_with_portable(shape):
             np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX's bfloat16 fold")
+@pytest.mark.parametrize("shape,folds", [((2, 6, 5, 16), True), ((3, 2, 2, 16), False)])
+@pytest.mark.parametrize("kernel_dtype", ["float32", "bfloat16"])
+def test_jax_bfloat16_grn_linear_agrees_with_float32(shape, folds, kernel_dtype):
+    """On JAX's CPU a bfloat16 GRN folds into the narrowing Linear where the map has
+    more positions than the layer has outputs, from the float32 kernel as the layers
+    hand it over or a bfloat16 one: values and gradients against float32 arithmetic
+    on the same values, a channel of zeros included (its gradients stay finite)."""
+    import jax
+    import jax.numpy as jnp
+
+    from keras_convnext.ops.depthwise import _jax_on_cpu
+    from keras_convnext.ops.pointwise import _jax_grn_folds
+
+    rng = np.random.default_rng(31)
+    x = rng.normal(size=shape).astype("float32")
+    x[0, ..., 3] *= 20.0
+    x[1, ..., 5] = 0.0  # a channel with norm 0
+    gamma, beta = rng.normal(size=(2, 16)).astype("float32")
+    kernel = (rng.normal(size=(16, 4)) * 0.5).astype("float32")
+    bias = rng.normal(size=4).astype("float32")
+    x, kernel = (np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32)) for a in (x, kernel))
+    x_bf16 = jnp.asarray(x, jnp.bfloat16)
+    stored = jnp.asarray(kernel, kernel_dtype)
+    assert _jax_grn_folds(x_bf16, stored) == (folds and _jax_on_cpu())
+    bias_value = np.asarray(jnp.asarray(bias, jnp.bfloat16).astype(jnp.float32))
+
+    def ours(a, g, b, k):
+        return convnext_ops.grn_linear(a.astype(jnp.bfloat16), g, b, k, bias_value).astype(jnp.float32)
+
+    def reference(a, g, b, k):
+        return convnext_ops.portable_grn_linear(a, g, b, k.astype(jnp.float32), bias_value)
+
+    actual, expected = ours(x_bf16, gamma, beta, stored), reference(x, gamma, beta, stored)
+    scale = np.abs(np.asarray(expected)).max()
+    np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), atol=2e-2 * scale)
+    weights = rng.normal(size=shape[:-1] + (4,)).astype("float32")
+
+    def gradients(fn, a):
+        return jax.grad(lambda *v: jnp.sum(fn(*v) * weights), argnums=(0, 1, 2, 3))(a, gamma, beta, stored)
+
+    for a, e in zip(gradients(ours, x_bf16), gradients(reference, x)):
+        a, e = np.asarray(a, "float32"), np.asarray(e, "float32")
+        assert np.isfinite(a).all()
+        np.testing.assert_allclose(a, e, atol=3e-2 * np.abs(e).max())
+
+
 @pytest.mark.parametrize("name", ["grn", "portable_grn", "grn_linear"])
 def test_grn_gradients_where_a_channel_is_zero_match_the_reference(name):
     """A channel that is zero at every position (norm 0): HF's GRN gives finite gradients, and so must we.

@@ -623,11 +623,16 @@ def _grn_scale(inputs, gamma, epsilon, sum_of_squares=None):
     `sum_of_squares` (float32, `(batch, 1, 1, channels)`) may be given by a
     backend's own formulation.
     """
+    return ops.cast(_grn_scale_float32(inputs, gamma, epsilon, sum_of_squares), inputs.dtype)
+
+
+def _grn_scale_float32(inputs, gamma, epsilon, sum_of_squares=None):
+    """`_grn_scale` before its cast to the input dtype: float32."""
     if sum_of_squares is None:
         sum_of_squares = ops.sum(ops.square(ops.cast(inputs, "float32")), axis=(1, 2), keepdims=True)
     spatial_norm = _norm_from_sum_of_squares(sum_of_squares)
     relative = spatial_norm / (ops.mean(spatial_norm, axis=-1, keepdims=True) + epsilon)
-    return ops.cast(1.0 + ops.cast(gamma, "float32") * relative, inputs.dtype)
+    return 1.0 + ops.cast(gamma, "float32") * relative
 
 
 def _norm_from_sum_of_squares(sum_of_squares):
@@ -795,10 +800,55 @@ def _torch_grn_linear(inputs, gamma, beta, kernel, bias=None, epsilon=1e-6):
     return outputs.reshape(batch, height, width, kernel.shape[-1])
 
 
+def _jax_grn_linear(inputs, gamma, beta, kernel, bias=None, epsilon=1e-6):
+    import jax
+    import jax.numpy as jnp
+
+    # The fold of `_tensorflow_grn_linear`, for bfloat16 on JAX's CPU. Unfolded,
+    # XLA widens the bfloat16 map to a float32 copy for GRN's statistics and
+    # for its scale and shift (one copy serves both), and XNNPACK's reduction
+    # reads that copy: at V2 Tiny's stage 1, batch 8, 38.5 MB written and read
+    # again per block. Folded, the map is read only by the statistics (which
+    # widen it as they read) and by the product. The per-sample weights
+    # `s * W` are made from the float32 kernel and rounded once, which also
+    # rounds the kernel only once the map exists (see `_rounded_after`).
+    _, height, width, channels = inputs.shape
+    inputs, kernel = ops.convert_to_tensor(inputs), ops.convert_to_tensor(kernel)
+    factor = _grn_scale_float32(inputs, gamma, epsilon)
+    kernel32 = kernel.astype(jnp.float32)
+    weights = (jnp.reshape(factor, (-1, channels, 1)) * kernel32).astype(inputs.dtype)
+    folded_bias = ops.cast(beta, "float32") @ kernel32
+    if bias is not None:
+        folded_bias = folded_bias + ops.cast(bias, "float32")
+    outputs = jax.lax.dot_general(
+        jnp.reshape(inputs, (-1, height * width, channels)),
+        weights,
+        (((2,), (1,)), ((0,), (0,))),
+        preferred_element_type=jnp.float32,
+    )
+    outputs = (outputs + folded_bias).astype(inputs.dtype)
+    return jnp.reshape(outputs, (-1, height, width, kernel.shape[-1]))
+
+
+def _jax_grn_folds(inputs, kernel):
+    """Whether `_jax_grn_linear` applies: bfloat16 on JAX's CPU, where the map has more positions
+    than the layer has outputs (V2 Tiny's first two stages)."""
+    _, height, width, _ = inputs.shape
+    return (
+        keras.backend.backend() == "jax"
+        and _jax_bfloat16_on_cpu(inputs, kernel)
+        and height is not None
+        and width is not None
+        and height * width > kernel.shape[-1]
+    )
+
+
 def grn_linear(inputs, gamma, beta, kernel, bias=None, epsilon=1e-6):
     """`portable_grn_linear` through the fastest formulation for the backend."""
     if keras.backend.backend() == "tensorflow":
         return _tensorflow_grn_linear(inputs, gamma, beta, kernel, bias, epsilon)
     if keras.backend.backend() == "torch":
         return _torch_grn_linear(inputs, gamma, beta, kernel, bias, epsilon)
+    if _jax_grn_folds(inputs, kernel):
+        return _jax_grn_linear(inputs, gamma, beta, kernel, bias, epsilon)
     return linear(grn(inputs, gamma, beta, epsilon), kernel, bias)
