@@ -20,8 +20,11 @@ TensorFlow with `jit_compile`) fuses the portable formulations by itself;
 on the CPU, JAX's bfloat16 products ask for a float32 result, which
 XLA:CPU computes several times faster than a bfloat16 one, a small product
 (up to 256 rows) multiplies by the float32 kernel as stored instead of
-rounding the weights on every call (`float32_kernel_pays`), and JAX's GELU
-keeps only its input for the backward pass (`_jax_gelu`).
+rounding the weights on every call (`float32_kernel_pays`), a larger one
+rounds the kernel itself once its input exists (`_rounded_after`), GRN
+folds into the narrowing Linear where the map has more positions than the
+layer has outputs (`_jax_grn_linear`), and JAX's GELU keeps only its input
+for the backward pass (`_jax_gelu`).
 """
 
 import contextlib
@@ -275,19 +278,19 @@ def _rounded_after(kernel, inputs):
 
     XLA:CPU's scheduler rounds every weight at the start of the program, as
     soon as it may: a weight depends on nothing else. All the rounded copies
-    then live until their products, so in V2 Tiny they held 47 of the 119 MB
-    of XLA's temporary buffer at batch 8 in `mixed_bfloat16`, a buffer
-    mapped afresh on every call, whose every 4 KB page then faults when first
-    written. Tied to the product's input, each weight is rounded just before
-    its product, into memory that the next rounded weight takes over: the
-    temporary buffer 72 MB, 17.7k instead of 29.1k page faults a call, and
-    the call 4-6% faster (benchmarks/README.md, item 44).
+    then live until their products, in XLA's temporary buffer, which is
+    mapped afresh on every call, so that every 4 KB page of it faults when
+    first written. Tied to the product's input, each weight is rounded just
+    before its product, into memory that the next rounded weight reuses. V2
+    Tiny in `mixed_bfloat16` at batch 8: the temporary buffer 119 -> 69 MB,
+    29.1k -> 16.9k page faults a call, `predict_on_batch` 216.8-224.1 ->
+    204.4-209.7 ms (benchmarks/README.md, item 44).
 
     The tie is an exact zero subtracted from the kernel (`-0.0 - 0.0` stays
-    `-0.0`), made from the bits of one
-    input value by an integer clamp to [0, 0]: whatever that value is (NaN
-    and infinities included), the zero is exact, and no gradient flows
-    through it. XLA folds `bits & 0` or `bits ^ bits` away; it keeps the clamp.
+    `-0.0`), made from the bits of one input value by an integer clamp to
+    [0, 0]: whatever that value is (NaN and infinities included), the zero
+    is exact, and no gradient flows through it. XLA folds `bits & 0` and
+    `bits ^ bits` away; it keeps the clamp.
     """
     import jax
     import jax.numpy as jnp
@@ -812,6 +815,9 @@ def _jax_grn_linear(inputs, gamma, beta, kernel, bias=None, epsilon=1e-6):
     # widen it as they read) and by the product. The per-sample weights
     # `s * W` are made from the float32 kernel and rounded once, which also
     # rounds the kernel only once the map exists (see `_rounded_after`).
+    # V2 Tiny, batch 8, with `_rounded_after` in place: 194.0, 203.0 -> 190.8,
+    # 197.5 ms; the training step at batch 16 3.07-3.18 -> 2.67-2.71 s with both
+    # (benchmarks/README.md, item 44).
     _, height, width, channels = inputs.shape
     inputs, kernel = ops.convert_to_tensor(inputs), ops.convert_to_tensor(kernel)
     factor = _grn_scale_float32(inputs, gamma, epsilon)
