@@ -907,7 +907,8 @@ def test_integer_rounding_to_bfloat16_gives_the_bits_of_a_cast():
 def test_jax_kernel_rounded_after_its_input_is_the_cast():
     """`_rounded_after` gives the bits of `astype(bfloat16)` for every float32
     value (-0.0 stays -0.0), whatever the input value it is tied to (NaN and
-    infinities included), and the cast's gradient."""
+    infinities included), and the cast's gradient; under a Keras distribution
+    it is the plain cast, untied."""
     import jax
     import jax.numpy as jnp
     import ml_dtypes
@@ -926,6 +927,17 @@ def test_jax_kernel_rounded_after_its_input_is_the_cast():
         assert rounded.dtype == ml_dtypes.bfloat16
         assert np.isnan(rounded[nan].astype("float32")).all()
         np.testing.assert_array_equal(rounded[~nan].view(np.uint16), expected[~nan])
+    def program(k, v):  # traced afresh each time: JAX caches a trace by function, not by Keras' state
+        return str(jax.make_jaxpr(lambda a, b: _rounded_after(a, b))(k, v))
+
+    inputs = jnp.ones((2, 3, 8), jnp.bfloat16)
+    tied = program(kernel, inputs)
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()[:1]))
+    try:  # no tie where the inputs may be split across devices
+        untied = program(kernel, inputs)
+    finally:
+        keras.distribution.set_distribution(None)
+    assert "clamp" in tied and "clamp" not in untied
     upstream = jnp.arange(24.0).reshape(3, 8)
     inputs = jnp.full((4, 8), jnp.nan, jnp.bfloat16)
     gradient = jax.grad(lambda k: jnp.sum(_rounded_after(k, inputs).astype(jnp.float32) * upstream))(jnp.ones((3, 8)))

@@ -290,12 +290,15 @@ def _rounded_after(kernel, inputs):
     `-0.0`), made from the bits of one input value by an integer clamp to
     [0, 0]: whatever that value is (NaN and infinities included), the zero
     is exact, and no gradient flows through it. XLA folds `bits & 0` and
-    `bits ^ bits` away; it keeps the clamp.
+    `bits ^ bits` away; it keeps the clamp. Under a Keras distribution the
+    inputs are split across devices, and the replicated kernel tied to one
+    value of them would wait for that value to reach every device before
+    each product: there the kernel is simply cast.
     """
     import jax
     import jax.numpy as jnp
 
-    if any(size == 0 for size in inputs.shape):
+    if any(size == 0 for size in inputs.shape) or keras.distribution.distribution() is not None:
         return kernel.astype(inputs.dtype)
     first = jax.lax.stop_gradient(inputs[(0,) * inputs.ndim]).astype(jnp.float32)
     zero = jax.lax.clamp(0, jax.lax.bitcast_convert_type(first, jnp.int32), 0)
