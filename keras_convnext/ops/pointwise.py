@@ -776,7 +776,7 @@ def _tensorflow_grn_linear(inputs, gamma, beta, kernel, bias=None, epsilon=1e-6)
     # `beta @ W` would read the larger weight once more (8 ms of operator time
     # per V2 Tiny pass at batch 1, though the whole model timed the same).
     _, height, width, channels = inputs.shape
-    if height is None or width is None or height * width <= kernel.shape[-1]:
+    if not _more_positions_than_outputs(inputs, kernel):
         return _tensorflow_linear(_tensorflow_grn(inputs, gamma, beta, epsilon), kernel, bias)
     factor = _tensorflow_grn_factor(inputs, gamma, epsilon)
     folded_bias = tf.linalg.matvec(kernel, ops.cast(beta, kernel.dtype), transpose_a=True)
@@ -796,7 +796,7 @@ def _torch_grn_linear(inputs, gamma, beta, kernel, bias=None, epsilon=1e-6):
     # oneDNN's product); stage 2 was even, stage 3, with fewer positions than
     # outputs, slower. The gradient keeps the separate operations.
     batch, height, width, channels = inputs.shape
-    if not (_torch_inference_matmul_applies(inputs) and height * width > kernel.shape[-1]):
+    if not (_torch_inference_matmul_applies(inputs) and _more_positions_than_outputs(inputs, kernel)):
         return linear(_torch_grn(inputs, gamma, beta, epsilon), kernel, bias)
     kernel = _torch_tensor(kernel)
     factor = _torch_grn_factor(inputs, gamma, epsilon).reshape(batch, channels, 1)
@@ -842,14 +842,19 @@ def _jax_grn_linear(inputs, gamma, beta, kernel, bias=None, epsilon=1e-6):
 def _jax_grn_folds(inputs, kernel):
     """Whether `_jax_grn_linear` applies: bfloat16 on JAX's CPU, where the map has more positions
     than the layer has outputs (V2 Tiny's first two stages)."""
-    _, height, width, _ = inputs.shape
     return (
         keras.backend.backend() == "jax"
         and _jax_bfloat16_on_cpu(inputs, kernel)
-        and height is not None
-        and width is not None
-        and height * width > kernel.shape[-1]
+        and _more_positions_than_outputs(inputs, kernel)
     )
+
+
+def _more_positions_than_outputs(inputs, kernel):
+    """Whether the map `(batch, height, width, channels)` has more positions per sample than
+    `kernel` has outputs (both sizes known): where GRN folds into the narrowing Linear, the
+    per-sample weights are then the smaller tensor."""
+    _, height, width, _ = inputs.shape
+    return height is not None and width is not None and height * width > kernel.shape[-1]
 
 
 def grn_linear(inputs, gamma, beta, kernel, bias=None, epsilon=1e-6):
