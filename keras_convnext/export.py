@@ -17,7 +17,8 @@ in TensorFlow, TFLite through the LiteRT (or TF Lite) interpreter, ONNX
 through onnxruntime. Float32 formats must agree to `atol` (1e-4) in every
 output, quantized ones in top-1 class; size and latency are printed. Only
 a verified artifact is moved into place (atomic `os.replace`); a failed
-check leaves the destination untouched.
+check leaves the destination untouched, and an existing destination is
+replaced only with `overwrite=True`.
 
 Inputs of every artifact: float32 images `(batch, height, width, 3)` with
 pixels in [0, 255] (channels_last models; channels_first models take
@@ -29,6 +30,7 @@ built with `input_shape=None`-style dynamic sizes or is fully convolutional.
 import argparse
 import dataclasses
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -412,32 +414,124 @@ def verify(model, format, path, atol=1e-4, min_top1_agreement=1.0, images=None, 
 # ---------------------------------------------------------------- public entry points
 
 
+# Temporary files and folders are named `.NAME.keras_convnext-tmp-<pid>-<random>` next to
+# the destination NAME, so a later run can tell its own leftovers from the user's files
+# and remove those whose process is gone (killed mid-export).
+_TEMPORARY_MARK = ".keras_convnext-tmp-"
+_TEMPORARY_NAME = re.compile(r"^\..+" + re.escape(_TEMPORARY_MARK) + r"(\d+)-[0-9a-f]+$")
+
+
 def _temporary_sibling(path):
-    directory = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(directory, exist_ok=True)
-    return os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+    directory = os.path.dirname(os.path.abspath(path))
+    return os.path.join(directory, f".{os.path.basename(path)}{_TEMPORARY_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _process_is_running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory):
+    """Removes this module's temporary files in `directory` whose writing process has ended.
+
+    Returns the removed paths. Only names made by `_temporary_sibling` are
+    touched; a temporary of a running export (any process) stays.
+    """
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        match = _TEMPORARY_NAME.match(name)
+        if match and not _process_is_running(int(match.group(1))):
+            _remove(os.path.join(directory, name))
+            removed.append(os.path.join(directory, name))
+    return removed
 
 
 def _remove(path):
-    if os.path.isdir(path):
+    if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
-    elif os.path.exists(path):
+    elif os.path.lexists(path):
         os.remove(path)
 
 
-def _move_into_place(temporary, path):
-    """os.replace for files; for a directory the old one is moved aside first."""
-    if os.path.isdir(temporary) and os.path.exists(path):
-        aside = _temporary_sibling(path)
-        os.replace(path, aside)
-        os.replace(temporary, path)
-        _remove(aside)
-    else:
-        os.replace(temporary, path)
+def _is_empty_directory(path):
+    return os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path)
+
+
+def _check_destinations(targets, overwrite):
+    """Refuses destinations that exist (unless `overwrite`), that repeat, or whose folder is a file."""
+    paths = [os.path.abspath(path) for path in targets.values()]
+    if len(set(paths)) != len(paths):
+        raise ValueError(f"Two export formats were given the same destination: {sorted(targets.values())}.")
+    for format, path in targets.items():
+        if not os.fspath(path):
+            raise ValueError(f"The {format} export destination is an empty path.")
+        parent = os.path.dirname(os.path.abspath(path))
+        if os.path.exists(parent) and not os.path.isdir(parent):
+            raise NotADirectoryError(f"Cannot export to {path}: {parent} is a file, not a folder.")
+        if os.path.lexists(path) and not overwrite and not _is_empty_directory(path):
+            kind = "folder" if os.path.isdir(path) else "file"
+            raise FileExistsError(
+                f"Cannot export {format} to {path}: a {kind} of that name exists, and export never "
+                "replaces existing files. Choose another path, or pass overwrite=True to replace it "
+                "once the new artifact is written and verified."
+            )
+
+
+def _make_parents(targets):
+    """Creates missing destination folders; returns those created, deepest first."""
+    created = []
+    for path in targets.values():
+        missing = []
+        parent = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(parent):
+            missing.append(parent)
+            parent = os.path.dirname(parent)
+        for folder in reversed(missing):
+            os.mkdir(folder)
+            created.insert(0, folder)
+    return created
+
+
+def _move_all_into_place(temporary, targets, overwrite):
+    """Moves every temporary artifact to its destination, or none of them.
+
+    An existing destination is first renamed aside and deleted only once
+    every artifact is in place; if any move fails, the artifacts already
+    moved are taken away again and the set-aside destinations put back.
+    """
+    moved = []  # (destination, its previous content set aside, or None)
+    try:
+        for format, path in targets.items():
+            # Checked again: the destination may have appeared during the export.
+            _check_destinations({format: path}, overwrite)
+            aside = None
+            if os.path.lexists(path):
+                aside = _temporary_sibling(path)
+                os.replace(path, aside)
+            moved.append((path, aside))
+            os.replace(temporary[format], path)
+    except BaseException:
+        for path, aside in reversed(moved):
+            _remove(path)
+            if aside is not None:
+                os.replace(aside, path)
+        raise
+    for _, aside in moved:
+        if aside is not None:
+            _remove(aside)
 
 
 def export_formats(model, targets, verify_artifacts=True, atol=1e-4, min_top1_agreement=1.0, verbose=True,
-                   image_size=224):
+                   image_size=224, overwrite=False):
     """Writes several formats with one conversion run (one subprocess off TensorFlow).
 
     Args:
@@ -447,6 +541,14 @@ def export_formats(model, targets, verify_artifacts=True, atol=1e-4, min_top1_ag
         verify_artifacts: check each artifact against `model` (see `verify`).
         image_size: for models built without a fixed input size, the side
             in pixels of the TFLite input and of the check images.
+        overwrite: replace destinations that exist. Without it an existing
+            file or non-empty folder is refused (`FileExistsError`) and
+            nothing is written.
+
+    All or nothing: every artifact is written and verified under a
+    temporary name next to its destination, and only then are all of them
+    moved into place; on any failure no destination changes. Temporaries
+    left by a killed export are removed by the next one.
 
     Returns:
         `{format: ExportReport}` (reports with NaN numbers when not verified).
@@ -455,10 +557,18 @@ def export_formats(model, targets, verify_artifacts=True, atol=1e-4, min_top1_ag
 
     if isinstance(targets, (str, os.PathLike)):
         directory = os.fspath(targets)
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise NotADirectoryError(f"Cannot export every format into {directory}: it is a file, not a folder.")
         targets = {format: os.path.join(directory, "model" + _SUFFIX[format]) for format in FORMATS}
+    targets = {format: os.fspath(path) for format, path in targets.items()}
     for format in targets:
         _check_format(format)
+    _check_destinations(targets, overwrite)
+    for folder in {os.path.dirname(os.path.abspath(path)) for path in targets.values()}:
+        remove_stale_temporaries(folder)
+    created = _make_parents(targets)
     temporary = {format: _temporary_sibling(path) for format, path in targets.items()}
+    done = False
     try:
         if keras.backend.backend() == "tensorflow":
             flags = write_artifacts(model, temporary, image_size)
@@ -466,6 +576,8 @@ def export_formats(model, targets, verify_artifacts=True, atol=1e-4, min_top1_ag
             flags = _write_in_tensorflow_subprocess(model, temporary, image_size)
         reports = {}
         for format, path in targets.items():
+            if not os.path.lexists(temporary[format]):
+                raise ExportError(f"The {format} export wrote no artifact.")
             if verify_artifacts:
                 report = verify(model, format, temporary[format], atol, min_top1_agreement,
                                 dynamic_resolution=flags.get(format, False), image_size=image_size)
@@ -474,11 +586,15 @@ def export_formats(model, targets, verify_artifacts=True, atol=1e-4, min_top1_ag
                                       float("nan"), 0, True, flags.get(format, False))
             report.path = path
             reports[format] = report
-        for format, path in targets.items():
-            _move_into_place(temporary[format], path)
+        _move_all_into_place(temporary, targets, overwrite)
+        done = True
     finally:
         for path in temporary.values():
             _remove(path)
+        if not done:
+            for folder in created:
+                if _is_empty_directory(folder):
+                    os.rmdir(folder)
     if verbose:
         for report in reports.values():
             print(report)
@@ -486,7 +602,7 @@ def export_formats(model, targets, verify_artifacts=True, atol=1e-4, min_top1_ag
 
 
 def export(model, path, format="saved_model", verify_artifact=True, atol=1e-4, min_top1_agreement=1.0, verbose=True,
-           image_size=224):
+           image_size=224, overwrite=False):
     """Exports `model` to `path` in `format` from any Keras backend, then verifies it.
 
     Args:
@@ -498,13 +614,16 @@ def export(model, path, format="saved_model", verify_artifact=True, atol=1e-4, m
         atol: allowed max |difference| of float32 formats.
         min_top1_agreement: needed top-1 agreement of quantized formats.
         image_size: TFLite/check input side for models without a fixed size.
+        overwrite: replace an existing file or folder at `path` (only once
+            the new artifact is written and verified); without it an
+            existing destination is refused with a `FileExistsError`.
 
     Returns:
         An `ExportReport` (size, max difference, top-1 agreement, latency).
     """
     _check_format(format)
     return export_formats(model, {format: os.fspath(path)}, verify_artifact, atol, min_top1_agreement, verbose,
-                          image_size)[format]
+                          image_size, overwrite)[format]
 
 
 def _main(argv=None):

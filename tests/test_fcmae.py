@@ -385,11 +385,11 @@ def test_official_fcmae_checkpoint_loads_encoder_and_decoder(fcmae_checkpoint, h
     assert np.abs(_np(backbone(images)) - expected).max() <= 1e-4
 
     encoder = kc.ConvNeXtV2Atto(include_top=False, include_preprocessing=False, input_shape=(64, 64, 3))
-    model = kc.FCMAE(encoder, input_shape=(64, 64, 3), mask_ratio=0.0, decoder_dim=24, decoder_depth=2, weights=path)
+    model = kc.FCMAE(encoder, input_shape=(64, 64, 3), mask_ratio=0.25, decoder_dim=24, decoder_depth=2, weights=path)
+    # The dense path takes any mask; with every patch visible it is the plain encoder.
     all_visible = np.zeros((2, 2, 2), "float32")
-    for fast_path in (False, True):
-        features = _np(model.encode(images, all_visible, fast_path=fast_path))
-        assert np.abs(features - expected).max() <= 1e-4
+    features = _np(model.encode(images, all_visible, fast_path=False))
+    assert np.abs(features - expected).max() <= 1e-4
     patch_mask = np.array([[[1, 0], [0, 1]], [[0, 0], [1, 0]]], "float32")
     pred = _np(model.decoder(features, patch_mask))
     reference = _torch_decode(parts, mask_token, features, patch_mask)
