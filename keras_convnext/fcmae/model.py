@@ -162,11 +162,12 @@ class FCMAE(keras.Model):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        mask_ratio = _check_mask_ratio(mask_ratio)  # before the encoder is built: a quick refusal
         self.encoder_spec = encoder if isinstance(encoder, str) else None
         self.encoder = _build_encoder(encoder, tuple(input_shape), drop_path_rate)
         self.encoder_layers = sparse.find_encoder_layers(self.encoder)
         self.image_shape = tuple(input_shape)
-        self.mask_ratio = _check_mask_ratio(mask_ratio)
+        self.mask_ratio = mask_ratio
         self.patch_size = int(patch_size)
         self.grid_shape = _check_shapes(
             self.encoder, self.image_shape, self.patch_size, self.mask_ratio,
