@@ -519,3 +519,30 @@ def test_gather_and_scatter_of_visible_cells_match_the_portable_formulation():
     scatter_grad = _gradient(lambda t: positions.scatter(t) * ops.convert_to_tensor(dense_weights), tokens)
     np.testing.assert_allclose(scatter_grad, _np(positions.gather(dense_weights)), rtol=1e-6)
     assert np.abs(gather_grad).max() > 0 and np.abs(scatter_grad).max() > 0
+
+
+def test_weights_fcmae_is_the_registry_tag_for_the_encoder(monkeypatch, tmp_path):
+    """`weights="fcmae"` loads the registry's pre-trained encoder, not a file named "fcmae"."""
+    from keras_convnext.weights import download
+
+    monkeypatch.chdir(tmp_path)  # no file named "fcmae" here
+    published = kc.ConvNeXtV2Atto(include_top=False, input_shape=(64, 64, 3))
+    _randomize(published, seed=3)
+    requested = []
+
+    def converted_weights(entry, **kwargs):
+        requested.append((entry.variant, entry.tag))
+        return {variable.path: variable.numpy() for variable in published.weights}
+
+    monkeypatch.setattr(download, "converted_weights", converted_weights)
+    model = kc.FCMAE("ConvNeXtV2Atto", input_shape=(64, 64, 3), decoder_dim=8, weights="fcmae")
+    assert requested == [("ConvNeXtV2Atto", "fcmae")]
+    for mine, theirs in zip(model.encoder.weights, published.weights):
+        np.testing.assert_array_equal(_np(mine), _np(theirs))
+
+
+def test_patch_masks_of_model_random_mask_pass_the_check():
+    model = kc.FCMAE(_tiny_encoder(), input_shape=(64, 64, 3), mask_ratio=0.5, decoder_dim=8, seed=1)
+    mask = model.random_mask(3)
+    model.check_patch_mask(mask)
+    assert model.num_visible == 2 and _np(model(_pixels(3, 64), patch_mask=mask)["loss"]).shape == (3,)
