@@ -415,15 +415,17 @@ def verify(model, format, path, atol=1e-4, min_top1_agreement=1.0, images=None, 
 
 
 # Temporary files and folders are named `.NAME.keras_convnext-tmp-<pid>-<random>` next to
-# the destination NAME, so a later run can tell its own leftovers from the user's files
-# and remove those whose process is gone (killed mid-export).
+# the destination NAME, and an overwritten destination is set aside as
+# `.NAME.keras_convnext-old-<pid>-<random>` until the new one is in place, so a later run
+# can tell a killed export's leftovers from the user's files.
 _TEMPORARY_MARK = ".keras_convnext-tmp-"
-_TEMPORARY_NAME = re.compile(r"^\..+" + re.escape(_TEMPORARY_MARK) + r"(\d+)-[0-9a-f]+$")
+_ASIDE_MARK = ".keras_convnext-old-"
+_LEFTOVER_NAME = re.compile(r"^\.(?P<name>.+)(?P<mark>\.keras_convnext-(?:tmp|old)-)(?P<pid>\d+)-[0-9a-f]+$")
 
 
-def _temporary_sibling(path):
+def _temporary_sibling(path, mark=_TEMPORARY_MARK):
     directory = os.path.dirname(os.path.abspath(path))
-    return os.path.join(directory, f".{os.path.basename(path)}{_TEMPORARY_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    return os.path.join(directory, f".{os.path.basename(path)}{mark}{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
 def _process_is_running(pid):
@@ -437,22 +439,30 @@ def _process_is_running(pid):
 
 
 def remove_stale_temporaries(directory):
-    """Removes this module's temporary files in `directory` whose writing process has ended.
+    """Cleans up after exports into `directory` whose process has ended (killed mid-export).
 
-    Returns the removed paths. Only names made by `_temporary_sibling` are
-    touched; a temporary of a running export (any process) stays.
+    Their temporaries are removed. A destination they had set aside is put
+    back if nothing took its place, and removed otherwise. Only names made
+    by `_temporary_sibling` are touched, and nothing of a running process.
+    Returns the paths removed or restored.
     """
-    removed = []
+    cleaned = []
     try:
         names = os.listdir(directory)
     except OSError:
-        return removed
+        return cleaned
     for name in names:
-        match = _TEMPORARY_NAME.match(name)
-        if match and not _process_is_running(int(match.group(1))):
-            _remove(os.path.join(directory, name))
-            removed.append(os.path.join(directory, name))
-    return removed
+        match = _LEFTOVER_NAME.match(name)
+        if not match or _process_is_running(int(match.group("pid"))):
+            continue
+        path = os.path.join(directory, name)
+        destination = os.path.join(directory, match.group("name"))
+        if match.group("mark") == _ASIDE_MARK and not os.path.lexists(destination):
+            os.replace(path, destination)
+        else:
+            _remove(path)
+        cleaned.append(path)
+    return cleaned
 
 
 def _remove(path):
@@ -515,7 +525,7 @@ def _move_all_into_place(temporary, targets, overwrite):
             _check_destinations({format: path}, overwrite)
             aside = None
             if os.path.lexists(path):
-                aside = _temporary_sibling(path)
+                aside = _temporary_sibling(path, _ASIDE_MARK)
                 os.replace(path, aside)
             moved.append((path, aside))
             os.replace(temporary[format], path)

@@ -299,7 +299,13 @@ def test_failure_in_the_second_format_leaves_nothing_and_stale_temporaries_go(tm
     (out / stale[1]).mkdir()
     live = f".model.keras_convnext-tmp-{os.getpid()}-feedbeef"
     (out / live).write_bytes(b"being written")
-    before = {name: value for name, value in _tree(out).items() if name not in stale}
+    # A killed overwrite: the previous model.onnx set aside, the new one not yet in place.
+    set_aside = f".model.onnx.keras_convnext-old-{_ended_process_id()}-0ddba11"
+    (out / set_aside).write_bytes(b"the previous model.onnx")
+    stale.append(f".notes.txt.keras_convnext-old-{_ended_process_id()}-5eed")  # notes.txt is in place
+    (out / stale[-1]).write_text("an older notes.txt")
+    before = {name: value for name, value in _tree(out).items() if name not in stale + [set_aside]}
+    before["model.onnx"] = b"the previous model.onnx"
     real_verify = module.verify
     checked = []
 
