@@ -546,3 +546,23 @@ def test_patch_masks_of_model_random_mask_pass_the_check():
     mask = model.random_mask(3)
     model.check_patch_mask(mask)
     assert model.num_visible == 2 and _np(model(_pixels(3, 64), patch_mask=mask)["loss"]).shape == (3,)
+
+
+@pytest.mark.parametrize("bad_value, phrase", [
+    (np.full((3,), np.nan, "float32"), "NaN or infinite"),
+    (np.array([1, 2, 3]), "int64 values"),
+    (np.array(["a", "b", "c"]), "<U1 values"),
+])
+def test_fcmae_checkpoint_with_a_bad_decoder_tensor_loads_nothing(fcmae_checkpoint, bad_value, phrase):
+    """The checks run over every tensor before the first assignment."""
+    from keras_convnext.weights.files import read_checkpoint
+
+    path, _, _ = fcmae_checkpoint
+    state = read_checkpoint(path)
+    state["pred.weight"] = np.resize(bad_value, state["pred.weight"].shape)
+    encoder = kc.ConvNeXtV2Atto(include_top=False, include_preprocessing=False, input_shape=(64, 64, 3))
+    model = kc.FCMAE(encoder, input_shape=(64, 64, 3), decoder_dim=24, decoder_depth=2)
+    before = [_np(v) for v in model.weights]
+    with pytest.raises(kc.CheckpointError, match=phrase):
+        model.load_checkpoint(state)
+    assert all(np.array_equal(a, _np(v)) for a, v in zip(before, model.weights))
