@@ -565,14 +565,23 @@ def export_formats(model, targets, verify_artifacts=True, atol=1e-4, min_top1_ag
     """
     import keras
 
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"export takes a Keras model (any keras_convnext classifier); got {type(model).__name__}.")
+    _layout(model)  # a model without one image input is refused before anything is written
+    if not isinstance(targets, (str, os.PathLike, dict)):
+        raise TypeError(
+            f"targets must be a folder path or a {{format: path}} dict; got {type(targets).__name__}."
+        )
     if isinstance(targets, (str, os.PathLike)):
         directory = os.fspath(targets)
         if os.path.exists(directory) and not os.path.isdir(directory):
             raise NotADirectoryError(f"Cannot export every format into {directory}: it is a file, not a folder.")
         targets = {format: os.path.join(directory, "model" + _SUFFIX[format]) for format in FORMATS}
-    targets = {format: os.fspath(path) for format, path in targets.items()}
-    for format in targets:
+    for format, path in targets.items():
         _check_format(format)
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"The {format} export destination must be a path; got {type(path).__name__}.")
+    targets = {format: os.fspath(path) for format, path in targets.items()}
     _check_destinations(targets, overwrite)
     for folder in {os.path.dirname(os.path.abspath(path)) for path in targets.values()}:
         remove_stale_temporaries(folder)
@@ -632,7 +641,7 @@ def export(model, path, format="saved_model", verify_artifact=True, atol=1e-4, m
         An `ExportReport` (size, max difference, top-1 agreement, latency).
     """
     _check_format(format)
-    return export_formats(model, {format: os.fspath(path)}, verify_artifact, atol, min_top1_agreement, verbose,
+    return export_formats(model, {format: path}, verify_artifact, atol, min_top1_agreement, verbose,
                           image_size, overwrite)[format]
 
 

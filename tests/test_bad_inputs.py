@@ -11,6 +11,7 @@ import pickle
 import zipfile
 from typing import Callable, NamedTuple
 
+import keras
 import numpy as np
 import pytest
 
@@ -107,6 +108,11 @@ def _export_two_formats_to_one_path(setup):
     return lambda: export_formats(setup.model, {"tflite": path, "tflite-fp16": path})
 
 
+def _vector_model(setup):
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    return lambda: kc.export(model, _in(setup, "vector.onnx"), format="onnx")
+
+
 def _call(function, *args, **kwargs):
     """A row that needs no files: the failing call itself."""
     return lambda setup: lambda: function(setup, *args, **kwargs)
@@ -124,6 +130,10 @@ EXPORT_CASES = [
     Case("two formats, one path", _export_two_formats_to_one_path, ValueError, "same destination"),
     Case("unknown format", _call(lambda s: kc.export(s.model, _in(s, "m.mlmodel"), format="coreml")), ValueError, "Unknown export format 'coreml'"),
     Case("empty path", _call(lambda s: kc.export(s.model, "", format="onnx")), ValueError, "empty path"),
+    Case("no path", _call(lambda s: kc.export(s.model, None, format="onnx")), TypeError, "must be a path"),
+    Case("targets of the wrong type", _call(lambda s: kc.export_formats(s.model, 42)), TypeError, r"\{format: path\} dict"),
+    Case("not a Keras model", _call(lambda s: kc.export("ConvNeXtV2Atto", _in(s, "m.onnx"), format="onnx")), TypeError, "takes a Keras model"),
+    Case("a model without an image input", _vector_model, ValueError, "one image input"),
 ]
 
 
@@ -193,6 +203,43 @@ def _out_of_bounds_view(setup):
     prefix = next(name for name in records if name.endswith("data.pkl"))[: -len("data.pkl")]
     records[prefix + "data.pkl"] = records[prefix + "data.pkl"].replace(b"K\x04\x85", b"M\x00\x10\x85", 1)
     return _load(setup, _handmade_archive(setup, "oob.pt", records))
+
+
+def _edited_archive(setup, name, edit):
+    """A torch.save file of `{"w": ones(4)}` with `edit(records, prefix)` applied to its records."""
+    path = _saved(setup, "good.pt", {"w": _torch().ones(4)})
+    with zipfile.ZipFile(path) as source:
+        records = {record: source.read(record) for record in source.namelist()}
+    prefix = next(record for record in records if record.endswith("data.pkl"))[: -len("data.pkl")]
+    edit(records, prefix)
+    return _load(setup, _handmade_archive(setup, name, records))
+
+
+def _set_record(record, value):
+    def edit(records, prefix):
+        records[prefix + record] = value
+
+    return edit
+
+
+def _unknown_persistent_id(setup):
+    import io
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return "outside" if obj == "elsewhere" else None
+
+    buffer = io.BytesIO()
+    Pickler(buffer, protocol=2).dump({"w": "elsewhere"})
+    return _load(setup, _handmade_archive(setup, "pid.pt", {"archive/data.pkl": buffer.getvalue()}))
+
+
+def _plain_pickle_archive(obj):
+    def prepare(setup):
+        payload = pickle.dumps(obj, protocol=2)
+        return _load(setup, _handmade_archive(setup, "plain.pt", {"archive/data.pkl": payload}))
+
+    return prepare
 
 
 def _missing_storage(setup):
@@ -279,6 +326,11 @@ CHECKPOINT_CASES = [
     Case("TorchScript archive", _torchscript, kc.CheckpointError, "TorchScript"),
     Case("legacy format without PyTorch", _legacy_without_torch, kc.CheckpointError, "re-save"),
     Case("self-referencing container", _self_referencing, kc.CheckpointError, "contains itself"),
+    Case("a zip of other files", lambda s: _load(s, _handmade_archive(s, "other.pt", {"a.txt": "hello"})), kc.CheckpointError, "not one written by torch.save"),
+    Case("a byteorder record of nonsense", lambda s: _edited_archive(s, "order.pt", _set_record("byteorder", b"middle")), kc.CheckpointError, "byteorder record"),
+    Case("a storage shorter than its tensor", lambda s: _edited_archive(s, "short.pt", _set_record("data/0", b"\x00" * 4)), kc.CheckpointError, "has 1 of its 4 elements"),
+    Case("a pickled set", _plain_pickle_archive({"w": {1, 2}}), kc.CheckpointError, r"__builtin__\.set"),
+    Case("an unknown persistent id", _unknown_persistent_id, kc.CheckpointError, "unknown external object"),
     Case("a list at the top", _load_saved(lambda: [_torch().ones(2)]), kc.CheckpointError, "holds a list of 1 items"),
     Case("a number at the top", _load_saved(3.5), kc.CheckpointError, "holds a float"),
     Case("a bare tensor at the top", _load_saved(lambda: _torch().ones(2)), kc.CheckpointError, "holds a ndarray"),
@@ -336,6 +388,9 @@ FCMAE_CASES = [
     Case("NaN mask_ratio", _fcmae(mask_ratio=float("nan")), ValueError, r"in \(0, 1\)"),
     Case("mask_ratio as text", _fcmae(mask_ratio="0.6"), TypeError, "must be a number"),
     Case("mask_ratio True", _fcmae(mask_ratio=True), TypeError, "must be a number"),
+    Case("input_shape without channels", _fcmae(input_shape=(64, 64)), ValueError, r"\(height, width, channels\)"),
+    Case("encoder as a number", _fcmae(encoder=42), TypeError, "encoder must be a constructor name"),
+    Case("a V1 encoder name", _fcmae(encoder="ConvNeXtTiny"), ValueError, "Unknown FCMAE encoder"),
     Case("32x32 at the default ratio", _fcmae(input_shape=(32, 32, 3)), ValueError, "no patch visible"),
     Case("64x64 at ratio 0.8", _fcmae(mask_ratio=0.8), ValueError, "no patch visible"),
     Case("ratio too small to mask a patch", _fcmae(mask_ratio=1e-17), ValueError, "no patch masked"),
@@ -364,7 +419,7 @@ def models():
 
 
 def test_the_table_is_large_enough():
-    assert len(CASES) >= 55 and len({case.name for case in CASES}) == len(CASES)
+    assert len(CASES) >= 70 and len({case.name for case in CASES}) == len(CASES)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
