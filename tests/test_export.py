@@ -294,7 +294,10 @@ def test_failure_in_the_second_format_leaves_nothing_and_stale_temporaries_go(tm
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     (out / ".model.tflite.tmp").write_text("also mine")
-    stale = [f".model.onnx.keras_convnext-tmp-{_ended_process_id()}-0badc0de", f".x.keras_convnext-tmp-{_ended_process_id()}-12ab"]
+    stale = [
+        f".model.onnx.keras_convnext-tmp-{_ended_process_id()}-0badc0de",
+        f".x.keras_convnext-tmp-{_ended_process_id()}-12ab",
+    ]
     (out / stale[0]).write_bytes(b"half-written")
     (out / stale[1]).mkdir()
     live = f".model.keras_convnext-tmp-{os.getpid()}-feedbeef"

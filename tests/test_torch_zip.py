@@ -67,7 +67,8 @@ def _mixed_state_dict():
 @pytest.mark.parametrize("wrapper", [None, "model", "state_dict", "model_ema", "ema", "module", "net"])
 def test_reader_matches_torch_load(tmp_path, wrapper):
     state = _mixed_state_dict()
-    saved = state if wrapper is None else {wrapper: state, "epoch": 7, "note": "text", "raw": b"\x00\xff", "list": [1, 2.5, None]}
+    metadata = {"epoch": 7, "note": "text", "raw": b"\x00\xff", "list": [1, 2.5, None]}
+    saved = state if wrapper is None else {wrapper: state, **metadata}
     path = str(tmp_path / "checkpoint.pth")
     torch.save(saved, path)
     expected = _reference(torch.load(path, weights_only=True))
