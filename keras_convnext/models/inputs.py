@@ -4,7 +4,7 @@ A wrong image shape otherwise fails deep inside a backend (a reshape, a
 convolution over an empty map), or not at all: TensorFlow's `predict`
 broadcasts a 1-channel image against the 3 RGB statistics and returns
 predictions. And on JAX a failure inside `predict`, `evaluate` or `fit`
-leaves the model without its weights (see `variables_kept_on_failure`).
+leaves the model without its weights (see `kept_on_failure`).
 """
 
 import contextlib
@@ -143,43 +143,49 @@ def _channel_hint(data_format, channels, got_channels, other_channels):
 
 
 @contextlib.contextmanager
-def variables_kept_on_failure(model, training=False):
-    """On JAX, gives the model its variable values back when the body raises.
+def kept_on_failure(model, training=False):
+    """Leaves the model usable when `fit`, `evaluate` or `predict` raises in the body.
 
+    Two framework behaviours make one failed call poison every later one.
     Keras' JAX trainer detaches every variable's value (sets it to None)
-    while `fit`, `evaluate` or `predict` runs and reattaches the values when
-    the loop ends; an exception skips the reattachment, and every later use
-    of the model raises `TypeError: 'NoneType' object is not callable`.
-    Here the values the loop reached are reattached where Keras kept them,
-    and otherwise the values from before the call. Other backends: nothing
-    to do.
+    while the loop runs and reattaches the values when it ends; an exception
+    skips the reattachment, and every later use of the model raises
+    `TypeError: 'NoneType' object is not callable`. Here the values the loop
+    reached are reattached where Keras kept them, and otherwise the values
+    from before the call. And a step function whose first trace failed
+    (TensorFlow's `tf.function`) refuses to create variables when traced
+    again; the step functions are dropped, so the next call builds new ones.
 
-    With `training=True` (for `fit`), a compiled model's optimizer is built
-    first, so that its variables have values to give back too.
+    With `training=True` (for `fit`) on JAX, a compiled model's optimizer is
+    built first, so that its variables have values to give back too.
     """
-    if keras.backend.backend() != "jax":
-        yield
-        return
+    jax = keras.backend.backend() == "jax"
     optimizer = getattr(model, "optimizer", None)
-    if training and optimizer is not None and not optimizer.built:
+    if jax and training and optimizer is not None and not optimizer.built:
         optimizer.build(model.trainable_variables)
-    variables = _trainer_variables(model)
-    saved = {id(variable): variable.value for variable in variables}
+    saved = {id(variable): variable.value for variable in _trainer_variables(model)} if jax else {}
     try:
         yield
     except BaseException:
-        model.jax_state_sync()
-        for variable in _trainer_variables(model):
-            if _detached(variable):
-                value = saved.get(id(variable))
-                if value is None:
-                    # Created inside the failed call: metric totals and
-                    # counts, which Keras resets to zeros before each use.
-                    value = keras.ops.zeros(variable.shape, variable.dtype)
-                variable.assign(value)
-        # The synced state must not be synced again over later assignments.
-        model._jax_state = None
+        if jax:
+            _reattach_jax_values(model, saved)
+        model.train_function = model.test_function = model.predict_function = None
         raise
+
+
+def _reattach_jax_values(model, saved):
+    model.jax_state_sync()
+    for variable in _trainer_variables(model):
+        if _detached(variable):
+            value = saved.get(id(variable))
+            if value is None:
+                # Created inside the failed call: metric totals and counts,
+                # which Keras resets to zeros before each use.
+                value = keras.ops.zeros(variable.shape, variable.dtype)
+            variable.assign(value)
+    # Keras' name for the loop's state: synced once, it must not be synced
+    # again over the user's later assignments.
+    model._jax_state = None
 
 
 def _trainer_variables(model):

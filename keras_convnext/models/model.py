@@ -7,7 +7,7 @@ from keras_convnext.layers.block import ConvNeXtBlock
 from keras_convnext.layers.layer_norm import LayerNorm
 from keras_convnext.layers.pointwise import PatchConv2D
 from keras_convnext.layers.preprocessing import ImageNormalization
-from keras_convnext.models.inputs import check_images, variables_kept_on_failure
+from keras_convnext.models.inputs import check_images, kept_on_failure
 from keras_convnext.ops.pointwise import _torch_compiling
 
 # Layers whose `call` at inference is all that `Layer.__call__` would run for
@@ -177,17 +177,17 @@ class ConvNeXtModel(keras.Model):
 
     def predict(self, x, *args, **kwargs):
         check_images(self, x)
-        with variables_kept_on_failure(self):
+        with kept_on_failure(self):
             return super().predict(x, *args, **kwargs)
 
     def evaluate(self, x=None, *args, **kwargs):
         check_images(self, x)
-        with variables_kept_on_failure(self):
+        with kept_on_failure(self):
             return super().evaluate(x, *args, **kwargs)
 
     def fit(self, x=None, *args, **kwargs):
         check_images(self, x)
-        with variables_kept_on_failure(self, training=True):
+        with kept_on_failure(self, training=True):
             return super().fit(x, *args, **kwargs)
 
 def _compiled_eager_call(model, inputs):
