@@ -175,6 +175,7 @@ def ConvNeXt(
         `keras_convnext.stage_features(model)` gives all four stages.
     """
     _check_arguments(version, stage_depths, stage_dims, include_top, pooling, classes, drop_path_rate)
+    classes = int(classes) if include_top else classes  # Keras' Dense takes Python integers only.
     if version == "v1" and layer_scale_init_value is None:
         layer_scale_init_value = 1e-6
     if version == "v2" and layer_scale_init_value is not None:
