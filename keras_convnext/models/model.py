@@ -165,7 +165,6 @@ class ConvNeXtModel(keras.Model):
             object.__setattr__(self, "_layer_chain_cache", cache)
         return cache[0]
 
-
     # Image inputs are checked before Keras traces anything, so that a wrong
     # shape gets an error in the user's terms and never costs the model its
     # weights (keras_convnext.models.inputs).
@@ -189,6 +188,7 @@ class ConvNeXtModel(keras.Model):
         check_images(self, x)
         with kept_on_failure(self, training=True):
             return super().fit(x, *args, **kwargs)
+
 
 def _compiled_eager_call(model, inputs):
     """The backend whose compiled inference runs this call ("jax", "tensorflow"), or None.
