@@ -3,7 +3,7 @@
 from keras_convnext import layers
 from keras_convnext.export import export, export_formats
 from keras_convnext.fcmae import FCMAE, FCMAEDecoder, transfer_encoder
-from keras_convnext.imagenet import decode_predictions, imagenet_classes, preprocess_input
+from keras_convnext.imagenet import decode_predictions, imagenet_classes, normalize_imagenet, preprocess_input
 from keras_convnext.models.convnext import (
     CONSTRUCTORS,
     ConvNeXt,

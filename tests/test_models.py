@@ -99,19 +99,135 @@ def test_input_tensor_is_used():
 
 @pytest.mark.parametrize(
     "input_shape,match",
-    [((16, 16, 3), "at least 32x32"), ((64, 64, 4), "3 channels"), ((64, 3), "3 entries")],
+    [
+        ((16, 16, 3), "at least 32x32"),
+        ((64, 3), "needs 3 entries"),
+        ((64, 64, 0), "positive integer or None; got 0"),
+        ((64.0, 64, 3), "positive integer or None; got 64.0"),
+        ((None, None, None), "leaves the number of channels unknown"),
+        (5, "input_shape must be a tuple"),
+    ],
 )
 def test_bad_input_shapes_are_named(input_shape, match):
     with pytest.raises(ValueError, match=match):
         kc.ConvNeXtV2Atto(input_shape=input_shape)
 
 
-def test_images_smaller_than_32_pixels_are_named_at_call_time():
-    model = kc.ConvNeXt((1, 1, 1, 1), (8, 16, 24, 32), classes=3)  # any input size
-    with pytest.raises(ValueError, match="downsample3_conv cuts 2x2 patches, but its input map is 1x2"):
-        model(np.zeros((1, 24, 40, 3), "float32"))
-    with pytest.raises(ValueError, match="images must be at least 32x32 pixels"):
-        model.predict(np.zeros((1, 40, 16, 3), "float32"), verbose=0)
+def test_channels_last_input_shape_under_channels_first_is_named():
+    keras.config.set_image_data_format("channels_first")
+    with pytest.raises(ValueError, match=r"channels unknown \(\(channels, height, width\) for channels_first"):
+        kc.ConvNeXtV2Atto(input_shape=(None, None, 3))
+
+
+@pytest.mark.parametrize(
+    "tensor,match",
+    [
+        (lambda: keras.Input((16, 16, 3)), r"at least 32x32 pixels; got input_tensor of shape \(None, 16, 16, 3\)"),
+        (lambda: keras.Input((None, None, None)), "leaves the number of channels unknown"),
+        (lambda: keras.Input((64, 3)), r"batch of images, \(batch,\) \+ \(height, width, channels\)"),
+        (lambda: np.zeros((1, 64, 64, 3), "float32"), "must be a Keras tensor"),
+    ],
+    ids=["tiny", "unknown-channels", "rank-3", "array"],
+)
+def test_bad_input_tensors_are_named(tensor, match):
+    with pytest.raises(ValueError, match=match):
+        kc.ConvNeXtV2Atto(input_tensor=tensor())
+
+
+@pytest.mark.parametrize(
+    "arguments,match",
+    [
+        (dict(classes=0), "classes must be a positive integer with include_top=True; got 0"),
+        (dict(classes=-3), "classes must be a positive integer"),
+        (dict(classes=2.5), "got 2.5"),
+        (dict(classes="10"), "got '10'"),
+        (dict(classes=True), "got True"),
+        (dict(drop_path_rate=-0.1), r"drop_path_rate .* a number in \[0, 1\); got -0.1"),
+        (dict(drop_path_rate=1.0), r"in \[0, 1\); got 1.0"),
+        (dict(drop_path_rate=float("nan")), "got nan"),
+        (dict(drop_path_rate="0.1"), "got '0.1'"),
+        (dict(pooling="mean"), "pooling"),
+    ],
+)
+def test_bad_constructor_arguments_are_named(arguments, match):
+    with pytest.raises(ValueError, match=match):
+        kc.ConvNeXtV2Atto(**arguments)
+
+
+def test_classes_are_not_checked_without_a_head():
+    """As keras.applications: `classes` means nothing with include_top=False."""
+    assert kc.ConvNeXtAtto(include_top=False, classes=None, pooling="avg").output_shape == (None, 320)
+    assert kc.ConvNeXtAtto(classes=np.int64(5)).output_shape == (None, 5)
+
+
+@pytest.fixture(scope="module")
+def small_rgb_model():
+    return kc.ConvNeXt((1, 1, 1, 1), (8, 16, 24, 32), classes=3)  # any input size
+
+
+@pytest.mark.parametrize(
+    "shape,match",
+    [
+        ((1, 24, 40, 3), r"downsamples by 32, so images must be at least 32x32 pixels; got 24x40"),
+        ((1, 32, 32, 1), r"3 channels \(RGB\).*with 1 channel\. Repeat a grayscale channel .*np\.repeat"),
+        ((1, 32, 32, 4), r"takes images with 3 channels \(RGB\).*got images of shape \(1, 32, 32, 4\)"),
+        ((1, 3, 32, 32), "The images look channels_first"),
+        ((32, 32, 3), r"batch of images.*For a single image, add a batch axis: images\[None\]"),
+        ((1, 1, 32, 32, 3), r"got an array of shape \(1, 1, 32, 32, 3\)"),
+    ],
+    ids=["small", "grayscale", "rgba", "channels-first", "one-image", "rank-5"],
+)
+@pytest.mark.parametrize("how", ["call", "predict"])
+def test_bad_images_are_named_before_anything_runs(small_rgb_model, shape, match, how):
+    images = np.zeros(shape, "float32")
+    run = small_rgb_model if how == "call" else lambda x: small_rgb_model.predict(x, verbose=0)
+    with pytest.raises(ValueError, match=match):
+        run(images)
+
+
+def test_a_model_of_fixed_size_names_it():
+    model = kc.ConvNeXt((1, 1, 1, 1), (8, 16, 24, 32), classes=3, input_shape=(64, 64, 3))
+    with pytest.raises(ValueError, match=r"built for 64x64 images \(its input_shape\); got 32x32"):
+        model(np.zeros((1, 32, 32, 3), "float32"))
+    symbolic = keras.Input((None, None, 1))
+    with pytest.raises(ValueError, match="3 channels"):
+        model(symbolic)
+
+
+def test_a_failed_predict_leaves_the_model_working():
+    """Keras' JAX trainer detaches the weights during predict; one failure used to lose them."""
+    model = kc.ConvNeXt((1, 1, 1, 1), (8, 16, 24, 32), classes=3)
+    images = np.random.default_rng(5).uniform(0, 255, size=(2, 32, 32, 3)).astype("float32")
+    with pytest.raises(ValueError, match="at least 32x32"):
+        model.predict(np.zeros((1, 16, 16, 3), "float32"), verbose=0)
+    expected = model.predict(images, verbose=0)
+
+    def small_batches():  # a generator's shapes cannot be checked in advance
+        yield (np.zeros((1, 16, 16, 3), "float32"),)
+
+    with pytest.raises(ValueError, match="32x32|2x2 patches"):
+        model.predict(small_batches(), steps=1, verbose=0)
+    np.testing.assert_array_equal(model.predict(images, verbose=0), expected)
+
+
+def test_a_failed_fit_leaves_the_model_trainable():
+    """After a first fit that fails inside Keras' step, weights and optimizer still work (TensorFlow
+    refused to trace its step function again, JAX had detached every variable)."""
+    model = kc.ConvNeXt((1, 1, 1, 1), (8, 16, 24, 32), classes=2, classifier_activation=None)
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    images = np.random.default_rng(6).uniform(0, 255, size=(2, 32, 32, 3)).astype("float32")
+    labels = np.array([0, 1])
+    expected = model.predict(images, verbose=0)
+
+    def small_batches():
+        yield np.zeros((2, 16, 16, 3), "float32"), labels
+
+    with pytest.raises(ValueError, match="32x32|2x2 patches"):
+        model.fit(small_batches(), steps_per_epoch=1, epochs=1, verbose=0)
+    np.testing.assert_array_equal(model.predict(images, verbose=0), expected)
+    history = model.fit(images, labels, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    assert not np.array_equal(model.predict(images, verbose=0), expected)
 
 
 def test_channels_first_equals_channels_last():

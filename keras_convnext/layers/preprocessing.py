@@ -27,11 +27,14 @@ class ImageNormalization(keras.layers.Layer):
         self.data_format = standardize_data_format(data_format)
 
     def build(self, input_shape):
-        channels = input_shape[channel_axis_for(self.data_format)]
+        self._check_channels(input_shape)
+
+    def _check_channels(self, shape):
+        channels = shape[channel_axis_for(self.data_format)]
         if channels is not None and channels != len(self.mean):
             raise ValueError(
                 f"ImageNormalization has statistics for {len(self.mean)} channels but the "
-                f"input has {channels} (shape {input_shape}, data_format={self.data_format})."
+                f"input has {channels} (shape {tuple(shape)}, data_format={self.data_format})."
             )
 
     @property
@@ -40,13 +43,15 @@ class ImageNormalization(keras.layers.Layer):
 
         Pixels in [0, 255] minus the mean, times 1 / std, computed in bfloat16,
         round three times (the input, the difference, the product); in float32
-        the result rounds once to the compute dtype (benchmarks/README.md, item
-        39, has the speed of both forms).
+        the result rounds once to the compute dtype.
         """
         compute = keras.backend.standardize_dtype(self.compute_dtype)
         return "float32" if compute in ("bfloat16", "float16") else compute
 
     def call(self, inputs):
+        # Checked again per call: a built layer would otherwise broadcast one
+        # channel against three, or fail inside a reshape.
+        self._check_channels(inputs.shape)
         dtype = self.input_dtype
         x = ops.cast(inputs, dtype)
         mean = ops.convert_to_tensor(self.mean, dtype)
@@ -55,8 +60,7 @@ class ImageNormalization(keras.layers.Layer):
         if self.data_format == "channels_last" and width is not None:
             # One row per image row, the statistics repeated along it: the same
             # values, but TensorFlow's kernels broadcast a long row much faster
-            # than a 3-channel one (V2 Tiny at batch 8, 224x224, a batch size
-            # unknown when traced: 0.89 against 1.93 ms; item 39).
+            # than a 3-channel one when the batch size is unknown at tracing.
             rows = ops.reshape(x, (-1, width * len(self.mean)))
             rows = (rows - ops.tile(mean, [width])) * ops.tile(inv_std, [width])
             return ops.cast(ops.reshape(rows, ops.shape(x)), self.compute_dtype)

@@ -1,5 +1,7 @@
 """One ConvNeXt builder (V1 and V2) and the named constructors over it."""
 
+import numbers
+
 import numpy as np
 import keras
 
@@ -20,36 +22,97 @@ def set_weights_loader(loader):
     _WEIGHTS_LOADER = loader
 
 
-def _image_input(input_tensor, input_shape, data_format, include_preprocessing):
+# Four downsamplings (strides 4, 2, 2, 2) each need a whole patch.
+MIN_IMAGE_SIZE = 32
+
+# The shape of one image, in words, per data format.
+IMAGE_LAYOUTS = {
+    "channels_last": "(height, width, channels) for channels_last",
+    "channels_first": "(channels, height, width) for channels_first",
+}
+
+
+def _image_input(input_tensor, input_shape, data_format):
+    """The model's input tensor and its channel count, after checking their shape.
+
+    `input_tensor` wins over `input_shape` (as in keras.applications); with
+    neither, the model takes RGB images of any size of at least 32x32.
+    """
+    if input_tensor is not None:
+        if not keras.backend.is_keras_tensor(input_tensor):
+            raise ValueError(
+                "input_tensor must be a Keras tensor, such as keras.Input(shape=(224, 224, 3)) "
+                f"or the output of a layer; got {type(input_tensor).__name__}."
+            )
+        tensor_shape = tuple(input_tensor.shape)
+        if len(tensor_shape) != 4:
+            raise ValueError(
+                f"input_tensor must be a batch of images, (batch,) + {IMAGE_LAYOUTS[data_format]}; "
+                f"got a tensor of shape {tensor_shape}."
+            )
+        channels = _check_image_shape(tensor_shape[1:], data_format, f"input_tensor of shape {tensor_shape}")
+        return input_tensor, channels
     if input_shape is None:
         input_shape = (None, None, 3) if data_format == "channels_last" else (3, None, None)
-    input_shape = tuple(input_shape)
-    if len(input_shape) != 3:
-        raise ValueError(
-            f"input_shape must have 3 entries (height, width, channels) for {data_format}; "
-            f"got {input_shape}."
-        )
+    try:
+        input_shape = tuple(input_shape)
+    except TypeError:
+        raise ValueError(f"input_shape must be a tuple {IMAGE_LAYOUTS[data_format]}; got {input_shape!r}.") from None
+    channels = _check_image_shape(input_shape, data_format, f"input_shape={input_shape}")
+    return keras.Input(shape=input_shape), channels
+
+
+def _check_image_shape(shape, data_format, source):
+    """The channel count of a per-image shape, or a ValueError naming what is wrong."""
+    layout = IMAGE_LAYOUTS[data_format]
+    if len(shape) != 3:
+        raise ValueError(f"{source}: an image shape needs 3 entries, {layout}; got {len(shape)}.")
+    for entry in shape:
+        if entry is not None and (isinstance(entry, bool) or not isinstance(entry, numbers.Integral) or entry < 1):
+            raise ValueError(f"{source}: each entry must be a positive integer or None; got {entry!r}.")
     if data_format == "channels_last":
-        height, width, channels = input_shape
+        height, width, channels = shape
     else:
-        channels, height, width = input_shape
-    if include_preprocessing and channels not in (3, None):
+        channels, height, width = shape
+    if channels is None:
         raise ValueError(
-            f"include_preprocessing=True normalizes RGB images, so input_shape needs 3 "
-            f"channels; got {input_shape} ({data_format}). Pass include_preprocessing=False "
-            "for other channel counts."
+            f"{source} leaves the number of channels unknown ({layout}); the stem "
+            "convolution's weights depend on it. Give it: 3 for RGB images."
         )
     for size in (height, width):
-        if size is not None and size < 32:
+        if size is not None and size < MIN_IMAGE_SIZE:
             raise ValueError(
-                f"ConvNeXt downsamples by 32, so images must be at least 32x32 pixels; "
-                f"got input_shape={input_shape}."
+                f"ConvNeXt downsamples by {MIN_IMAGE_SIZE}, so images must be at least "
+                f"{MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE} pixels; got {source}, {layout}."
             )
-    if input_tensor is None:
-        return keras.Input(shape=input_shape)
-    if keras.backend.is_keras_tensor(input_tensor):
-        return input_tensor
-    return keras.Input(tensor=input_tensor, shape=input_shape)
+    return int(channels)
+
+
+def _check_arguments(version, stage_depths, stage_dims, include_top, pooling, classes, drop_path_rate):
+    if version not in ("v1", "v2"):
+        raise ValueError(f'version must be "v1" or "v2"; got {version!r}.')
+    if len(stage_depths) != 4 or len(stage_dims) != 4:
+        raise ValueError(
+            f"stage_depths and stage_dims need four entries each; got {stage_depths} and {stage_dims}."
+        )
+    if not all(_is_integer(depth) and depth >= 0 for depth in stage_depths):
+        raise ValueError(f"stage_depths must be integers of at least 0; got {stage_depths}.")
+    if not all(_is_integer(dim) and dim >= 1 for dim in stage_dims):
+        raise ValueError(f"stage_dims must be positive integers; got {stage_dims}.")
+    if pooling not in (None, "avg", "max"):
+        raise ValueError(f'pooling must be None, "avg" or "max"; got {pooling!r}.')
+    if include_top and not (_is_integer(classes) and classes >= 1):
+        raise ValueError(f"classes must be a positive integer with include_top=True; got {classes!r}.")
+    is_number = isinstance(drop_path_rate, numbers.Real) and not isinstance(drop_path_rate, bool)
+    if not (is_number and 0.0 <= drop_path_rate < 1.0):
+        raise ValueError(
+            "drop_path_rate is the probability of dropping the last block's residual branch, "
+            f"a number in [0, 1); got {drop_path_rate!r}."
+        )
+
+
+def _is_integer(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def ConvNeXt(
@@ -79,17 +142,26 @@ def ConvNeXt(
         include_top: end with the classification head (pool, LayerNorm, Dense).
         weights: None, a checkpoint path (official, timm, HF transformers or
             Keras `.weights.h5`), or a registry tag such as `"imagenet"`.
-        input_tensor: optional Keras tensor to build the model on.
-        input_shape: `(height, width, 3)` (channels_last) or `(3, height, width)`;
-            None means any size. Any size of at least 32 works: each
-            downsampling floors, as in the PyTorch models.
+        input_tensor: optional Keras tensor to build the model on, for
+            example `keras.Input((224, 224, 3))` or a layer's output; it
+            wins over `input_shape`.
+        input_shape: one image's shape, `(height, width, channels)`
+            (channels_last) or `(channels, height, width)` (channels_first).
+            Height and width may be None (any size); every size of at least
+            32 works: each downsampling floors, as in the PyTorch models. The
+            channel count must be given. Default: RGB images of any size.
         pooling: with `include_top=False`, None (4D features), `"avg"` or `"max"`.
-        classes: number of classes of the head.
+        classes: number of classes of the head, a positive integer.
         classifier_activation: activation of the head; None returns logits.
-        include_preprocessing: inputs are RGB pixels in [0, 255] and the model
-            applies the ImageNet mean/std normalization itself.
-        drop_path_rate: stochastic depth rate of the last block; earlier
-            blocks get linearly smaller rates, from 0 (official schedule).
+        include_preprocessing: with 3 input channels, the inputs are RGB
+            pixels in [0, 255] and the model applies the ImageNet mean/std
+            normalization itself (`keras_convnext.normalize_imagenet`).
+            **With any other channel count (1, 4, ...) no normalization is
+            applied, whatever this says**: the images reach the stem
+            convolution as given, so scale them yourself. This is what
+            keras.applications' ConvNeXt does.
+        drop_path_rate: stochastic depth rate of the last block, in [0, 1);
+            earlier blocks get linearly smaller rates, from 0 (official schedule).
         layer_scale_init_value: V1 layer scale initial value (default 1e-6);
             must be None for V2.
         kernel_size: depthwise kernel size (7 in every official model).
@@ -102,25 +174,19 @@ def ConvNeXt(
         map `(batch, height / 32, width / 32, dims[-1])`;
         `keras_convnext.stage_features(model)` gives all four stages.
     """
-    if version not in ("v1", "v2"):
-        raise ValueError(f'version must be "v1" or "v2"; got {version!r}.')
-    if len(stage_depths) != 4 or len(stage_dims) != 4:
-        raise ValueError(
-            f"stage_depths and stage_dims need four entries each; got {stage_depths} and {stage_dims}."
-        )
+    _check_arguments(version, stage_depths, stage_dims, include_top, pooling, classes, drop_path_rate)
+    classes = int(classes) if include_top else classes  # Keras' Dense takes Python integers only.
     if version == "v1" and layer_scale_init_value is None:
         layer_scale_init_value = 1e-6
     if version == "v2" and layer_scale_init_value is not None:
         raise ValueError("ConvNeXt V2 blocks have no layer scale; leave layer_scale_init_value=None.")
-    if pooling not in (None, "avg", "max"):
-        raise ValueError(f'pooling must be None, "avg" or "max"; got {pooling!r}.')
-    if include_top and classes < 1:
-        raise ValueError(f"classes must be positive with include_top=True; got {classes}.")
     data_format = keras.config.image_data_format()
 
-    inputs = _image_input(input_tensor, input_shape, data_format, include_preprocessing)
+    inputs, channels = _image_input(input_tensor, input_shape, data_format)
     x = inputs
-    if include_preprocessing:
+    # As keras.applications: the ImageNet statistics are RGB, so other channel
+    # counts go to the stem as given.
+    if include_preprocessing and channels == 3:
         x = ImageNormalization(data_format=data_format, name="preprocessing")(x)
     if data_format == "channels_first":
         # Every layer below computes in channels_last; the weights do not change.
@@ -232,7 +298,10 @@ def _named_constructor(variant_name):
     constructor.__doc__ = (
         f"{family}, stage depths {variant.stage_depths}, dims {variant.stage_dims}.\n\n"
         f"Arguments as `keras_convnext.ConvNeXt` (keras.applications-compatible); "
-        f"also accepts {extra}."
+        f"also accepts {extra}.\n\n"
+        "Note: `include_preprocessing=True` normalizes 3-channel (RGB) inputs only; "
+        "images with 1, 4 or any other number of channels reach the stem as given, "
+        "as in keras.applications."
     )
     return constructor
 

@@ -7,6 +7,7 @@ from keras_convnext.layers.block import ConvNeXtBlock
 from keras_convnext.layers.layer_norm import LayerNorm
 from keras_convnext.layers.pointwise import PatchConv2D
 from keras_convnext.layers.preprocessing import ImageNormalization
+from keras_convnext.models.inputs import check_images, kept_on_failure
 from keras_convnext.ops.pointwise import _torch_compiling
 
 # Layers whose `call` at inference is all that `Layer.__call__` would run for
@@ -163,6 +164,30 @@ class ConvNeXtModel(keras.Model):
             cache = (_find_chain(self),)
             object.__setattr__(self, "_layer_chain_cache", cache)
         return cache[0]
+
+    # Image inputs are checked before Keras traces anything, so that a wrong
+    # shape gets an error in the user's terms and never costs the model its
+    # weights (keras_convnext.models.inputs).
+
+    def __call__(self, *args, **kwargs):
+        images = args[0] if args else kwargs.get("inputs")
+        check_images(self, images)
+        return super().__call__(*args, **kwargs)
+
+    def predict(self, x, *args, **kwargs):
+        check_images(self, x)
+        with kept_on_failure(self):
+            return super().predict(x, *args, **kwargs)
+
+    def evaluate(self, x=None, *args, **kwargs):
+        check_images(self, x)
+        with kept_on_failure(self):
+            return super().evaluate(x, *args, **kwargs)
+
+    def fit(self, x=None, *args, **kwargs):
+        check_images(self, x)
+        with kept_on_failure(self, training=True):
+            return super().fit(x, *args, **kwargs)
 
 
 def _compiled_eager_call(model, inputs):

@@ -1,0 +1,206 @@
+"""Checks on the images a built model is given, before Keras traces or compiles anything.
+
+A wrong image shape otherwise fails deep inside a backend (a reshape, a
+convolution over an empty map), or not at all: TensorFlow's `predict`
+broadcasts a 1-channel image against the 3 RGB statistics and returns
+predictions. And on JAX a failure inside `predict`, `evaluate` or `fit`
+leaves the model without its weights (see `kept_on_failure`).
+"""
+
+import contextlib
+
+import keras
+
+from keras_convnext.layers.pointwise import PatchConv2D
+
+# The shape of a batch of images, in words, per data format.
+BATCH_LAYOUTS = {
+    "channels_last": "(batch, height, width, channels)",
+    "channels_first": "(batch, channels, height, width)",
+}
+
+
+def model_image_shape(model):
+    """`(data_format, height, width, channels, min_size)` of what `model` takes, or None.
+
+    None when the model does not take one batch of images (several inputs,
+    another rank): nothing is checked then. `height`/`width` are None where
+    any size goes; `min_size` is the product of the patch sizes of the
+    model's patch convolutions (32 for every ConvNeXt), in pixels.
+    """
+    cache = model.__dict__.get("_image_shape_cache")
+    if cache is None:
+        # Past Keras' and PyTorch's attribute tracking, as the model's other caches.
+        cache = (_image_shape(model),)
+        object.__setattr__(model, "_image_shape_cache", cache)
+    return cache[0]
+
+
+def _image_shape(model):
+    if len(model.inputs) != 1 or len(model.inputs[0].shape) != 4:
+        return None
+    names = {layer.name for layer in model.layers}
+    # The builder turns channels_first inputs into channels_last by this layer.
+    data_format = "channels_first" if "to_channels_last" in names else "channels_last"
+    _, *image = model.inputs[0].shape
+    if data_format == "channels_last":
+        height, width, channels = image
+    else:
+        channels, height, width = image
+    min_size = 1
+    for layer in model.layers:
+        if isinstance(layer, PatchConv2D):
+            min_size *= layer.kernel_size[0]
+    return data_format, height, width, channels, min_size
+
+
+def static_shape(data):
+    """The shape of an array, tensor or `tf.data.Dataset` of images, or None if unknown.
+
+    For a dataset, the shape of its elements' images (the first item of an
+    `(images, labels)` tuple). Generators, `PyDataset`s, dicts and lists are
+    not looked into: None.
+    """
+    spec = getattr(data, "element_spec", None)
+    if spec is not None:
+        data = spec[0] if isinstance(spec, tuple) else spec
+    shape = getattr(data, "shape", None)
+    if shape is None:
+        return None
+    try:
+        return tuple(None if size is None else int(size) for size in shape)
+    except (TypeError, ValueError):  # A TensorShape of unknown rank.
+        return None
+
+
+def check_images(model, images):
+    """Raises a ValueError naming the problem if `images` cannot go through `model`.
+
+    `images`: an array or tensor `(batch, height, width, channels)`
+    (channels_last) or `(batch, channels, height, width)` (channels_first),
+    as the model was built, or a `tf.data.Dataset` of them. Unknown sizes
+    pass; what cannot be known in advance (a generator's batches) is not
+    checked.
+    """
+    expected = model_image_shape(model)
+    shape = static_shape(images)
+    if expected is None or shape is None:
+        return
+    data_format, height, width, channels, min_size = expected
+    layout = BATCH_LAYOUTS[data_format]
+    if len(shape) != 4:
+        hint = " For a single image, add a batch axis: images[None]." if len(shape) == 3 else ""
+        raise ValueError(
+            f"{model.name} takes a batch of images, {layout} ({data_format}); "
+            f"got an array of shape {shape}.{hint}"
+        )
+    if data_format == "channels_last":
+        _, got_height, got_width, got_channels = shape
+        other_channels = shape[1]
+    else:
+        _, got_channels, got_height, got_width = shape
+        other_channels = shape[3]
+    if None not in (channels, got_channels) and got_channels != channels:
+        raise ValueError(
+            f"{model.name} takes images with {_channels(channels)}{' (RGB)' if channels == 3 else ''}, "
+            f"{layout} ({data_format}); got images of shape {shape}, with {_channels(got_channels)}."
+            f"{_channel_hint(data_format, channels, got_channels, other_channels)}"
+        )
+    for size, got in ((height, got_height), (width, got_width)):
+        if None not in (size, got) and size != got:
+            raise ValueError(
+                f"{model.name} was built for {height}x{width} images (its input_shape); got "
+                f"{got_height}x{got_width} (images of shape {shape}). Resize the images, or build "
+                "the model with None for height and width to take any size."
+            )
+    for got in (got_height, got_width):
+        if got is not None and got < min_size:
+            raise ValueError(
+                f"{model.name} downsamples by {min_size}, so images must be at least "
+                f"{min_size}x{min_size} pixels; got {got_height}x{got_width} (images of shape "
+                f"{shape}, {data_format}). Resize or pad the images."
+            )
+
+
+def _channels(count):
+    return f"{count} channel" if count == 1 else f"{count} channels"
+
+
+def _channel_hint(data_format, channels, got_channels, other_channels):
+    if other_channels == channels:
+        other = "channels_first" if data_format == "channels_last" else "channels_last"
+        return (
+            f" The images look {other}: transpose them, or build the model under "
+            f'keras.config.set_image_data_format("{other}").'
+        )
+    if channels == 3 and got_channels == 1:
+        axis = -1 if data_format == "channels_last" else 1
+        return (
+            f" Repeat a grayscale channel three times (np.repeat(images, 3, axis={axis})), "
+            "or build a 1-channel model (input_shape with 1 channel)."
+        )
+    return ""
+
+
+@contextlib.contextmanager
+def kept_on_failure(model, training=False):
+    """Leaves the model usable when `fit`, `evaluate` or `predict` raises in the body.
+
+    Two framework behaviours make one failed call poison every later one.
+    Keras' JAX trainer detaches every variable's value (sets it to None)
+    while the loop runs and reattaches the values when it ends; an exception
+    skips the reattachment, and every later use of the model raises
+    `TypeError: 'NoneType' object is not callable`. Here the values the loop
+    reached are reattached where Keras kept them, and otherwise the values
+    from before the call. And a step function whose first trace failed
+    (TensorFlow's `tf.function`) refuses to create variables when traced
+    again; the step functions are dropped, so the next call builds new ones.
+
+    With `training=True` (for `fit`) on JAX, a compiled model's optimizer is
+    built first, so that its variables have values to give back too.
+    """
+    jax = keras.backend.backend() == "jax"
+    optimizer = getattr(model, "optimizer", None)
+    if jax and training and optimizer is not None and not optimizer.built:
+        optimizer.build(model.trainable_variables)
+    saved = {id(variable): variable.value for variable in _trainer_variables(model)} if jax else {}
+    try:
+        yield
+    except BaseException:
+        if jax:
+            _reattach_jax_values(model, saved)
+        model.train_function = model.test_function = model.predict_function = None
+        raise
+
+
+def _reattach_jax_values(model, saved):
+    model.jax_state_sync()
+    for variable in _trainer_variables(model):
+        if _detached(variable):
+            value = saved.get(id(variable))
+            if value is None:
+                # Created inside the failed call: metric totals and counts,
+                # which Keras resets to zeros before each use.
+                value = keras.ops.zeros(variable.shape, variable.dtype)
+            variable.assign(value)
+    # Keras' name for the loop's state: synced once, it must not be synced
+    # again over the user's later assignments.
+    model._jax_state = None
+
+
+def _trainer_variables(model):
+    optimizer = getattr(model, "optimizer", None)
+    groups = [model.trainable_variables, model.non_trainable_variables, model.metrics_variables]
+    if optimizer is not None:
+        groups.append(optimizer.variables)
+    unique = {}
+    for group in groups:
+        for variable in group:
+            unique.setdefault(id(variable), variable)
+    return list(unique.values())
+
+
+def _detached(variable):
+    # Keras has no public way to ask whether a JAX variable holds a value:
+    # reading `value` of a detached variable tries to initialize it again.
+    return variable._value is None
