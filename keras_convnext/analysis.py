@@ -146,7 +146,7 @@ def activation_model(model, activation="expansion", blocks=None):
         else:
             outputs[name] = BlockTap(block, activation, name=f"{name}_{activation}_tap")(block.input)
     backbone = _backbone(model)
-    return keras.Model(backbone.inputs, outputs, name=f"{backbone.name}_{activation}_activations")
+    return keras.Model(backbone.input, outputs, name=f"{backbone.name}_{activation}_activations")
 
 
 def _read(extractor, batch):

@@ -152,11 +152,11 @@ def test_block_activations_are_the_layers_inside_the_block(constructor):
     second = model.get_layer("stage0_block1")
     activations = ["dwconv", "expansion"] + (["grn"] if second.grn is not None else [])
     block_model = analysis.activation_model(model, "block", blocks=["stage0_block0", "stage0_block1"])
-    block_outputs = block_model(model.inputs[0])
+    block_outputs = block_model(model.input)
     outputs = [block_outputs["stage0_block0"], block_outputs["stage0_block1"]] + [
         analysis.BlockTap(second, name, name=f"tap_{name}")(second.input) for name in activations
     ]
-    values = keras.Model(model.inputs, outputs).predict_on_batch(images)
+    values = keras.Model(model.input, outputs).predict_on_batch(images)
     previous, output, taps = values[0], values[1], dict(zip(activations, values[2:]))
     previous = np.asarray(previous, np.float64)
 
@@ -186,6 +186,17 @@ def test_feature_collapse_on_a_model(constructor):
     np.testing.assert_allclose(
         distances["stage1_block0"], analysis.pairwise_cosine_distance(expansion["stage1_block0"]).mean(), rtol=1e-5
     )
+
+
+def test_channels_first_model_gives_the_same_distances():
+    images = np.random.default_rng(6).uniform(0, 255, size=(2, 32, 32, 3)).astype("float32")
+    model = kc.ConvNeXtV2Atto(include_top=False, input_shape=(32, 32, 3))
+    expected = analysis.feature_collapse(model, images, blocks=["stage0_block1"])
+    keras.config.set_image_data_format("channels_first")
+    transposed = kc.ConvNeXtV2Atto(include_top=False, input_shape=(3, 32, 32))
+    transposed.set_weights(model.get_weights())
+    got = analysis.feature_collapse(transposed, images.transpose(0, 3, 1, 2), blocks=["stage0_block1"])
+    np.testing.assert_allclose(got["stage0_block1"], expected["stage0_block1"], rtol=1e-5)
 
 
 def test_fcmae_is_analysed_through_its_encoder():
