@@ -389,7 +389,9 @@ def plot_feature_collapse(curves, path, title="Feature cosine distance per block
         path: image file to write (PNG by default).
 
     The x axis is the block's position in depth order (1 = first block);
-    dotted lines separate the stages of the first curve. Returns `path`.
+    dotted lines separate the stages of the first curve. The y axis ends at
+    the distance's maximum, 0.5, and starts just below the lowest value.
+    Returns `path`.
     """
     _, Figure = _matplotlib()
     figure = Figure(figsize=(6, 3.5))
@@ -401,8 +403,8 @@ def plot_feature_collapse(curves, path, title="Feature cosine distance per block
         if first[index].split("_")[0] != first[index - 1].split("_")[0]:
             axis.axvline(index + 0.5, color="gray", linestyle=":", linewidth=1)
     axis.set_xlabel("block (depth order; dotted: stage boundaries)")
-    axis.set_ylabel("average cosine distance")
-    axis.set_ylim(0.0, 0.5)
+    axis.set_ylabel("average cosine distance (max 0.5)")
+    axis.set_ylim(top=0.5)
     axis.set_title(title)
     axis.legend()
     figure.tight_layout()
