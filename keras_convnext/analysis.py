@@ -98,7 +98,8 @@ class BlockTap(keras.layers.Layer):
     Calls the block's public sublayers (`dwconv`, `norm`, `pwconv1` with its
     GELU, `grn`) as the block's residual branch does, and returns
     `(batch, h, w, channels)` channels_last. It holds no weights of its own:
-    the block's are used.
+    the block's are used. A probe for `activation_model`, not meant to be
+    saved with a model.
     """
 
     def __init__(self, block, activation="expansion", **kwargs):
@@ -107,10 +108,7 @@ class BlockTap(keras.layers.Layer):
         self.activation = activation
 
     def call(self, inputs):
-        x = block_input = inputs
-        if self.block.data_format == "channels_first":
-            x = block_input = ops.transpose(inputs, (0, 2, 3, 1))
-        x = self.block.dwconv(block_input)
+        x = self.block.dwconv(_channels_last(inputs, self.block.data_format))
         if self.activation == "dwconv":
             return x
         x = self.block.pwconv1(self.block.norm(x))
