@@ -79,6 +79,10 @@ def build_encoder(args, use_grn):
     """The encoder; without GRN, its GRN layers stay the identity they start as."""
     import keras_convnext as kc
 
+    if not (args.model in kc.CONSTRUCTORS and args.model.startswith("ConvNeXtV2")):
+        names = ", ".join(name for name in kc.CONSTRUCTORS if name.startswith("ConvNeXtV2"))
+        print(f"--model must be a ConvNeXt V2 constructor ({names}); got {args.model!r}.", file=sys.stderr)
+        raise SystemExit(2)
     encoder = kc.CONSTRUCTORS[args.model](include_top=False, input_shape=(args.image_size, args.image_size, 3))
     if not use_grn:
         for block in kc.analysis.blocks_of(encoder).values():
@@ -104,7 +108,6 @@ def main(argv=None):
     args = parse_args(argv)
     select_backend(args.backend)
     import keras
-    import keras_convnext as kc
     from keras_convnext import analysis
 
     os.makedirs(args.output_dir, exist_ok=True)
