@@ -9,7 +9,7 @@ import keras
 
 import keras_convnext
 from keras_convnext import roadmap
-from tests.conftest import randomize_torch_model
+from tests.conftest import hf_reference, random_images, randomize_torch_model, torch_logits
 
 # Where our count, by the paper's rules, rounds to another figure than the
 # paper's (docs/roadmap.md, "Where the counts differ", says why).
@@ -113,3 +113,119 @@ def test_endpoint_sizes_match_transformers(counts):
     for step, reference in (("resnet50", resnet), ("separate_downsampling", convnext)):
         sizes = counts(step)
         assert (sizes.parameters, sizes.convolution_flops) == _hf_counts(reference), step
+
+
+# Checkpoint layouts as tables: our layer <- the reference's tensors, each
+# with its transpose: conv (2, 3, 1, 0), depthwise (2, 3, 0, 1), Linear as a
+# 1x1 conv (1, 0) then a (1, 1) prefix, Linear as Dense `.T`.
+def _conv(tensor):
+    return tensor.transpose(2, 3, 1, 0)
+
+
+def _depthwise(tensor):
+    return tensor.transpose(2, 3, 0, 1)
+
+
+def _linear_as_conv(tensor):
+    return tensor.T[None, None]
+
+
+def _same(tensor):
+    return tensor
+
+
+def _batch_norm_rows(ours, theirs):
+    suffixes = ("weight", "bias", "running_mean", "running_var")
+    return [(ours, [f"{theirs}.{suffix}" for suffix in suffixes], _same)]
+
+
+def resnet50_rows():
+    """Our ResNet-50 step <- transformers' ResNetForImageClassification."""
+    rows = [("stem_conv", ["resnet.embedder.embedder.convolution.weight"], _conv)]
+    rows += _batch_norm_rows("stem_norm", "resnet.embedder.embedder.normalization")
+    for stage, depth in enumerate((3, 4, 6, 3)):
+        for block in range(depth):
+            ours, theirs = f"stage{stage}_block{block}", f"resnet.encoder.stages.{stage}.layers.{block}"
+            if block == 0:
+                rows.append((f"{ours}_shortcut_conv", [f"{theirs}.shortcut.convolution.weight"], _conv))
+                rows += _batch_norm_rows(f"{ours}_shortcut_norm", f"{theirs}.shortcut.normalization")
+            for index, (conv, norm) in enumerate(
+                (("pointwise_in", "norm"), ("spatial", "norm1"), ("pointwise_out", "norm2"))
+            ):
+                rows.append((f"{ours}_{conv}", [f"{theirs}.layer.{index}.convolution.weight"], _conv))
+                rows += _batch_norm_rows(f"{ours}_{norm}", f"{theirs}.layer.{index}.normalization")
+    rows.append(("predictions", ["classifier.1.weight", "classifier.1.bias"], lambda tensor: tensor.T))
+    return rows
+
+
+def convnext_tiny_rows():
+    """Our ConvNeXt-T step <- transformers' ConvNextForImageClassification."""
+    pair = ["weight", "bias"]
+    rows = [
+        ("stem_conv", ["convnext.embeddings.patch_embeddings.weight", "convnext.embeddings.patch_embeddings.bias"], _conv),
+        ("stem_norm", ["convnext.embeddings.layernorm.weight", "convnext.embeddings.layernorm.bias"], _same),
+    ]
+    for stage, depth in enumerate((3, 3, 9, 3)):
+        theirs = f"convnext.encoder.stages.{stage}"
+        if stage > 0:
+            rows.append((f"downsample{stage}_norm", [f"{theirs}.downsampling_layer.0.{p}" for p in pair], _same))
+            rows.append((f"downsample{stage}_conv", [f"{theirs}.downsampling_layer.1.{p}" for p in pair], _conv))
+        for block in range(depth):
+            ours, layer = f"stage{stage}_block{block}", f"{theirs}.layers.{block}"
+            rows += [
+                (f"{ours}_spatial", [f"{layer}.dwconv.{p}" for p in pair], _depthwise),
+                (f"{ours}_norm", [f"{layer}.layernorm.{p}" for p in pair], _same),
+                (f"{ours}_pointwise_in", [f"{layer}.pwconv1.{p}" for p in pair], _linear_as_conv),
+                (f"{ours}_pointwise_out", [f"{layer}.pwconv2.{p}" for p in pair], _linear_as_conv),
+                (f"{ours}_layer_scale", [f"{layer}.layer_scale_parameter"], _same),
+            ]
+    rows.append(("head_norm", ["convnext.layernorm.weight", "convnext.layernorm.bias"], _same))
+    rows.append(("predictions", ["classifier.weight", "classifier.bias"], lambda tensor: tensor.T))
+    return rows
+
+
+def _port(model, state, rows):
+    """Assigns `state` (name -> numpy array) to `model` by `rows`; every tensor used once."""
+    used = set()
+    for layer_name, keys, transform in rows:
+        # The first tensor of a row is the kernel; biases and norm vectors are kept as they are.
+        values = [transform(state[keys[0]])] + [state[key] for key in keys[1:]]
+        model.get_layer(layer_name).set_weights(values)
+        used.update(keys)
+    assert used == {key for key in state if not key.endswith("num_batches_tracked")}
+
+
+def _random_resnet50(classes, seed):
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.ResNetForImageClassification(transformers.ResNetConfig(num_labels=classes))
+    randomize_torch_model(model, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("running_mean"):
+                buffer.copy_(0.1 * torch.randn(buffer.shape, generator=generator))
+            elif name.endswith("running_var"):
+                buffer.copy_(0.5 + torch.rand(buffer.shape, generator=generator))
+    return model
+
+
+@pytest.mark.parametrize("step", ["resnet50", "separate_downsampling"])
+def test_endpoints_compute_what_transformers_computes(step):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    classes = 10
+    if step == "resnet50":
+        reference, rows = _random_resnet50(classes, seed=3), resnet50_rows()
+    else:
+        reference, rows = hf_reference("v1", (3, 3, 9, 3), (96, 192, 384, 768), classes, seed=4), convnext_tiny_rows()
+    state = {name: tensor.numpy() for name, tensor in reference.state_dict().items()}
+    model = roadmap.build(step, classes=classes, input_shape=(32, 32, 3))
+    _port(model, state, rows)
+    images = random_images(2, 32, 32, seed=5)
+    expected = torch_logits(reference, images)
+    logits = keras.ops.convert_to_numpy(model(images, training=False))
+    assert np.abs(expected).max() > 0.1
+    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=1e-4)
