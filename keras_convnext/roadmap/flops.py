@@ -1,8 +1,8 @@
 """Counting a model's FLOPs, as the ConvNeXt paper counts them, and parameters.
 
-The paper's "FLOPs" are fvcore's: a convolution or dense layer counts its
-multiply-accumulates (one multiply and one add count once; biases are not
-counted), and a few elementwise layers count a fixed amount per element.
+The paper's "FLOPs" are multiply-accumulates, as fvcore counts them: a
+convolution or dense layer counts one per multiply-add (biases are not
+counted), and a few elementwise layers a fixed amount per element.
 `layer_flops` follows those rules for Keras layers:
 
 | layer | FLOPs per image |
