@@ -60,7 +60,8 @@ def test_kernel_size_sweep_ends_are_the_steps_around_it():
         "move_up_depthwise"
     )
     assert roadmap.step_config("move_up_depthwise", spatial_kernel_size=7) == roadmap.step_config("kernel_7")
-    models = roadmap.kernel_size_sweep((5,), classes=3, input_shape=(32, 32, 3))
+    with keras.StatelessScope():
+        models = roadmap.kernel_size_sweep((5,), classes=3, input_shape=(32, 32, 3))
     assert models[5].get_layer("stage0_block0_spatial").kernel_size == (5, 5)
 
 
@@ -162,8 +163,8 @@ def convnext_tiny_rows():
     """Our ConvNeXt-T step <- transformers' ConvNextForImageClassification."""
     pair = ["weight", "bias"]
     rows = [
-        ("stem_conv", ["convnext.embeddings.patch_embeddings.weight", "convnext.embeddings.patch_embeddings.bias"], _conv),
-        ("stem_norm", ["convnext.embeddings.layernorm.weight", "convnext.embeddings.layernorm.bias"], _same),
+        ("stem_conv", [f"convnext.embeddings.patch_embeddings.{p}" for p in pair], _conv),
+        ("stem_norm", [f"convnext.embeddings.layernorm.{p}" for p in pair], _same),
     ]
     for stage, depth in enumerate((3, 3, 9, 3)):
         theirs = f"convnext.encoder.stages.{stage}"
@@ -179,7 +180,7 @@ def convnext_tiny_rows():
                 (f"{ours}_pointwise_out", [f"{layer}.pwconv2.{p}" for p in pair], _linear_as_conv),
                 (f"{ours}_layer_scale", [f"{layer}.layer_scale_parameter"], _same),
             ]
-    rows.append(("head_norm", ["convnext.layernorm.weight", "convnext.layernorm.bias"], _same))
+    rows.append(("head_norm", [f"convnext.layernorm.{p}" for p in pair], _same))
     rows.append(("predictions", ["classifier.weight", "classifier.bias"], lambda tensor: tensor.T))
     return rows
 
