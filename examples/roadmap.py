@@ -96,32 +96,30 @@ def plot(results, path):
 
     labels = [row["label"] for row in results]
     positions = np.arange(len(results))
-    figure, (flops_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
-
+    figure, (flops_axis, paper_axis, digits_axis) = plt.subplots(
+        1, 3, figsize=(14, 5.5), sharey=True, gridspec_kw={"width_ratios": [1.2, 1, 1]}
+    )
     flops_axis.barh(positions, [row["gflops_224"] for row in results], color="#8fb3d9", label="ours (paper rules)")
     flops_axis.plot([row["paper_gflops"] for row in results], positions, "k|", markersize=14, label="paper")
     flops_axis.set_xlabel("GFLOPs at 224x224 (multiply-accumulates)")
     flops_axis.set_yticks(positions, labels)
     flops_axis.invert_yaxis()
-    flops_axis.legend(loc="lower right")
+    flops_axis.legend(loc="lower right", fontsize=8)
+
+    paper_axis.plot([row["paper_top1"] for row in results], positions, "ks-")
+    paper_axis.set_xlabel("paper: ImageNet-1K top-1 (%)")
 
     accuracies = [100 * np.array(row["accuracies"]) for row in results]
-    accuracy_axis.errorbar(
+    for position, values in zip(positions, accuracies):
+        digits_axis.plot(values, [position] * len(values), ".", color="#c0504d", alpha=0.5)
+    digits_axis.errorbar(
         [values.mean() for values in accuracies],
         positions,
         xerr=[values.std() for values in accuracies],
-        fmt="o",
+        fmt="o-",
         color="#c0504d",
-        label="digits, held-out (mean, std over seeds)",
     )
-    for position, values in zip(positions, accuracies):
-        accuracy_axis.plot(values, [position] * len(values), ".", color="#c0504d", alpha=0.4)
-    accuracy_axis.set_xlabel("digits held-out accuracy (%)")
-    paper_axis = accuracy_axis.twiny()
-    paper_axis.plot([row["paper_top1"] for row in results], positions, "ks", label="paper, ImageNet-1K top-1")
-    paper_axis.set_xlabel("paper: ImageNet-1K top-1 (%)")
-    handles = accuracy_axis.get_legend_handles_labels()[0] + paper_axis.get_legend_handles_labels()[0]
-    accuracy_axis.legend(handles, [handle.get_label() for handle in handles], loc="lower left", fontsize=8)
+    digits_axis.set_xlabel(f"ours: digits held-out accuracy (%), {len(accuracies[0])} seeds")
     figure.tight_layout()
     temporary = f"{path}.partial.png"
     figure.savefig(temporary, dpi=110)
