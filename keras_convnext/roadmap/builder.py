@@ -110,7 +110,12 @@ def build_network(config, classes=1000, input_shape=(224, 224, 3), classifier_ac
 
     Returns:
         A functional `keras.Model` from normalized images
-        `(batch, height, width, channels)` to `(batch, classes)`.
+        `(batch, height, width, channels)` to `(batch, classes)`. Layers are
+        named `stem_conv`, `stem_norm`, `downsample{i}_norm`,
+        `downsample{i}_conv`, `stage{i}_block{j}_{operation}` after the
+        block layout (a repeated operation numbered from its second use:
+        `_norm`, `_norm1`, `_norm2`), `stage{i}_block{j}_shortcut_conv`,
+        `head_norm` and `predictions`.
     """
     input_shape = tuple(input_shape)
     if len(input_shape) != 3 or any(size is not None and size < 32 for size in input_shape[:2]):
