@@ -1,6 +1,6 @@
 """Train every step of the ResNet-50 -> ConvNeXt-T roadmap with one recipe, offline, and plot it.
 
-    python examples/roadmap.py --backend jax --epochs 6 --seeds 0 1 --output-dir docs
+    python examples/roadmap.py --backend jax --epochs 8 --seeds 0 1 --output-dir docs
 
 Each step of Figure 2 of "A ConvNet for the 2020s" is trained from scratch on
 scikit-learn's handwritten digits (1,438 training and 359 held-out images,
@@ -38,7 +38,7 @@ def parse_args(argv):
     parser.add_argument("--backend", choices=("tensorflow", "jax", "torch"), help="Keras backend.")
     parser.add_argument("--steps", nargs="+", default=list(roadmap.STEP_NAMES), choices=roadmap.STEP_NAMES)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=8, help="BatchNorm steps need over 100 batches.")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--learning-rate", type=float, default=2e-3, help="peak learning rate.")
     parser.add_argument("--weight-decay", type=float, default=0.05)
