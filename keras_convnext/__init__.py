@@ -1,5 +1,10 @@
 """ConvNeXt V1 and V2 for Keras 3 (TensorFlow, JAX and PyTorch backends)."""
 
+# Before Keras is imported: the `keras-convnext` command picks its backend here.
+from keras_convnext import _startup
+
+_startup.choose_command_line_backend()
+
 from keras_convnext import layers
 from keras_convnext.export import export, export_formats
 from keras_convnext.fcmae import FCMAE, FCMAEDecoder, transfer_encoder

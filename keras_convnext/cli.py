@@ -3,118 +3,51 @@
     keras-convnext predict cat.jpg dog.png --model ConvNeXtV2Tiny --weights convnextv2_tiny.pt
     keras-convnext export --model ConvNeXtV2Atto --weights w.pt --format onnx --format tflite -o out/
     keras-convnext convert ...          (keras_convnext.convert)
-    keras-convnext benchmark ...        (benchmarks/run.py)
-    keras-convnext train ...            (examples/fit_evaluate.py)
-    keras-convnext finetune ...         (examples/finetune.py)
-    keras-convnext evaluate ...         (examples/evaluate.py)
-    keras-convnext fcmae-pretrain ...   (examples/fcmae_pretrain.py)
+    keras-convnext benchmark ...        (keras_convnext.benchmark)
+    keras-convnext train ...            (keras_convnext.workflows.train)
+    keras-convnext finetune ...         (keras_convnext.workflows.finetune)
+    keras-convnext evaluate ...         (keras_convnext.workflows.evaluate)
+    keras-convnext fcmae-pretrain ...   (keras_convnext.workflows.pretrain_fcmae)
 
 Every command takes `--help`. `--backend` (before or after the command)
-picks the Keras backend; Keras is imported only after it is set.
+picks the Keras backend; the package sets it before Keras is imported
+(`keras_convnext._startup`). Exit status: 0 on success, 2 for a usage
+error, 1 for a failure, each error one line on stderr.
 """
 
 import argparse
-import importlib
-import importlib.util
 import os
-import subprocess
 import sys
 
-BACKENDS = ("tensorflow", "jax", "torch")
-REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from keras_convnext._startup import BACKENDS, backend_argument
 
-# Commands handed to a script's own `main(argv)`, with all their arguments.
-PASS_THROUGH = {
-    "train": ("examples/fit_evaluate.py", "train and evaluate a classifier with fit (examples/fit_evaluate.py)"),
-    "finetune": ("examples/finetune.py", "fine-tune with the official ConvNeXt V2 recipe (examples/finetune.py)"),
-    "evaluate": ("examples/evaluate.py", "top-1/top-5, confusion matrix and curves of a saved model"),
-    "fcmae-pretrain": ("examples/fcmae_pretrain.py", "FCMAE masked-autoencoder pre-training (examples/fcmae_pretrain.py)"),
-}
+PROG = "keras-convnext"
 
 
-class CommandError(SystemExit):
-    """A user-facing error: printed without a traceback, exit code 2."""
-
-    def __init__(self, message):
-        super().__init__(f"keras-convnext: error: {message}")
+class UsageError(Exception):
+    """The command line was wrong (exit status 2)."""
 
 
-def _set_backend(backend):
+class CommandFailed(Exception):
+    """The command could not do its work (exit status 1)."""
+
+
+def _check_backend(backend):
+    """Sets `--backend` for Keras, or fails when Keras already runs on another backend."""
     if backend is None:
         return
-    if "keras" in sys.modules:
-        import keras
-
-        if keras.backend.backend() != backend:
-            raise CommandError(
-                f"Keras already runs on {keras.backend.backend()}; start a new process for --backend {backend}."
-            )
+    if backend not in BACKENDS:
+        raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}; got {backend!r}.")
+    if "keras" not in sys.modules:
+        os.environ["KERAS_BACKEND"] = backend
         return
-    os.environ["KERAS_BACKEND"] = backend
+    import keras
 
-
-def _pop_backend(argv):
-    """Removes a leading `--backend X` / `--backend=X` (before the command) and returns it."""
-    argv = list(argv)
-    if argv and argv[0] == "--backend" and len(argv) > 1:
-        return argv[1], argv[2:]
-    if argv and argv[0].startswith("--backend="):
-        return argv[0].split("=", 1)[1], argv[1:]
-    return None, argv
-
-
-def _load_script(relative_path, command):
-    path = os.path.join(REPOSITORY, relative_path)
-    if not os.path.exists(path):
-        raise CommandError(
-            f"'{command}' runs {relative_path}, which is not in {REPOSITORY}. It ships with the "
-            "keras_convnext source repository; run from a source checkout (pip install -e .)."
+    if keras.backend.backend() != backend:
+        raise CommandFailed(
+            f"Keras already runs on {keras.backend.backend()} in this process; run "
+            f"`{PROG} --backend {backend} ...` as its own process."
         )
-    examples = os.path.dirname(path)
-    if examples not in sys.path:
-        sys.path.insert(0, examples)  # the examples import their shared helpers
-    name = os.path.splitext(os.path.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "main"):
-        raise CommandError(f"{relative_path} has no main(argv) function.")
-    return module
-
-
-def run_pass_through(command, argv):
-    """Runs an example's `main(argv)`; the example's own flags (and `--help`) apply."""
-    relative_path = PASS_THROUGH[command][0]
-    for index, arg in enumerate(argv):
-        if arg == "--backend" and index + 1 < len(argv):
-            _set_backend(argv[index + 1])
-        elif arg.startswith("--backend="):
-            _set_backend(arg.split("=", 1)[1])
-    return _load_script(relative_path, command).main(argv)
-
-
-def run_convert(argv):
-    try:
-        convert = importlib.import_module("keras_convnext.convert")
-    except ModuleNotFoundError as error:
-        if error.name != "keras_convnext.convert":
-            raise
-        raise CommandError(
-            "'convert' needs keras_convnext.convert, which this installation does not have. "
-            "Install a keras_convnext version with the checkpoint converter."
-        ) from None
-    return convert.main(argv)
-
-
-def run_benchmark(argv):
-    script = os.path.join(REPOSITORY, "benchmarks", "run.py")
-    if not os.path.exists(script):
-        raise CommandError(
-            f"'benchmark' runs benchmarks/run.py, which is not in {REPOSITORY}; it ships with "
-            "the source repository (pip install -e . from a checkout)."
-        )
-    # Its own process: the benchmark starts one process per backend itself.
-    return subprocess.call([sys.executable, script, *argv])
 
 
 # ---------------------------------------------------------------- predict and export
@@ -123,7 +56,8 @@ def run_benchmark(argv):
 def _add_model_arguments(parser):
     parser.add_argument("--model", default="ConvNeXtV2Atto", help="constructor name, e.g. ConvNeXtV2Tiny.")
     parser.add_argument("--weights", default="imagenet",
-                        help="checkpoint file (official, timm, HF, .weights.h5) or registry tag (default: imagenet).")
+                        help="checkpoint file (official, timm, HF, .weights.h5), registry tag (default: "
+                             "imagenet), or 'none' for random weights.")
     parser.add_argument("--model-path", help="a saved .keras model instead of --model/--weights.")
     parser.add_argument("--image-size", type=int, default=224, help="input side in pixels (default 224).")
     parser.add_argument("--backend", choices=BACKENDS, help="Keras backend.")
@@ -135,148 +69,192 @@ def _build_model(args):
     import keras_convnext
 
     if args.model_path:
-        if not os.path.exists(args.model_path):
-            raise CommandError(f"--model-path {args.model_path!r} does not exist.")
+        if not os.path.isfile(args.model_path):
+            raise FileNotFoundError(f"--model-path {args.model_path!r} does not exist.")
         return keras.saving.load_model(args.model_path, safe_mode=True, compile=False)
     if args.model not in keras_convnext.CONSTRUCTORS:
-        raise CommandError(
-            f"--model {args.model!r} is unknown; choose one of {', '.join(keras_convnext.CONSTRUCTORS)}."
-        )
+        raise UsageError(f"--model {args.model!r} is unknown; choose one of {', '.join(keras_convnext.CONSTRUCTORS)}.")
     weights = None if args.weights in (None, "", "none") else args.weights
-    try:
-        return keras_convnext.CONSTRUCTORS[args.model](
-            input_shape=(args.image_size, args.image_size, 3), weights=weights
-        )
-    except (ValueError, keras_convnext.CheckpointError, FileNotFoundError) as error:
-        raise CommandError(str(error)) from None
-
-
-def load_image(path, image_size, crop_fraction=0.875):
-    """An RGB image as float32 `(image_size, image_size, 3)` pixels in [0, 255].
-
-    Resizes the short side to `image_size / crop_fraction` and crops the
-    centre, as the official evaluation does.
-    """
-    from PIL import Image
-
-    try:
-        image = Image.open(path).convert("RGB")
-    except (OSError, ValueError) as error:
-        raise CommandError(f"cannot read image {path!r}: {error}") from None
-    scale = image_size / crop_fraction / min(image.size)
-    resized = image.resize((max(image_size, round(image.width * scale)), max(image_size, round(image.height * scale))),
-                           Image.BICUBIC)
-    left = (resized.width - image_size) // 2
-    top = (resized.height - image_size) // 2
-    import numpy as np
-
-    return np.asarray(resized.crop((left, top, left + image_size, top + image_size)), dtype="float32")
+    return keras_convnext.CONSTRUCTORS[args.model](input_shape=(args.image_size, args.image_size, 3), weights=weights)
 
 
 def run_predict(argv):
-    parser = argparse.ArgumentParser(prog="keras-convnext predict", description="Top-5 ImageNet classes of images.")
+    parser = argparse.ArgumentParser(prog=f"{PROG} predict", description="Top-5 ImageNet classes of images.")
     parser.add_argument("images", nargs="+", metavar="IMAGE")
     _add_model_arguments(parser)
-    parser.add_argument("--top", type=int, default=5)
+    parser.add_argument("--top", type=int, default=5, help="classes per image (default 5).")
     args = parser.parse_args(argv)
-    _set_backend(args.backend)
-    import keras
-    import numpy as np
+    _check_backend(args.backend)
+    from keras_convnext._deps import require
+    from keras_convnext.workflows.prediction import predict_images
 
-    import keras_convnext
-
+    require("PIL", "reading images")
     model = _build_model(args)
-    size = model.input_shape[1] or args.image_size
-    progress = keras.utils.Progbar(len(args.images), unit_name="image", verbose=1 if len(args.images) > 1 else 0)
-    results = []
-    for index, path in enumerate(args.images):
-        image = load_image(path, size)
-        scores = np.asarray(model.predict(image[None], verbose=0))
-        if scores.shape[-1] == 1000:
-            top = keras_convnext.decode_predictions(scores, top=args.top)[0]
-        else:
-            best = np.argsort(scores[0])[::-1][: args.top]
-            top = [(str(i), f"class {i}", float(scores[0, i])) for i in best]
-        results.append((path, top))
-        progress.update(index + 1)
-    for path, top in results:
+    for path, best in predict_images(model, args.images, top=args.top):
         print(path)
-        for rank, (_, name, score) in enumerate(top, 1):
+        for rank, (_, name, score) in enumerate(best, 1):
             print(f"  {rank}. {name:30s} {score:.4f}")
-    return results
+    return 0
+
+
+def _require_exporters(formats, verify):
+    from keras_convnext._deps import require
+
+    require("tensorflow", "exporting (every format is written by TensorFlow)")
+    if "onnx" in formats:
+        require("tf2onnx", "exporting to ONNX")
+        require("onnx", "exporting to ONNX")
+        if verify:
+            require("onnxruntime", "verifying the ONNX export")
+    if verify:
+        require("skimage", "verifying the export on sample photographs")
 
 
 def run_export(argv):
-    from keras_convnext.export import FORMATS
+    from keras_convnext.export import _SUFFIX, FORMATS
 
     parser = argparse.ArgumentParser(
-        prog="keras-convnext export",
+        prog=f"{PROG} export",
         description="Export a model to SavedModel / TFLite / ONNX and verify each artifact on real images.",
     )
     _add_model_arguments(parser)
-    parser.add_argument("--format", action="append", choices=FORMATS,
-                        help="repeatable; default: every format.")
+    parser.add_argument("--format", action="append", choices=FORMATS, help="repeatable; default: every format.")
     parser.add_argument("-o", "--output", required=True,
                         help="output directory (artifacts named model, model.tflite, model.onnx, ...).")
     parser.add_argument("--no-verify", action="store_true", help="skip the check against the Keras model.")
     args = parser.parse_args(argv)
-    _set_backend(args.backend)
-    import keras
-
-    from keras_convnext.export import _SUFFIX, export_formats
-
+    _check_backend(args.backend)
     formats = args.format or list(FORMATS)
+    _require_exporters(formats, not args.no_verify)
+    from keras_convnext.export import export_formats
+
     model = _build_model(args)
     targets = {f: os.path.join(args.output, "model" + _SUFFIX[f]) for f in formats}
-    progress = keras.utils.Progbar(2, unit_name="stage")
     print(f"Exporting {model.name} to {', '.join(formats)} ...")
-    progress.update(0)
     reports = export_formats(model, targets, verify_artifacts=not args.no_verify, verbose=False)
-    progress.update(2)
     for report in reports.values():
         print(report)
-    return reports
+    return 0
+
+
+# ---------------------------------------------------------------- the other commands
+
+
+def run_convert(argv):
+    from keras_convnext import convert
+
+    return convert.main(argv)
+
+
+def run_benchmark(argv):
+    from keras_convnext.benchmark import throughput
+
+    args = throughput.build_parser().parse_args(argv)
+    _check_backend(args.backend)
+    if args.reference:
+        from keras_convnext._deps import require
+
+        require("torch", "the benchmark's PyTorch reference (or pass --no-reference)")
+        require("transformers", "the benchmark's PyTorch reference (or pass --no-reference)")
+    # Each implementation runs in its own process, started by the benchmark.
+    return throughput.main(argv)
+
+
+def _workflow_command(parser_name, workflow_name):
+    def run(argv):
+        from keras_convnext.workflows import arguments
+
+        args = getattr(arguments, parser_name)().parse_args(argv)
+        _check_backend(args.backend)
+        from keras_convnext import workflows
+
+        getattr(workflows, workflow_name)(**arguments.options(args))
+        return 0
+
+    return run
 
 
 COMMANDS = {
     "predict": (run_predict, "top-5 ImageNet classes of images"),
     "export": (run_export, "SavedModel / TFLite / ONNX export with verification"),
-    "convert": (run_convert, "convert checkpoints (keras_convnext.convert)"),
-    "benchmark": (run_benchmark, "throughput per backend (benchmarks/run.py)"),
+    "convert": (run_convert, "convert checkpoints to .weights.h5 and .keras"),
+    "benchmark": (run_benchmark, "throughput per backend against the PyTorch reference"),
+    "train": (_workflow_command("train_parser", "train"), "train and evaluate a classifier with fit"),
+    "finetune": (_workflow_command("finetune_parser", "finetune"),
+                 "fine-tune with the official ConvNeXt V2 recipe"),
+    "evaluate": (_workflow_command("evaluate_parser", "evaluate"),
+                 "top-1/top-5, confusion matrix and curves of a saved model"),
+    "fcmae-pretrain": (_workflow_command("pretrain_parser", "pretrain_fcmae"),
+                       "FCMAE masked-autoencoder pre-training"),
 }
 
 
 def _top_level_parser():
     parser = argparse.ArgumentParser(
-        prog="keras-convnext", description="ConvNeXt V1/V2 for Keras 3: predict, export, train, convert.",
+        prog=PROG, description="ConvNeXt V1/V2 for Keras 3: predict, export, convert, train, benchmark.",
+        epilog="`keras-convnext COMMAND --help` describes a command. Exit status: 0 success, 2 usage error, "
+               "1 failure.",
     )
     parser.add_argument("--backend", choices=BACKENDS, help="Keras backend for the command.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         commands.add_parser(name, help=help_text, add_help=False)
-    for name, (_, help_text) in PASS_THROUGH.items():
-        commands.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
+def _pop_leading_backend(argv):
+    """`(backend, rest)`: a `--backend X` / `--backend=X` before the command, removed from `argv`."""
+    if argv and argv[0] == "--backend":
+        if len(argv) < 2:
+            raise UsageError("--backend needs a value: one of " + ", ".join(BACKENDS) + ".")
+        return argv[1], argv[2:]
+    if argv and argv[0].startswith("--backend="):
+        return argv[0].split("=", 1)[1], argv[1:]
+    return None, argv
+
+
+def _expected_errors():
+    """Errors that are the user's situation, not a bug: reported in one line, exit status 1."""
+    from keras_convnext._deps import MissingDependencyError
+    from keras_convnext.weights import CheckpointError
+
+    return (CommandFailed, MissingDependencyError, CheckpointError, OSError, ValueError)
+
+
+def _one_line(error):
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def main(argv=None):
-    """Entry point of the `keras-convnext` console script."""
+    """Entry point of the `keras-convnext` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    backend, argv = _pop_backend(argv)
-    if backend is not None and backend not in BACKENDS:
-        raise CommandError(f"--backend must be one of {', '.join(BACKENDS)}; got {backend!r}.")
-    _set_backend(backend)
-    if not argv or argv[0] in ("-h", "--help"):
-        _top_level_parser().print_help()
-        return 0 if argv else 2
-    command, rest = argv[0], argv[1:]
-    if command in PASS_THROUGH:
-        return run_pass_through(command, rest)
-    if command in COMMANDS:
+    command = None
+    try:
+        backend, argv = _pop_leading_backend(argv)
+        _check_backend(backend)
+        if not argv:
+            _top_level_parser().print_help(sys.stderr)
+            return 2
+        if argv[0] in ("-h", "--help"):
+            _top_level_parser().print_help()
+            return 0
+        command, rest = argv[0], argv[1:]
+        if command not in COMMANDS:
+            raise UsageError(f"unknown command {command!r}; choose one of {', '.join(COMMANDS)}.")
+        _check_backend(backend_argument(rest))
         return COMMANDS[command][0](rest)
-    raise CommandError(f"unknown command {command!r}; see keras-convnext --help.")
+    except SystemExit:  # argparse's own exits (--help, usage errors), before the list below is imported
+        raise
+    except UsageError as error:
+        print(f"{PROG}{' ' + command if command else ''}: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except _expected_errors() as error:
+        print(f"{PROG}{' ' + command if command else ''}: error: {_one_line(error)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
-    result = main()
-    sys.exit(result if isinstance(result, int) else 0)
+    sys.exit(main())
