@@ -6,8 +6,9 @@ keras_convnext imports Keras. So when this process is the command line
 the package calls `choose_command_line_backend()` first: `--backend`,
 before or after the command, wins over `KERAS_BACKEND`; with neither, Keras'
 configured backend is kept if installed, else the first installed one is
-used. A request for help is answered right here, before Keras is
-imported, so `keras-convnext --help` is quick and works in any install.
+used. A request for help (or a command line without a known command) is
+answered right here, before Keras is imported, so `keras-convnext --help`
+is quick and works in any install.
 A library import (any other program) is left to Keras' own rules.
 """
 
@@ -53,12 +54,12 @@ def backend_argument(arguments):
     return backend
 
 
-def asks_for_help(arguments):
-    """True when `-h`/`--help` comes before any `--`, or no command is given."""
+def answerable_without_keras(arguments, commands):
+    """True for a request for help (`-h`/`--help` before any `--`), no command, or an unknown command."""
     rest = list(arguments)
     while rest and rest[0].startswith("--backend"):
         rest = rest[1:] if "=" in rest[0] else rest[2:]
-    if not rest:
+    if not rest or rest[0] not in commands:
         return True
     for argument in rest:
         if argument == "--":
@@ -105,9 +106,9 @@ def choose_command_line_backend():
     backend = requested or configured_backend()
     if backend in BACKENDS and installed(backend):
         os.environ["KERAS_BACKEND"] = backend
-    if asks_for_help(arguments):
-        from keras_convnext import cli
+    from keras_convnext import cli  # imports nothing of Keras
 
+    if answerable_without_keras(arguments, cli.COMMANDS):
         raise SystemExit(cli.main(arguments))
     if backend in BACKENDS and installed(backend):
         return

@@ -90,7 +90,8 @@ def run_predict(argv):
 
     require("PIL", "reading images")
     model = _build_model(args)
-    for path, best in predict_images(model, args.images, top=args.top):
+    # A progress bar only on a terminal: piped output stays one line per result.
+    for path, best in predict_images(model, args.images, top=args.top, verbose=sys.stdout.isatty()):
         print(path)
         for rank, (_, name, score) in enumerate(best, 1):
             print(f"  {rank}. {name:30s} {score:.4f}")

@@ -5,6 +5,7 @@ function, so `workflow(**options(args))` runs it. Nothing here imports Keras.
 """
 
 import argparse
+import sys
 
 BACKENDS = ("tensorflow", "jax", "torch")
 
@@ -138,5 +139,18 @@ def pretrain_parser(prog="keras-convnext fcmae-pretrain", backend_flag=True):
 
 
 def options(args):
-    """The parsed flags as the workflow's keyword arguments (`--backend` is the process's, not the workflow's)."""
+    """The parsed flags as the workflow's keyword arguments.
+
+    `--backend` is the process's, not the workflow's: it must name the
+    backend Keras runs on (a script sets it before importing Keras).
+    """
+    backend = getattr(args, "backend", None)
+    if backend and "keras" in sys.modules:
+        import keras
+
+        if keras.backend.backend() != backend:
+            raise SystemExit(
+                f"Keras runs on {keras.backend.backend()} in this process; it reads its backend once, when "
+                f"imported. Run in a new process with KERAS_BACKEND={backend} (or keras-convnext --backend {backend})."
+            )
     return {key: value for key, value in vars(args).items() if key != "backend"}
