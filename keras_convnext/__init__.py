@@ -34,6 +34,7 @@ from keras_convnext.models.convnext import (
 from keras_convnext.models.model import ConvNeXtModel
 from keras_convnext.models.variants import VARIANTS
 from keras_convnext.process import reuse_freed_memory
+from keras_convnext import workflows  # noqa: E402  (train, finetune, evaluate, pretrain_fcmae)
 from keras_convnext.weights import (
     CheckpointError,
     convert_state_dict,

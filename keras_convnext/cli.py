@@ -252,6 +252,15 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as error:  # an optional package that no require() named in advance
+        from keras_convnext._deps import install_command
+
+        module = (error.name or "").split(".")[0]
+        if not module or module == "keras_convnext":
+            raise
+        print(f"{PROG}{' ' + command if command else ''}: error: this needs the Python package {module!r}, "
+              f"which is not installed; install it with: {install_command(module)}", file=sys.stderr)
+        return 1
     except _expected_errors() as error:
         print(f"{PROG}{' ' + command if command else ''}: error: {_one_line(error)}", file=sys.stderr)
         return 1

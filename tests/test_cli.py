@@ -100,6 +100,12 @@ def small_imagenet_model(tmp_path_factory):
     return model, path, photo, str(broken)
 
 
+# The exit statuses and messages do not depend on the backend: checked once, in the PyTorch run
+# (the wheel test below runs a command on every backend).
+once = pytest.mark.skipif(BACKEND != "torch", reason="checked once, in the PyTorch run")
+
+
+@once
 def test_predict_succeeds_with_status_0_and_plain_text(small_imagenet_model, tmp_path):
     """Also: `--backend` after the command wins over KERAS_BACKEND (Keras starts on the flag's backend)."""
     from keras_convnext.workflows.prediction import load_image
@@ -116,6 +122,7 @@ def test_predict_succeeds_with_status_0_and_plain_text(small_imagenet_model, tmp
     assert "5." in lines[5] and "[(" not in done.stdout + done.stderr  # no Python repr
 
 
+@once
 def test_predict_failures_are_one_line_with_status_1_or_2(small_imagenet_model, tmp_path):
     _, path, photo, broken = small_imagenet_model
     assert_one_line_error(run_cli(["predict", broken, "--model-path", path], tmp_path), 1, "cannot read image")
@@ -128,6 +135,52 @@ def test_predict_failures_are_one_line_with_status_1_or_2(small_imagenet_model, 
     assert_one_line_error(run_cli(["predict", photo, "--model", "ConvNeXtV2Atto", "--weights", str(damaged)],
                                   tmp_path), 1, "damaged.pt")
 
+
+
+
+def _without(directory, *modules):
+    """A PYTHONPATH entry under which each of `modules` looks uninstalled."""
+    for module in modules:
+        (directory / module).mkdir(parents=True)
+        (directory / module / "__init__.py").write_text(
+            f"raise ModuleNotFoundError('No module named {module!r}', name={module!r})\n")
+    return str(directory)
+
+
+def test_require_names_the_package_and_its_install_command(monkeypatch):
+    import importlib
+
+    from keras_convnext import _deps
+
+    assert _deps.require("json", "parsing").dumps(1) == "1"
+    original = importlib.import_module
+
+    def without_matplotlib(name, *args):
+        if name.split(".")[0] == "matplotlib":
+            raise ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib")
+        return original(name, *args)
+
+    monkeypatch.setattr(_deps.importlib, "import_module", without_matplotlib)
+    with pytest.raises(_deps.MissingDependencyError) as error:
+        _deps.require("matplotlib.pyplot", "plotting")
+    assert str(error.value) == (
+        "plotting needs matplotlib, which is not installed; install it with: pip install 'keras-convnext[plots]'"
+    )
+    assert _deps.install_command("torch").endswith("--index-url https://download.pytorch.org/whl/cpu")
+    assert _deps.install_command("PIL") == "pip install 'keras-convnext[images]'"
+
+
+@once
+def test_missing_packages_are_named_with_their_install_command(tmp_path):
+    """Pillow for predict; TensorFlow for train's tf.data pipelines, even on JAX."""
+    no_pillow = _without(tmp_path / "no_pillow", "PIL")
+    done = run_cli(["predict", "x.png", "--model", "ConvNeXtV2Atto", "--weights", "none"], tmp_path, (no_pillow, ROOT))
+    assert_one_line_error(done, 1, "reading images needs Pillow", "pip install 'keras-convnext[images]'")
+    no_tensorflow = _without(tmp_path / "no_tensorflow", "tensorflow")
+    done = run_cli(["--backend", "jax", "train", "--data", "digits", "--epochs", "1", "--output-dir", "run"],
+                   tmp_path, (no_tensorflow, ROOT))
+    assert_one_line_error(done, 1, "needs tensorflow", "pip install 'keras-convnext[tensorflow]'")
+    assert not (tmp_path / "run").exists()
 
 
 # ---------------------------------------------------------------- from an installed wheel, outside the checkout
@@ -175,8 +228,9 @@ def test_wheel_runs_help_and_predict_on_every_backend(installed_wheel, tmp_path)
     assert done.returncode == 0 and all(command in done.stdout for command in COMMANDS), done.stderr[-3000:]
     images, labels, _, _ = digits_arrays(32)
     Image.fromarray(images[0]).save(tmp_path / "digit.png")
-    done = run_cli(["--backend", BACKEND, "predict", "digit.png", "--model", "ConvNeXtV2Atto", "--weights", "none",
-                    "--image-size", "32", "--top", "3"], tmp_path, (site,), prefix=script)
+    other = "jax" if BACKEND == "tensorflow" else "tensorflow"  # --backend after the command wins
+    done = run_cli(["predict", "digit.png", "--model", "ConvNeXtV2Atto", "--weights", "none", "--image-size", "32",
+                    "--top", "3", "--backend", BACKEND], tmp_path, (site,), env={"KERAS_BACKEND": other}, prefix=script)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.splitlines()[0] == "digit.png" and done.stdout.count("  3. ") == 1
 

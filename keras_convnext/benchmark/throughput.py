@@ -3,7 +3,7 @@
 Each measurement runs in its own process (one Keras backend per process), all
 in the same invocation, so the ratios compare like with like:
 
-    python benchmarks/run.py --model ConvNeXtV2Tiny --batch-size 8 --resolution 224
+    keras-convnext benchmark --model ConvNeXtV2Tiny --batch-size 8 --resolution 224
 
 Measured per backend: inference images/s (batch B and batch 1), first-call
 (compile) time, training steps/s (AdamW, batch `--train-batch-size`), peak
@@ -22,8 +22,6 @@ transformers' PyTorch ConvNeXt (V2 or V1) in eager mode (it needs PyTorch and
 transformers; `--no-reference` leaves it out). Results go to
 `<--output-dir>/<name>.json` and `.md` (`benchmarks/results/` when run as
 `benchmarks/run.py` in the source repository).
-
-    keras-convnext benchmark --model ConvNeXtV2Tiny --batch-size 8 --resolution 224
 """
 
 import argparse
@@ -45,7 +43,7 @@ import numpy as np
 # The directory that holds the keras_convnext package, so that worker
 # processes import this same copy (an installed one or a source checkout).
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-WORKER_MODULE = "keras_convnext.benchmark.throughput"
+WORKER_MODULE = "keras_convnext.benchmark"  # its __main__
 DEFAULT_OUTPUT_DIR = "benchmark_results"
 BACKENDS = ("tensorflow", "jax", "torch")
 
