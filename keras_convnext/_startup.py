@@ -106,10 +106,10 @@ def choose_command_line_backend():
     backend = requested or configured_backend()
     if backend in BACKENDS and installed(backend):
         os.environ["KERAS_BACKEND"] = backend
-    from keras_convnext import cli  # imports nothing of Keras
+    from keras_convnext import command_line  # imports nothing of Keras
 
-    if answerable_without_keras(arguments, cli.COMMANDS):
-        raise SystemExit(cli.main(arguments))
+    if answerable_without_keras(arguments, command_line.COMMANDS):
+        raise SystemExit(command_line.main(arguments))
     if backend in BACKENDS and installed(backend):
         return
     if requested or os.environ.get("KERAS_BACKEND"):

@@ -266,12 +266,14 @@ def test_wheel_runs_every_command_on_digits(installed_wheel, tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     cli("evaluate", "--model-path", "run/missing.keras", "--data", "digits", status=1)
 
-    cli("finetune", *tiny, "--no-randaugment", "--mixup", "0", "--cutmix", "0", "--output-dir", "tuned")
+    cli("finetune", *tiny, "--no-randaugment", "--random-erasing", "0", "--mixup", "0", "--cutmix", "0",
+        "--output-dir", "tuned")
     with open(tmp_path / "tuned" / "history.json") as f:
         assert len(json.load(f)["loss"]) == 1
 
     cli("fcmae-pretrain", "--data", "digits", "--num-images", "8", "--epochs", "1", "--batch-size", "4",
-        "--image-size", "64", "--decoder-dim", "16", "--samples", "2", "--quiet", "--output-dir", "fcmae")
+        "--image-size", "64", "--depths", "1,1,1,1", "--dims", "8,8,16,16", "--decoder-dim", "8", "--samples", "2",
+        "--quiet", "--output-dir", "fcmae")
     for name in ("reconstructions.png", "loss_curve.png", "history.json", "encoder.weights.h5"):
         assert os.path.getsize(tmp_path / "fcmae" / name) > 0, name
 

@@ -116,6 +116,8 @@ def pretrain_parser(prog="keras-convnext fcmae-pretrain", backend_flag=True):
     parser = _parser(prog, "Pre-train a ConvNeXt V2 encoder with FCMAE and draw its reconstructions.",
                      backend_flag)
     parser.add_argument("--model", default="ConvNeXtV2Atto", help="ConvNeXt V2 constructor name")
+    parser.add_argument("--depths", type=_four_ints, help="custom stage depths 'a,b,c,d' (overrides --model's).")
+    parser.add_argument("--dims", type=_four_ints, help="custom stage widths 'a,b,c,d' (overrides --model's).")
     parser.add_argument("--epochs", type=_positive_int, default=10)
     parser.add_argument("--batch-size", type=_positive_int, default=32)
     parser.add_argument("--steps-per-epoch", type=_positive_int, default=None)

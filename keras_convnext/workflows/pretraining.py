@@ -109,7 +109,7 @@ def plot_loss(pyplot, losses, title, path):
     _save_figure(pyplot, figure, path)
 
 
-def pretrain_fcmae(data="digits", model="ConvNeXtV2Atto", epochs=10, batch_size=32, steps_per_epoch=None,
+def pretrain_fcmae(data="digits", model="ConvNeXtV2Atto", depths=None, dims=None, epochs=10, batch_size=32, steps_per_epoch=None,
                    image_size=64, num_images=512, mask_ratio=0.6, decoder_dim=128, learning_rate=2e-3,
                    norm_pix_loss=False, samples=4, seed=0, output_dir="fcmae_output", verbose=True,
                    reuse_freed_memory=False):
@@ -118,7 +118,8 @@ def pretrain_fcmae(data="digits", model="ConvNeXtV2Atto", epochs=10, batch_size=
     Args:
         data: "digits" (scikit-learn, offline), "photos" (scikit-image's
             sample photographs) or "tfds:<name>".
-        model: a ConvNeXt V2 constructor name.
+        model: a ConvNeXt V2 constructor name; `depths`/`dims` (four ints
+            each) replace its stage depths/widths.
         image_size: input side in pixels, a multiple of 32.
         num_images: images to train on.
         samples: rows of the reconstruction grid.
@@ -142,8 +143,17 @@ def pretrain_fcmae(data="digits", model="ConvNeXtV2Atto", epochs=10, batch_size=
         keras_convnext.reuse_freed_memory()  # before any model is built
     keras.utils.set_random_seed(seed)
     images = pretraining_images(data, num_images, image_size, seed)
+    encoder = model
+    if depths or dims:
+        if model not in keras_convnext.VARIANTS:
+            raise ValueError(f"model {model!r} is not a keras_convnext model; choose a ConvNeXt V2 one.")
+        variant = keras_convnext.VARIANTS[model]
+        encoder = keras_convnext.ConvNeXt(
+            tuple(depths or variant.stage_depths), tuple(dims or variant.stage_dims), version="v2",
+            include_top=False, input_shape=(image_size, image_size, 3), name="custom_v2",
+        )
     autoencoder = keras_convnext.FCMAE(
-        model, input_shape=(image_size, image_size, 3), mask_ratio=mask_ratio, decoder_dim=decoder_dim,
+        encoder, input_shape=(image_size, image_size, 3), mask_ratio=mask_ratio, decoder_dim=decoder_dim,
         norm_pix_loss=norm_pix_loss, seed=seed,
     )
     autoencoder.compile(optimizer=keras.optimizers.AdamW(learning_rate, weight_decay=0.05))
@@ -156,7 +166,7 @@ def pretrain_fcmae(data="digits", model="ConvNeXtV2Atto", epochs=10, batch_size=
         "reconstructions.png", "loss_curve.png", "history.json", "encoder.weights.h5")}
     plot_reconstructions(pyplot, reconstruction_rows(autoencoder, images[:samples], seed), files["reconstructions.png"])
     plot_loss(pyplot, losses, f"FCMAE {model}, {data}, mask ratio {mask_ratio}", files["loss_curve.png"])
-    settings = dict(data=data, model=model, epochs=epochs, batch_size=batch_size, image_size=image_size,
+    settings = dict(data=data, model=model, depths=depths, dims=dims, epochs=epochs, batch_size=batch_size, image_size=image_size,
                     num_images=num_images, mask_ratio=mask_ratio, decoder_dim=decoder_dim,
                     learning_rate=learning_rate, norm_pix_loss=norm_pix_loss, seed=seed)
     with open(files["history.json"] + ".partial", "w") as file:
