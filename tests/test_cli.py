@@ -143,7 +143,7 @@ def _without(directory, *modules):
     for module in modules:
         (directory / module).mkdir(parents=True)
         (directory / module / "__init__.py").write_text(
-            f"raise ModuleNotFoundError('No module named {module!r}', name={module!r})\n")
+            f'raise ModuleNotFoundError("No module named {module!r}", name={module!r})\n')
     return str(directory)
 
 
