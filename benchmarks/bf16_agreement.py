@@ -37,9 +37,15 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 BACKENDS = ("tensorflow", "jax", "torch")
-sys.path.insert(0, HERE)
+sys.path.insert(0, ROOT)
 
-from run import _versions, device_environment, machine, run_in_backend, write_report  # noqa: E402
+from keras_convnext.benchmark.throughput import (  # noqa: E402
+    _versions,
+    device_environment,
+    machine,
+    run_in_backend,
+    write_report,
+)
 
 
 def _images_per_s(model, images, batch_size, repeats=5):
@@ -92,13 +98,14 @@ def evaluate_worker(args):
 
 
 def _train(args, directory):
-    """float32 training on the digits by the fit example, on the fastest backend for small images."""
+    """float32 training on the digits by `keras-convnext train`, on the fastest backend for small images."""
     command = [
-        sys.executable, os.path.join(ROOT, "examples", "fit_evaluate.py"), "--backend", args.train_backend,
+        sys.executable, "-m", "keras_convnext.cli", "--backend", args.train_backend, "train",
         "--data", "digits", "--model", args.model, "--epochs", str(args.epochs), "--batch-size", "64",
         "--image-size", str(args.image_size), "--learning-rate", "1e-3", "--quiet", "--output-dir", directory,
     ]
-    environment = dict(os.environ, **device_environment(args.device))
+    python_path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
+    environment = dict(os.environ, PYTHONPATH=python_path, **device_environment(args.device))
     subprocess.run(command, check=True, capture_output=True, text=True, env=environment)
     return os.path.join(directory, "model.keras")
 
@@ -178,7 +185,8 @@ def main(argv=None):
         "versions": _versions(), "results": results,
     }
     suffix = "" if args.device == "cpu" else f"_{args.device}"
-    write_report(args.name or f"bf16_agreement_{args.model}{suffix}", report, markdown(report))
+    write_report(args.name or f"bf16_agreement_{args.model}{suffix}", report, markdown(report),
+                 os.path.join(HERE, "results"))
     return 0
 
 

@@ -20,9 +20,9 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 STAGES = ((56, 96), (28, 192), (14, 384), (7, 768))
-sys.path.insert(0, HERE)
+sys.path.insert(0, ROOT)
 
-from run import _synchronize, _timed  # noqa: E402
+from keras_convnext.benchmark.throughput import _synchronize, _timed  # noqa: E402
 
 
 def _median_ms(fn, repeats):

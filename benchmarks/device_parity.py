@@ -26,9 +26,15 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
+sys.path.insert(0, ROOT)
 
-from run import _versions, machine, run_in_backend, set_tf32, write_report  # noqa: E402
+from keras_convnext.benchmark.throughput import (  # noqa: E402
+    _versions,
+    machine,
+    run_in_backend,
+    set_tf32,
+    write_report,
+)
 
 BACKENDS = ("tensorflow", "jax", "torch")
 ATTO = ((2, 2, 6, 2), (40, 80, 160, 320))
@@ -127,7 +133,8 @@ def main(argv=None):
         "machine": machine(args.device),
         "versions": _versions(), "results": results,
     }
-    write_report(f"device_parity_{args.device}", report, markdown(report))
+    write_report(f"device_parity_{args.device}", report, markdown(report),
+                 os.path.join(HERE, "results"))
     return 0
 
 

@@ -1,5 +1,10 @@
 """ConvNeXt V1 and V2 for Keras 3 (TensorFlow, JAX and PyTorch backends)."""
 
+# Before Keras is imported: the `keras-convnext` command picks its backend here.
+from keras_convnext import _startup
+
+_startup.choose_command_line_backend()
+
 from keras_convnext import analysis, layers, roadmap
 from keras_convnext.export import export, export_formats
 from keras_convnext.fcmae import FCMAE, FCMAEDecoder, transfer_encoder
@@ -29,6 +34,7 @@ from keras_convnext.models.convnext import (
 from keras_convnext.models.model import ConvNeXtModel
 from keras_convnext.models.variants import VARIANTS
 from keras_convnext.process import reuse_freed_memory
+from keras_convnext import workflows  # noqa: E402  (train, finetune, evaluate, pretrain_fcmae)
 from keras_convnext.weights import (
     CheckpointError,
     convert_state_dict,

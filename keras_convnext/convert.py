@@ -14,9 +14,11 @@ ImageNet normalization inside, softmax head), so
 `--verify` reloads the written `.keras` file (safe_mode=True) and compares
 its logits with the PyTorch reference (HF transformers) on the scikit-image
 sample photos and random pixels; it fails (exit status 1) when the largest
-logit difference exceeds `--tolerance` (1e-4). Exit status 2: the
-conversion failed; 3: converted, but no reference could run (for example
-the sparse FCMAE encoder, which HF transformers does not implement).
+logit difference exceeds `--tolerance` (1e-4). Exit status 1 also when the
+conversion failed (and, with `--all`, when no entry could be converted);
+2: the command line was wrong; 3: converted, but no reference could run
+(for example the sparse FCMAE encoder, which HF transformers does not
+implement).
 """
 
 import argparse
@@ -119,8 +121,11 @@ def _convert_and_report(source, output_dir, variant, stem, args, image_size):
 
 
 def convert_all(args):
-    """Converts every registry entry; unreachable ones are skipped. Returns the exit status."""
-    rows, failed = [], False
+    """Converts every registry entry; unreachable ones are skipped. Returns the exit status.
+
+    1 when an entry failed, or when none could be converted (all unreachable).
+    """
+    rows, failed, converted = [], False, 0
     for entry in registry.ENTRIES:
         print(f"== {entry.variant} weights={entry.tag!r}")
         try:
@@ -132,6 +137,7 @@ def convert_all(args):
             status = {True: "verified", False: "FAILED", None: "converted, not verified"}[passed]
             status = "converted" if not args.verify else status
             failed = failed or passed is False
+            converted += 1
         except download.WeightsUnavailableError as error:
             status, worst = "unreachable (skipped)", None
             print(f"  {error}")
@@ -142,7 +148,9 @@ def convert_all(args):
     print("\n| Constructor | weights= | Status | Max difference |\n|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
-    return 1 if failed else 0
+    if not converted:
+        print(f"error: none of the {len(rows)} registry entries could be converted (see above).", file=sys.stderr)
+    return 1 if failed or not converted else 0
 
 
 def build_parser():
@@ -189,7 +197,7 @@ def main(argv=None):
             )
     except (CheckpointError, ValueError, OSError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return 1
     if passed is None:
         return 3  # converted, but --verify could not run
     return 0 if passed else 1

@@ -18,6 +18,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from keras_convnext._deps import require
+
 # (train split, held-out split) per tensorflow-datasets name; tf_flowers has
 # only a train split, so 10% of it is held out.
 TFDS_SPLITS = {
@@ -36,9 +38,8 @@ class Datasets(NamedTuple):
 
 
 def _tf():
-    import tensorflow as tf
-
-    return tf
+    # tf.data feeds `fit` on every backend, so the pipelines need TensorFlow even on JAX and PyTorch.
+    return require("tensorflow", "the tf.data input pipelines (train, finetune, evaluate)")
 
 
 def _prepare(images, labels, image_size, num_classes):
@@ -78,10 +79,9 @@ def digits_arrays(image_size=32, validation_fraction=0.2, seed=0):
         `(n, image_size, image_size, 3)` in [0, 255], labels int `(n,)`.
         The split is stratified by a fixed permutation (`seed`).
     """
-    from sklearn.datasets import load_digits
-
+    datasets = require("sklearn.datasets", "the digits dataset")
     tf = _tf()
-    digits = load_digits()
+    digits = datasets.load_digits()
     # Pixels are ink counts 0..16; stretch to the 0..255 range photographs use.
     images = (digits.images[..., None] * (255.0 / 16.0)).astype("float32")
     images = tf.image.resize(images, (image_size, image_size), method="bilinear").numpy()
@@ -116,8 +116,8 @@ def load_tfds_datasets(name, image_size=224, batch_size=32, seed=0, augment=None
     `name` is a key of `TFDS_SPLITS`. Under `tfds.testing.mock_data` this
     reads generated examples and nothing is downloaded.
     """
-    import tensorflow_datasets as tfds
-
+    _tf()
+    tfds = require("tensorflow_datasets", f"the tensorflow-datasets set {name!r}")
     name = name.removeprefix("tfds:")
     if name not in TFDS_SPLITS:
         raise ValueError(
@@ -156,6 +156,7 @@ def load_folder_datasets(directory, image_size=224, batch_size=32, seed=0, valid
 
     if not os.path.isdir(directory):
         raise ValueError(f"Image folder {directory!r} does not exist.")
+    _tf()  # keras.utils.image_dataset_from_directory decodes with TensorFlow
     common = dict(
         validation_split=validation_fraction, seed=seed, image_size=(image_size, image_size),
         batch_size=None, label_mode="int", shuffle=True,

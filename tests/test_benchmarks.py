@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
-import run  # noqa: E402
+from keras_convnext.benchmark import throughput as run  # noqa: E402
 
 
 def _row(images_per_s, latency_ms, memory_mb, **extra):
@@ -304,10 +304,25 @@ def test_bf16_agreement_writes_its_results_under_the_name_given(monkeypatch, tmp
     written, commands = [], []
     monkeypatch.setattr(bf16_agreement, "run_in_backend", lambda command, backend, device: commands.append(command))
     monkeypatch.setattr(bf16_agreement, "markdown", lambda report: "table")
-    monkeypatch.setattr(bf16_agreement, "write_report", lambda name, report, text: written.append(name))
+    monkeypatch.setattr(bf16_agreement, "write_report",
+                        lambda name, report, text, directory: written.append((name, os.path.basename(directory))))
     weights = str(tmp_path / "trained.keras")
     argv = ["--weights", weights, "--backends", "jax"]
     bf16_agreement.main(argv + ["--name", "bf16_agreement_atto_zen5"])
     bf16_agreement.main(argv)
-    assert written == ["bf16_agreement_atto_zen5", "bf16_agreement_ConvNeXtV2Atto"]
+    assert written == [("bf16_agreement_atto_zen5", "results"), ("bf16_agreement_ConvNeXtV2Atto", "results")]
     assert all("--weights" in command and weights in command for command in commands)
+
+
+def test_workers_import_the_same_package_and_leave_out_what_is_not_asked_for():
+    import keras_convnext
+
+    environment = run.backend_environment("jax")
+    assert environment["PYTHONPATH"].split(os.pathsep)[0] == os.path.dirname(os.path.dirname(keras_convnext.__file__))
+    args = run.build_parser().parse_args(["--backends", "jax", "--no-reference", "--no-matmul-peak"])
+    assert run._implementations(args) == [("keras_convnext/jax", "jax", "keras_convnext")]
+    command = run._worker_command(args, ["--worker", "keras_convnext"])
+    assert command[1:3] == ["-m", "keras_convnext.benchmark"] and "--no-matmul-peak" in command
+    assert run.build_parser().parse_args([]).output_dir == "benchmark_results"
+    with pytest.raises(ValueError, match="ConvNeXtGiant"):
+        run.main(["--model", "ConvNeXtGiant"])

@@ -101,7 +101,7 @@ def test_all_converts_reachable_entries_and_skips_unreachable(hf_v1_atto, tmp_pa
 def test_unknown_file_type_and_missing_variant_are_clear(tmp_path, capsys):
     bad = tmp_path / "weights.npz"
     bad.write_bytes(b"not a checkpoint")
-    assert convert.main([str(bad), "--output-dir", str(tmp_path)]) == 2
+    assert convert.main([str(bad), "--output-dir", str(tmp_path)]) == 1
     assert "Unsupported checkpoint file" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         convert.main(["imagenet"])

@@ -182,9 +182,10 @@ _DISTRIBUTED_SCRIPT = textwrap.dedent(
     import numpy as np
     import keras
     import fit_evaluate
-    from common import build_classifier as _build
+    from keras_convnext.workflows import classification
 
     seen = []
+    _build = classification.build_classifier
 
     class BatchProbe(keras.layers.Layer):
         # Records the batch size one device sees inside the training step.
@@ -198,12 +199,12 @@ _DISTRIBUTED_SCRIPT = textwrap.dedent(
                 seen.append(x.shape[0])
             return x
 
-    def probed(args, num_classes, weights=None, drop_path_rate=0.0):
-        model = _build(args, num_classes, weights, drop_path_rate)
+    def probed(*args, **kwargs):
+        model = _build(*args, **kwargs)
         inputs = keras.Input(model.input_shape[1:])
         return keras.Model(inputs, model(BatchProbe()(inputs)))
 
-    fit_evaluate.build_classifier = probed
+    classification.build_classifier = probed
     # One batch per epoch: the shuffled order then cannot differ between the two runs,
     # so after each update the losses must agree.
     argv = ["--data", "digits", "--limit", "16", "--epochs", "3", "--batch-size", "16", "--image-size", "32",
