@@ -32,6 +32,7 @@ from keras_convnext.process import reuse_freed_memory
 from keras_convnext.weights import (
     CheckpointError,
     convert_state_dict,
+    list_weights,
     load_state_dict,
     load_weights,
     read_checkpoint,

@@ -17,6 +17,7 @@ import keras
 import keras_convnext as kc
 from conftest import random_images, torch_logits
 from keras_convnext.models.convnext import CONSTRUCTORS
+from keras_convnext.weights import cache as weights_cache
 from keras_convnext.weights import download, registry
 from keras_convnext.weights.files import CheckpointError
 from naming_fixtures import hf_to_official
@@ -79,7 +80,7 @@ def test_unknown_tag_lists_the_valid_tags():
 def test_fcmae_tag_gives_a_classifier_a_fresh_head(monkeypatch):
     encoder = _small_model("ConvNeXtV2Atto", include_top=False)
     encoder_weights = {v.path: np.asarray(v.numpy()) + 0.5 for v in encoder.weights}
-    monkeypatch.setattr(download, "converted_weights", lambda entry: encoder_weights)
+    monkeypatch.setattr(weights_cache, "converted_weights", lambda entry: dict(encoder_weights))
     model = _small_model("ConvNeXtV2Atto", weights="fcmae", classes=3)
     for variable in model.weights:
         if variable.path.startswith(("head_norm/", "predictions/")):
@@ -150,20 +151,21 @@ def server(official_checkpoint):
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(download.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(weights_cache.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.delenv(download.WEIGHTS_DIR_ENV, raising=False)
     return tmp_path / "cache"
 
 
 def _register(monkeypatch, url, sha256=None, tag="test-imagenet"):
-    entry = registry.Pretrained("ConvNeXtV2Atto", tag, url, "test", 224, 1000, None, sha256)
+    entry = registry.Pretrained("ConvNeXtV2Atto", tag, url, "test", 224, 1000, None, "MIT", sha256)
     monkeypatch.setitem(registry.REGISTRY, (entry.variant, tag), entry)
     return entry
 
 
 def _files_under(path):
+    """Files in the cache, less the lock files (which stay, empty, by design)."""
     return sorted(os.path.relpath(os.path.join(root, name), path)
-                  for root, _, names in os.walk(path) for name in names)
+                  for root, _, names in os.walk(path) for name in names if not name.endswith(".lock"))
 
 
 def _logits(model, images):
@@ -193,14 +195,14 @@ def test_download_convert_cache_and_reuse(server, cache, monkeypatch, hf_v2_atto
 
     model = kc.ConvNeXtV2Atto(weights="test-imagenet", **logits_only)
     assert len(server.requests) == 1
-    assert _files_under(cache) == [os.path.join("converted", "ConvNeXtV2Atto-test-imagenet.weights.h5")]
+    assert _files_under(cache) == [os.path.join("converted", "ConvNeXtV2Atto-test-imagenet.safetensors")]
     images = random_images(7, 64, 64, seed=3)  # 7 like --verify: same shapes, no new compilation
     assert np.abs(_logits(model, images) - torch_logits(hf_v2_atto, images)).max() <= 1e-4
 
     # Later loads read the converted file only: no request, no checkpoint reader (no torch).
     # Another number of classes, and a fixed input size other than the entry's 224:
     # a fresh head, everything else loaded. (64x64 keeps the shapes compiled above.)
-    monkeypatch.setattr(download, "read_checkpoint", lambda *a: pytest.fail("original checkpoint read"))
+    monkeypatch.setattr(weights_cache, "read_checkpoint", lambda *a: pytest.fail("original checkpoint read"))
     finetune = kc.ConvNeXtV2Atto(weights="test-imagenet", classes=7, input_shape=(64, 64, 3))
     assert tuple(finetune.get_layer("predictions").kernel.shape) == (320, 7)
     np.testing.assert_array_equal(
@@ -215,7 +217,7 @@ def test_download_convert_cache_and_reuse(server, cache, monkeypatch, hf_v2_atto
 def test_wrong_hash_is_rejected_and_leaves_nothing(server, cache, monkeypatch):
     entry = _register(monkeypatch, server.url(FILENAME), sha256="0" * 64)
     with pytest.raises(CheckpointError, match="SHA-256"):
-        download.converted_weights(entry, progress=False)
+        weights_cache.converted_weights(entry, progress=False)
     assert _files_under(cache) == []
 
 
@@ -223,14 +225,14 @@ def test_truncated_file_is_rejected_and_leaves_nothing(server, cache, monkeypatc
     server.files["truncated.pt"] = official_checkpoint[: len(official_checkpoint) // 2]
     entry = _register(monkeypatch, server.url("truncated.pt"))
     with pytest.raises(CheckpointError, match=r"(?s)could not be converted and was removed.*truncated"):
-        download.converted_weights(entry, progress=False)
+        weights_cache.converted_weights(entry, progress=False)
     assert _files_under(cache) == []
 
 
 def test_broken_transfer_is_rejected_and_leaves_nothing(server, cache, monkeypatch):
     entry = _register(monkeypatch, server.url(FILENAME, route="broken"))
     with pytest.raises(CheckpointError, match="broke off|incomplete"):
-        download.converted_weights(entry, progress=False)
+        weights_cache.converted_weights(entry, progress=False)
     assert _files_under(cache) == []
 
 
@@ -238,18 +240,10 @@ def test_unreachable_server_names_the_url_and_the_manual_route(cache, monkeypatc
     url = f"http://127.0.0.1:{_closed_port()}/files/{FILENAME}"
     entry = _register(monkeypatch, url)
     with pytest.raises(download.WeightsUnavailableError) as info:
-        download.converted_weights(entry, progress=False)
+        weights_cache.converted_weights(entry, progress=False)
     message = str(info.value)
     assert url in message and download.WEIGHTS_DIR_ENV in message and FILENAME in message
     assert _files_under(cache) == []
-
-
-def test_missing_torch_is_reported_before_downloading(server, cache, monkeypatch):
-    entry = _register(monkeypatch, server.url(FILENAME))
-    monkeypatch.setattr(download, "_torch_available", lambda: False)
-    with pytest.raises(CheckpointError, match="pip install torch"):
-        download.converted_weights(entry, progress=False)
-    assert server.requests == [] and _files_under(cache) == []
 
 
 def test_file_supplied_by_hand(cache, monkeypatch, tmp_path, official_checkpoint, hf_v2_atto):

@@ -9,17 +9,6 @@ from keras_convnext.layers.preprocessing import ImageNormalization
 from keras_convnext.models.model import ConvNeXtModel
 from keras_convnext.models.variants import VARIANTS
 
-# The weight loader lives above the models (keras_convnext.weights) and
-# registers itself here, so that models never import it.
-_WEIGHTS_LOADER = None
-
-
-def set_weights_loader(loader):
-    """Install `loader(model, weights, variant_name)`, called for `weights=...`."""
-    global _WEIGHTS_LOADER
-    _WEIGHTS_LOADER = loader
-
-
 def _image_input(input_tensor, input_shape, data_format, include_preprocessing):
     if input_shape is None:
         input_shape = (None, None, 3) if data_format == "channels_last" else (3, None, None)
@@ -78,7 +67,12 @@ def ConvNeXt(
         version: `"v1"` (blocks with layer scale) or `"v2"` (blocks with GRN).
         include_top: end with the classification head (pool, LayerNorm, Dense).
         weights: None, a checkpoint path (official, timm, HF transformers or
-            Keras `.weights.h5`), or a registry tag such as `"imagenet"`.
+            Keras `.weights.h5`), or a registry tag such as `"imagenet"`
+            (`keras_convnext.list_weights()` lists them). The loader,
+            `keras_convnext.weights`, sits above the models (it reads the
+            variants table and builds models for `.weights.h5` files), so it
+            is imported here, when weights are asked for, rather than when
+            this module loads: data flows layers <- models <- weights.
         input_tensor: optional Keras tensor to build the model on.
         input_shape: `(height, width, 3)` (channels_last) or `(3, height, width)`;
             None means any size. Any size of at least 32 works: each
@@ -164,9 +158,9 @@ def ConvNeXt(
         inputs = inputs[0] if len(inputs) == 1 else inputs
     model = ConvNeXtModel(inputs, x, name=name or (variant_name or "convnext").lower())
     if weights is not None:
-        if _WEIGHTS_LOADER is None:
-            raise RuntimeError("No weight loader is registered; import keras_convnext first.")
-        _WEIGHTS_LOADER(model, weights, variant_name)
+        from keras_convnext.weights import load_for_constructor
+
+        load_for_constructor(model, weights, variant_name)
     return model
 
 
