@@ -8,7 +8,7 @@ import keras
 import keras_convnext as kc
 from conftest import torch_logits
 from keras_convnext import convert, verify
-from keras_convnext.weights import download, registry
+from keras_convnext.weights import cache, download, registry
 from naming_fixtures import hf_to_official, hf_to_timm
 
 
@@ -80,12 +80,12 @@ def test_all_converts_reachable_entries_and_skips_unreachable(hf_v1_atto, tmp_pa
         probe.bind(("127.0.0.1", 0))
         closed_port = probe.getsockname()[1]
     entries = [
-        registry.Pretrained("ConvNeXtAtto", "test-local", "file://" + checkpoint, "test", 64, 1000, None),
+        registry.Pretrained("ConvNeXtAtto", "test-local", "file://" + checkpoint, "test", 64, 1000, None, "MIT"),
         registry.Pretrained("ConvNeXtAtto", "test-offline", f"http://127.0.0.1:{closed_port}/x.pth",
-                            "test", 64, 1000, None),
+                            "test", 64, 1000, None, "MIT"),
     ]
     monkeypatch.setattr(registry, "ENTRIES", entries)
-    monkeypatch.setenv(download.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.delenv(download.WEIGHTS_DIR_ENV, raising=False)
     output = tmp_path / "out"
     status = convert.main(["--all", "--verify", "--output-dir", str(output)])
