@@ -1,12 +1,10 @@
 """The pretrained registry: its data, and download -> convert -> cache against a local server."""
 
 import hashlib
-import http.server
 import io
 import os
 import re
 import socket
-import threading
 from urllib.parse import urlparse
 
 import numpy as np
@@ -20,6 +18,7 @@ from keras_convnext.models.convnext import CONSTRUCTORS
 from keras_convnext.weights import cache as weights_cache
 from keras_convnext.weights import download, registry
 from keras_convnext.weights.files import CheckpointError
+from local_server import LocalServer
 from naming_fixtures import hf_to_official
 
 README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
@@ -93,44 +92,6 @@ def test_fcmae_tag_gives_a_classifier_a_fresh_head(monkeypatch):
 # ---------------------------------------------------------------- local server
 
 
-class _Server:
-    """Serves `files` on 127.0.0.1; `/broken/<name>` announces the full size and sends half."""
-
-    def __init__(self):
-        self.files, self.requests = {}, []
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                server.requests.append(self.path)
-                broken = self.path.startswith("/broken/")
-                body = server.files.get(self.path.rsplit("/", 1)[-1])
-                if body is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body[: len(body) // 2] if broken else body)
-                self.close_connection = True
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def url(self, name, route="files"):
-        return f"http://127.0.0.1:{self.port}/{route}/{name}"
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join()
-
-
 @pytest.fixture(scope="module")
 def official_checkpoint(hf_v2_atto):
     import torch
@@ -143,7 +104,7 @@ def official_checkpoint(hf_v2_atto):
 
 @pytest.fixture
 def server(official_checkpoint):
-    server = _Server()
+    server = LocalServer()
     server.files[FILENAME] = official_checkpoint
     yield server
     server.close()
@@ -259,3 +220,19 @@ def test_file_supplied_by_hand(cache, monkeypatch, tmp_path, official_checkpoint
     grn = hf_v2_atto.convnextv2.encoder.stages[3].layers[1].grn.bias.detach().numpy().reshape(-1)
     np.testing.assert_array_equal(backbone.get_layer("stage3_block1").grn.beta.numpy(), grn)
     assert (by_hand / FILENAME).exists()  # a file supplied by hand is never removed
+
+
+def test_list_weights_states_each_release_and_its_license():
+    everything = kc.list_weights()
+    assert len(everything) == len(registry.ENTRIES)
+    atto = kc.list_weights("ConvNeXtV2Atto")
+    assert [(w.tag, w.resolution, w.classes, w.top1) for w in atto] == [
+        ("imagenet", 224, 1000, 76.7), ("fcmae", 224, None, None),
+    ]
+    assert atto[0].filename == "convnextv2_atto_1k_224_ema.pt" and atto[0].url.endswith(atto[0].filename)
+    # As the official repositories state: V1 weights MIT, V2 weights CC-BY-NC 4.0.
+    for weights in everything:
+        expected = "CC-BY-NC-4.0" if weights.variant.startswith("ConvNeXtV2") else "MIT"
+        assert weights.license == expected, weights
+    with pytest.raises(ValueError, match="ConvNeXtV2Atto"):
+        kc.list_weights("ConvNeXtV9")
