@@ -16,7 +16,10 @@ Memory is the process's resident set: `VmRSS` after importing Keras and
 keras_convnext (the baseline) and the kernel's high-water mark `VmHWM` at
 the end (the same figure as `ru_maxrss`). "Added" is peak minus baseline; the
 goal is added <= (model bytes + checkpoint bytes) * 1.2. Every figure is in MB
-(2**20 bytes).
+(2**20 bytes). `--import-first torch` imports PyTorch before the baseline, to
+separate the load path's own memory from that of importing the reader's
+library (PyTorch alone adds about 150 MB when a JAX or TensorFlow process
+first reads a `.pt` file with it).
 """
 
 import argparse
@@ -88,10 +91,14 @@ def write_checkpoint(path, depths, dims):
     torch.save({"model": state}, path)
 
 
-def child(case, model_name, checkpoint):
+def child(case, model_name, checkpoint, import_first):
     """Runs one case in this process; prints one JSON line."""
+    import importlib
+
     import keras_convnext
 
+    for module in filter(None, import_first.split(",")):
+        importlib.import_module(module)
     baseline = _status_mb("VmRSS")
     constructor = keras_convnext.CONSTRUCTORS[model_name]
     weights = {"build": None, "file": checkpoint}.get(case, "imagenet")
@@ -119,7 +126,7 @@ def run_case(case, args, checkpoint, cache, weights_dir):
                KERAS_CONVNEXT_WEIGHTS_DIR=weights_dir, TF_CPP_MIN_LOG_LEVEL="3",
                PYTHONPATH=os.environ.get("PYTHONPATH") or ROOT)
     command = [sys.executable, os.path.abspath(__file__), "--child", case,
-               "--model", args.model, "--checkpoint", checkpoint]
+               "--model", args.model, "--checkpoint", checkpoint, "--import-first", args.import_first]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         return {"case": case, "error": done.stderr.strip().splitlines()[-1:] or ["failed"]}
@@ -129,7 +136,8 @@ def run_case(case, args, checkpoint, cache, weights_dir):
 def markdown(report):
     lines = [
         f"Peak host memory, {report['model']}, {report['backend']} backend "
-        f"(checkpoint {report['checkpoint_mb']:.0f} MB, official naming, float32)",
+        f"(checkpoint {report['checkpoint_mb']:.0f} MB, official naming, float32"
+        + (f"; {report['import_first']} imported before the baseline" if report["import_first"] else "") + ")",
         "",
         "| Case | Baseline MB | Peak MB | Added MB | Model MB | Added / (model + checkpoint) |",
         "|---|---|---|---|---|---|",
@@ -154,11 +162,12 @@ def main(argv=None):
     parser.add_argument("--backend", default=os.environ.get("KERAS_BACKEND", "jax"))
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated: " + ", ".join(CASES))
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--import-first", default="", help="modules imported before the baseline, e.g. torch")
     parser.add_argument("--child", choices=CASES, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        child(args.child, args.model, args.checkpoint)
+        child(args.child, args.model, args.checkpoint, args.import_first)
         return 0
 
     # PYTHONPATH, when set, picks the keras_convnext under test (for before/after runs).
@@ -177,7 +186,7 @@ def main(argv=None):
         write_checkpoint(checkpoint, variant.stage_depths, variant.stage_dims)
         cache = os.path.join(root, "cache")
         results = [run_case(case, args, checkpoint, cache, weights_dir) for case in args.cases.split(",")]
-        report = {"model": args.model, "backend": args.backend,
+        report = {"model": args.model, "backend": args.backend, "import_first": args.import_first,
                   "checkpoint_mb": os.path.getsize(checkpoint) / MB, "results": results}
     text = markdown(report)
     sys.stdout.write(text)

@@ -26,14 +26,13 @@ Files supplied by hand: put the official file (or a converted
 """
 
 import contextlib
-import hashlib
 import os
 import sys
 
 from keras_convnext.weights import download
 from keras_convnext.weights import weights_file
 from keras_convnext.weights.files import CheckpointError, read_checkpoint
-from keras_convnext.weights.loader import _checkpoint_names, convert_state_dict, detect_naming
+from keras_convnext.weights.loader import _checkpoint_names, check_tensors, convert_state_dict, detect_naming
 from keras_convnext.weights.shapes import variant_shapes
 
 try:
@@ -207,27 +206,14 @@ def original_checkpoint(entry, progress=True):
 # ---------------------------------------------------------------- checked loads
 
 
-def _data_sha256(path):
-    """SHA-256 of a safetensors file's tensor data (everything after its header)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        header_size = int.from_bytes(handle.read(8), "little")
-        handle.seek(8 + header_size)
-        for chunk in iter(lambda: handle.read(download.CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def read_checked(entry, path):
     """`{weight path: array}` of a converted file whose manifest and data match the entry."""
     source_sha256, _ = known_hash(entry)
     expected = {"variant": entry.variant, "tag": entry.tag, "source_sha256": source_sha256}
     manifest = weights_file.check_manifest(path, expected)
-    if manifest.get("data_sha256") != _data_sha256(path):
+    arrays, data_sha256 = weights_file.read_weights(path)
+    if manifest.get("data_sha256") != data_sha256:
         raise CheckpointError(f"{path} is damaged: its tensor data does not have the SHA-256 its manifest records.")
-    arrays = weights_file.read_weights(path)
-    from keras_convnext.weights.loader import check_tensors
-
     check_tensors(arrays, what=f"weights in {path}")
     return arrays
 

@@ -14,6 +14,7 @@ second copy of the weights and never leaves a half-written file.
 
 import hashlib
 import json
+import os
 
 import numpy as np
 
@@ -93,11 +94,34 @@ def check_manifest(path, expected):
 
 
 def read_weights(path):
-    """`{weight path: array}` from a converted weights file."""
-    from safetensors import safe_open
+    """`(arrays, data_sha256)`: `{weight path: float32 array}` and the hash of the tensor data.
 
+    Each tensor is read straight into its own array (no memory map, so the
+    file's pages do not stay resident beside the copies); the header is
+    checked as safetensors checks it: float32 only, contiguous offsets that
+    cover the data exactly.
+    """
     try:
-        with safe_open(path, framework="numpy") as handle:
-            return {name: handle.get_tensor(name) for name in handle.keys()}
-    except Exception as error:
+        with open(path, "rb") as handle:
+            header_size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(header_size))
+            header.pop("__metadata__", None)
+            data_size = os.fstat(handle.fileno()).st_size - 8 - header_size
+            entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
+            digest, arrays, position = hashlib.sha256(), {}, 0
+            for name, info in entries:
+                start, end = info["data_offsets"]
+                shape = tuple(int(size) for size in info["shape"])
+                if info["dtype"] != "F32" or start != position or end - start != 4 * int(np.prod(shape)):
+                    raise ValueError(f"the header entry of {name} is inconsistent")
+                array = np.fromfile(handle, dtype="<f4", count=(end - start) // 4)
+                if array.size * 4 != end - start:
+                    raise ValueError("the file is truncated")
+                digest.update(array.data)
+                arrays[name] = array.reshape(shape)
+                position = end
+            if position != data_size:
+                raise ValueError(f"{data_size - position} bytes follow the last tensor")
+    except (OSError, ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"{path} could not be read ({error}); the file is damaged.") from error
+    return arrays, digest.hexdigest()
