@@ -13,6 +13,8 @@ Layout (under `KERAS_CONVNEXT_CACHE_DIR`, default
   file, and every converted file's manifest, must match it.
 - `downloads/<official file name>`: the original while it is converted;
   removed afterwards (under the lock, so no other process still needs it).
+  One left by a killed run is complete (downloads appear only by rename)
+  and is converted on the next run, if it matches the trusted hash.
 - `locks/<Constructor>-<tag>.lock`: held (fcntl, POSIX) while a process
   downloads or converts that entry, so concurrent processes share one
   download and one conversion: the second waits and then finds the result.
@@ -32,7 +34,7 @@ import sys
 from keras_convnext.weights import download
 from keras_convnext.weights import weights_file
 from keras_convnext.weights.files import CheckpointError, read_checkpoint
-from keras_convnext.weights.loader import _checkpoint_names, check_tensors, convert_state_dict, detect_naming
+from keras_convnext.weights.loader import checkpoint_names, check_tensors, convert_state_dict, detect_naming
 from keras_convnext.weights.shapes import variant_shapes
 
 try:
@@ -116,7 +118,7 @@ def _record_hash(entry, sha256, size):
 def _check_against_variant(entry, converted, unmatched, naming):
     """Raises unless the converted tensors are exactly the entry's variant and head."""
     expected = variant_shapes(entry.variant, entry.classes)
-    missing = _checkpoint_names(sorted(set(expected) - set(converted)), naming, converted)
+    missing = checkpoint_names(sorted(set(expected) - set(converted)), naming, converted)
     extra = sorted(unmatched) + sorted(converted[p][0] for p in set(converted) - set(expected))
     wrong = sorted(
         f"{converted[p][0]}: {tuple(converted[p][1].shape)}, expected {expected[p]}"
@@ -161,8 +163,12 @@ def _fetch(entry, progress):
         return by_hand, actual, False
     path = _path("downloads", entry.filename)
     download.remove_stale_temporaries(path)
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)  # left by a killed run: its hash was never checked
+    if os.path.isfile(path):
+        # Complete (it was renamed into place), left by a run killed before converting it.
+        actual = download.sha256_of(path)
+        if expected is None or actual == expected:
+            return path, actual, True
+        os.remove(path)
     print(f"Downloading {entry.url}", file=sys.stderr)
     actual = download.download(entry.url, path, expected, size, progress=progress)
     return path, actual, True

@@ -145,7 +145,7 @@ def describe(shapes):
     return text + (f" ({name})" if name else ""), (version, depths, dims)
 
 
-def _checkpoint_names(paths, naming, converted):
+def checkpoint_names(paths, naming, converted):
     """Weight paths as the checkpoint would name them: `stages.0.0.dwconv.weight (-> path)`."""
     if naming is None:
         return list(paths)
@@ -183,7 +183,7 @@ def plan_assignments(
             f"{model_text}. Build the model that matches the checkpoint."
         )
 
-    missing = _checkpoint_names(sorted(set(expected) - set(converted)), naming, converted)
+    missing = checkpoint_names(sorted(set(expected) - set(converted)), naming, converted)
     unexpected = sorted(unmatched) + sorted(
         f"{converted[p][0]} (-> {p})" for p in set(converted) - set(expected)
     )
