@@ -250,6 +250,12 @@ def _bad_checkpoints(good):
         cases.append((f"{dtype} tensor", {**good, last: bad}, rf"{re.escape(last)} \(dtype \w+, not floating point\)"))
     nan, inf = good["stages.0.0.dwconv.weight"].copy(), good[last].copy()
     nan.flat[5], inf.flat[0] = np.nan, -np.inf
+    hf = {key: good[official] for key, official in (("convnextv2.embeddings.patch_embeddings.weight",
+                                                     "downsample_layers.0.0.weight"),
+                                                    ("convnextv2.layernorm.weight", "norm.weight"),
+                                                    ("convnext.layernorm.weight", "norm.weight"))}
+    cases.append(("two tensors for one weight", hf,
+                  r"convnextv2\.layernorm\.weight and convnext\.layernorm\.weight \(-> head_norm/gamma\)"))
     cases.append(("NaN and Inf", {**good, "stages.0.0.dwconv.weight": nan, last: inf},
                   r"stages\.0\.0\.dwconv\.weight \(NaN or infinite values\), " + re.escape(last)))
     return cases

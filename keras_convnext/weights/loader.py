@@ -99,15 +99,22 @@ def convert_state_dict(state_dict, naming=None):
 
 def apply_table(state_dict, rows):
     """`(converted, unmatched)` for one naming table's rows (see `convert_state_dict`)."""
-    converted, unmatched, matched, layouts = {}, [], {}, []
+    converted, unmatched, matched, layouts, targets = {}, [], {}, [], defaultdict(list)
     for key, array in state_dict.items():
         for pattern, _, template, transform in rows:
             match = pattern.match(key)
             if match:
                 matched[key] = (template.format(**match.groupdict()), transform, array)
+                targets[matched[key][0]].append(key)
                 break
         else:
             unmatched.append(key)
+    shared = [f"{' and '.join(keys)} (-> {path})" for path, keys in targets.items() if len(keys) > 1]
+    if shared:
+        raise CheckpointError(
+            f"Several checkpoint tensors map to one weight: {_listed(shared)}. Nothing was loaded; "
+            "the checkpoint mixes two models' tensors."
+        )
     check_tensors({key: array for key, (_, _, array) in matched.items()})
     for key, (path, transform, array) in matched.items():
         try:
