@@ -175,3 +175,19 @@ def test_concurrent_first_use_shares_one_download(official_checkpoint, tmp_path)
         assert child.returncode == 0, err[-2000:]
     assert results[0][0] == results[1][0] and results[0][0].startswith("140 ")
     assert len(server.requests) == 1
+
+
+def test_expected_size_is_checked(server, cache_root, official_checkpoint):
+    entry = _entry(server.url(FILENAME))._replace(size=len(official_checkpoint) + 1)
+    with pytest.raises(CheckpointError, match=rf"{len(official_checkpoint)} bytes arrived, {len(official_checkpoint) + 1}"):
+        cache.converted_weights(entry, progress=False)
+    assert [name for _, _, names in os.walk(cache_root) for name in names if not name.endswith(".lock")] == []
+
+
+def test_a_complete_download_left_by_a_killed_run_is_converted(server, cache_root, official_checkpoint):
+    entry = _entry(server.url(FILENAME))
+    leftover = cache_root / "downloads" / FILENAME
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(official_checkpoint)
+    assert set(cache.converted_weights(entry, progress=False)) == set(variant_shapes("ConvNeXtV2Atto", 1000))
+    assert server.requests == [] and not leftover.exists()

@@ -187,8 +187,8 @@ def download(url, destination, sha256=None, size=None, progress=True):
         for announced in {total, size} - {None}:
             if received != announced:
                 raise CheckpointError(
-                    f"The download of {url} is incomplete: {received} of {announced} bytes arrived; "
-                    "nothing was kept. Run again to retry."
+                    f"The download of {url} is incomplete or not the expected file: {received} bytes "
+                    f"arrived, {announced} were expected; nothing was kept. Run again to retry."
                 )
         check_sha256(actual, sha256, url)
     return actual
