@@ -17,7 +17,8 @@ in TensorFlow, TFLite through the LiteRT (or TF Lite) interpreter, ONNX
 through onnxruntime. Float32 formats must agree to `atol` (1e-4) in every
 output, quantized ones in top-1 class; size and latency are printed. Only
 a verified artifact is moved into place (atomic `os.replace`); a failed
-check leaves the destination untouched.
+check leaves the destination untouched, and an existing destination is
+replaced only with `overwrite=True`.
 
 Inputs of every artifact: float32 images `(batch, height, width, 3)` with
 pixels in [0, 255] (channels_last models; channels_first models take
@@ -29,6 +30,7 @@ built with `input_shape=None`-style dynamic sizes or is fully convolutional.
 import argparse
 import dataclasses
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -412,32 +414,134 @@ def verify(model, format, path, atol=1e-4, min_top1_agreement=1.0, images=None, 
 # ---------------------------------------------------------------- public entry points
 
 
-def _temporary_sibling(path):
-    directory = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(directory, exist_ok=True)
-    return os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+# Temporary files and folders are named `.NAME.keras_convnext-tmp-<pid>-<random>` next to
+# the destination NAME, and an overwritten destination is set aside as
+# `.NAME.keras_convnext-old-<pid>-<random>` until the new one is in place, so a later run
+# can tell a killed export's leftovers from the user's files.
+_TEMPORARY_MARK = ".keras_convnext-tmp-"
+_ASIDE_MARK = ".keras_convnext-old-"
+_LEFTOVER_NAME = re.compile(r"^\.(?P<name>.+)(?P<mark>\.keras_convnext-(?:tmp|old)-)(?P<pid>\d+)-[0-9a-f]+$")
+
+
+def _temporary_sibling(path, mark=_TEMPORARY_MARK):
+    directory = os.path.dirname(os.path.abspath(path))
+    return os.path.join(directory, f".{os.path.basename(path)}{mark}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _process_is_running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory):
+    """Cleans up after exports into `directory` whose process has ended (killed mid-export).
+
+    Their temporaries are removed. A destination they had set aside is put
+    back if nothing took its place, and removed otherwise. Only names made
+    by `_temporary_sibling` are touched, and nothing of a running process.
+    Returns the paths removed or restored.
+    """
+    cleaned = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return cleaned
+    for name in names:
+        match = _LEFTOVER_NAME.match(name)
+        if not match or _process_is_running(int(match.group("pid"))):
+            continue
+        path = os.path.join(directory, name)
+        destination = os.path.join(directory, match.group("name"))
+        if match.group("mark") == _ASIDE_MARK and not os.path.lexists(destination):
+            os.replace(path, destination)
+        else:
+            _remove(path)
+        cleaned.append(path)
+    return cleaned
 
 
 def _remove(path):
-    if os.path.isdir(path):
+    if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
-    elif os.path.exists(path):
+    elif os.path.lexists(path):
         os.remove(path)
 
 
-def _move_into_place(temporary, path):
-    """os.replace for files; for a directory the old one is moved aside first."""
-    if os.path.isdir(temporary) and os.path.exists(path):
-        aside = _temporary_sibling(path)
-        os.replace(path, aside)
-        os.replace(temporary, path)
-        _remove(aside)
-    else:
-        os.replace(temporary, path)
+def _is_empty_directory(path):
+    return os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path)
+
+
+def _check_destinations(targets, overwrite):
+    """Refuses destinations that exist (unless `overwrite`), that repeat, or whose folder is a file."""
+    paths = [os.path.abspath(path) for path in targets.values()]
+    if len(set(paths)) != len(paths):
+        raise ValueError(f"Two export formats were given the same destination: {sorted(targets.values())}.")
+    for format, path in targets.items():
+        if not os.fspath(path):
+            raise ValueError(f"The {format} export destination is an empty path.")
+        parent = os.path.dirname(os.path.abspath(path))
+        if os.path.exists(parent) and not os.path.isdir(parent):
+            raise NotADirectoryError(f"Cannot export to {path}: {parent} is a file, not a folder.")
+        if os.path.lexists(path) and not overwrite and not _is_empty_directory(path):
+            kind = "folder" if os.path.isdir(path) else "file"
+            raise FileExistsError(
+                f"Cannot export {format} to {path}: a {kind} of that name exists, and export never "
+                "replaces existing files. Choose another path, or pass overwrite=True to replace it "
+                "once the new artifact is written and verified."
+            )
+
+
+def _make_parents(targets):
+    """Creates missing destination folders; returns those created, deepest first."""
+    created = []
+    for path in targets.values():
+        missing = []
+        parent = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(parent):
+            missing.append(parent)
+            parent = os.path.dirname(parent)
+        for folder in reversed(missing):
+            os.mkdir(folder)
+            created.insert(0, folder)
+    return created
+
+
+def _move_all_into_place(temporary, targets, overwrite):
+    """Moves every temporary artifact to its destination, or none of them.
+
+    An existing destination is first renamed aside and deleted only once
+    every artifact is in place; if any move fails, the artifacts already
+    moved are taken away again and the set-aside destinations put back.
+    """
+    moved = []  # (destination, its previous content set aside, or None)
+    try:
+        for format, path in targets.items():
+            # Checked again: the destination may have appeared during the export.
+            _check_destinations({format: path}, overwrite)
+            aside = None
+            if os.path.lexists(path):
+                aside = _temporary_sibling(path, _ASIDE_MARK)
+                os.replace(path, aside)
+            moved.append((path, aside))
+            os.replace(temporary[format], path)
+    except BaseException:
+        for path, aside in reversed(moved):
+            _remove(path)
+            if aside is not None:
+                os.replace(aside, path)
+        raise
+    for _, aside in moved:
+        if aside is not None:
+            _remove(aside)
 
 
 def export_formats(model, targets, verify_artifacts=True, atol=1e-4, min_top1_agreement=1.0, verbose=True,
-                   image_size=224):
+                   image_size=224, overwrite=False):
     """Writes several formats with one conversion run (one subprocess off TensorFlow).
 
     Args:
@@ -447,18 +551,43 @@ def export_formats(model, targets, verify_artifacts=True, atol=1e-4, min_top1_ag
         verify_artifacts: check each artifact against `model` (see `verify`).
         image_size: for models built without a fixed input size, the side
             in pixels of the TFLite input and of the check images.
+        overwrite: replace destinations that exist. Without it an existing
+            file or non-empty folder is refused (`FileExistsError`) and
+            nothing is written.
+
+    All or nothing: every artifact is written and verified under a
+    temporary name next to its destination, and only then are all of them
+    moved into place; on any failure no destination changes. Temporaries
+    left by a killed export are removed by the next one.
 
     Returns:
         `{format: ExportReport}` (reports with NaN numbers when not verified).
     """
     import keras
 
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"export takes a Keras model (any keras_convnext classifier); got {type(model).__name__}.")
+    _layout(model)  # a model without one image input is refused before anything is written
+    if not isinstance(targets, (str, os.PathLike, dict)):
+        raise TypeError(
+            f"targets must be a folder path or a {{format: path}} dict; got {type(targets).__name__}."
+        )
     if isinstance(targets, (str, os.PathLike)):
         directory = os.fspath(targets)
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise NotADirectoryError(f"Cannot export every format into {directory}: it is a file, not a folder.")
         targets = {format: os.path.join(directory, "model" + _SUFFIX[format]) for format in FORMATS}
-    for format in targets:
+    for format, path in targets.items():
         _check_format(format)
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"The {format} export destination must be a path; got {type(path).__name__}.")
+    targets = {format: os.fspath(path) for format, path in targets.items()}
+    _check_destinations(targets, overwrite)
+    for folder in {os.path.dirname(os.path.abspath(path)) for path in targets.values()}:
+        remove_stale_temporaries(folder)
+    created = _make_parents(targets)
     temporary = {format: _temporary_sibling(path) for format, path in targets.items()}
+    done = False
     try:
         if keras.backend.backend() == "tensorflow":
             flags = write_artifacts(model, temporary, image_size)
@@ -466,6 +595,8 @@ def export_formats(model, targets, verify_artifacts=True, atol=1e-4, min_top1_ag
             flags = _write_in_tensorflow_subprocess(model, temporary, image_size)
         reports = {}
         for format, path in targets.items():
+            if not os.path.lexists(temporary[format]):
+                raise ExportError(f"The {format} export wrote no artifact.")
             if verify_artifacts:
                 report = verify(model, format, temporary[format], atol, min_top1_agreement,
                                 dynamic_resolution=flags.get(format, False), image_size=image_size)
@@ -474,11 +605,15 @@ def export_formats(model, targets, verify_artifacts=True, atol=1e-4, min_top1_ag
                                       float("nan"), 0, True, flags.get(format, False))
             report.path = path
             reports[format] = report
-        for format, path in targets.items():
-            _move_into_place(temporary[format], path)
+        _move_all_into_place(temporary, targets, overwrite)
+        done = True
     finally:
         for path in temporary.values():
             _remove(path)
+        if not done:
+            for folder in created:
+                if _is_empty_directory(folder):
+                    os.rmdir(folder)
     if verbose:
         for report in reports.values():
             print(report)
@@ -486,7 +621,7 @@ def export_formats(model, targets, verify_artifacts=True, atol=1e-4, min_top1_ag
 
 
 def export(model, path, format="saved_model", verify_artifact=True, atol=1e-4, min_top1_agreement=1.0, verbose=True,
-           image_size=224):
+           image_size=224, overwrite=False):
     """Exports `model` to `path` in `format` from any Keras backend, then verifies it.
 
     Args:
@@ -498,13 +633,16 @@ def export(model, path, format="saved_model", verify_artifact=True, atol=1e-4, m
         atol: allowed max |difference| of float32 formats.
         min_top1_agreement: needed top-1 agreement of quantized formats.
         image_size: TFLite/check input side for models without a fixed size.
+        overwrite: replace an existing file or folder at `path` (only once
+            the new artifact is written and verified); without it an
+            existing destination is refused with a `FileExistsError`.
 
     Returns:
         An `ExportReport` (size, max difference, top-1 agreement, latency).
     """
     _check_format(format)
-    return export_formats(model, {format: os.fspath(path)}, verify_artifact, atol, min_top1_agreement, verbose,
-                          image_size)[format]
+    return export_formats(model, {format: path}, verify_artifact, atol, min_top1_agreement, verbose,
+                          image_size, overwrite)[format]
 
 
 def _main(argv=None):

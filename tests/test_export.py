@@ -133,7 +133,7 @@ def test_failed_verification_leaves_nothing_behind(tmp_path, monkeypatch):
     destination = tmp_path / "model.onnx"
     destination.write_bytes(b"previous")
     with pytest.raises(ExportError, match="disagrees"):
-        keras_convnext.export(_small_model(), str(destination), format="onnx")
+        keras_convnext.export(_small_model(), str(destination), format="onnx", overwrite=True)
     assert destination.read_bytes() == b"previous"
     assert sorted(os.listdir(tmp_path)) == ["model.onnx"]  # no temporary left
 
@@ -183,3 +183,147 @@ def test_tflite_artifact_computes_what_the_keras_converter_writes(exported, tmp_
     np.testing.assert_array_equal(
         _run_artifact("tflite", reports["tflite"].path, images), _run_artifact("tflite", str(path), images)
     )
+
+
+# ---------------------------------------------------------------- nothing lost, nothing half-done
+
+
+def _export_module():
+    import importlib
+
+    # The package attribute `keras_convnext.export` is the function; the module is this.
+    return importlib.import_module("keras_convnext.export")
+
+
+def _fake_writer(model, targets, image_size=224):
+    for format, path in targets.items():
+        if format == "saved_model":
+            os.makedirs(os.path.join(path, "variables"))
+            with open(os.path.join(path, "saved_model.pb"), "wb") as f:
+                f.write(b"new")
+        else:
+            with open(path, "wb") as f:
+                f.write(b"new " + format.encode())
+    return {}
+
+
+def _use_fake_writer(monkeypatch):
+    module = _export_module()
+    monkeypatch.setattr(module, "write_artifacts", _fake_writer)
+    monkeypatch.setattr(module, "_write_in_tensorflow_subprocess", _fake_writer)
+    return module
+
+
+def _tree(root):
+    """`{relative path: bytes or None for folders}` of everything under `root`."""
+    tree = {}
+    for folder, folders, files in os.walk(root):
+        for name in folders:
+            tree[os.path.relpath(os.path.join(folder, name), root)] = None
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                tree[os.path.relpath(os.path.join(folder, name), root)] = f.read()
+    return tree
+
+
+def _user_project(tmp_path):
+    project = tmp_path / "my_project"
+    (project / "src").mkdir(parents=True)
+    (project / "notes.txt").write_text("my notes")
+    (project / "src" / "train.py").write_text("print('training')")
+    return project
+
+
+def _ended_process_id():
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_existing_folder_with_user_files_is_refused_and_kept(tmp_path):
+    project = _user_project(tmp_path)
+    before = _tree(tmp_path)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        keras_convnext.export(_small_model(), str(project), format="saved_model")
+    assert _tree(tmp_path) == before
+
+
+def test_overwrite_replaces_only_after_verification(tmp_path, monkeypatch):
+    module = _use_fake_writer(monkeypatch)
+    project = _user_project(tmp_path)
+    before = _tree(tmp_path)
+
+    def failing_check(*args, **kwargs):
+        raise ExportError("disagrees")
+
+    monkeypatch.setattr(module, "verify", failing_check)
+    with pytest.raises(ExportError, match="disagrees"):
+        keras_convnext.export(_small_model(), str(project), format="saved_model", overwrite=True)
+    assert _tree(tmp_path) == before
+
+    keras_convnext.export(_small_model(), str(project), format="saved_model", overwrite=True,
+                          verify_artifact=False, verbose=False)
+    assert _tree(tmp_path) == {"my_project": None, "my_project/variables": None, "my_project/saved_model.pb": b"new"}
+
+
+def test_a_failed_move_of_the_second_artifact_takes_back_the_first(tmp_path, monkeypatch):
+    _use_fake_writer(monkeypatch)
+    (tmp_path / "model.tflite").write_bytes(b"previous")
+    before = _tree(tmp_path)
+    real_replace = os.replace
+
+    def replace(source, destination):
+        if os.path.basename(destination) == "model.onnx":
+            raise OSError("disk full")
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", replace)
+    targets = {"tflite": str(tmp_path / "model.tflite"), "onnx": str(tmp_path / "model.onnx")}
+    with pytest.raises(OSError, match="disk full"):
+        export_formats(_small_model(), targets, verify_artifacts=False, overwrite=True, verbose=False)
+    assert _tree(tmp_path) == before
+
+
+def test_failure_in_the_second_format_leaves_nothing_and_stale_temporaries_go(tmp_path, monkeypatch):
+    """A real export on this backend: both artifacts are written, the second fails its check."""
+    module = _export_module()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / ".model.tflite.tmp").write_text("also mine")
+    stale = [
+        f".model.onnx.keras_convnext-tmp-{_ended_process_id()}-0badc0de",
+        f".x.keras_convnext-tmp-{_ended_process_id()}-12ab",
+    ]
+    (out / stale[0]).write_bytes(b"half-written")
+    (out / stale[1]).mkdir()
+    live = f".model.keras_convnext-tmp-{os.getpid()}-feedbeef"
+    (out / live).write_bytes(b"being written")
+    # A killed overwrite: the previous model.onnx set aside, the new one not yet in place.
+    set_aside = f".model.onnx.keras_convnext-old-{_ended_process_id()}-0ddba11"
+    (out / set_aside).write_bytes(b"the previous model.onnx")
+    stale.append(f".notes.txt.keras_convnext-old-{_ended_process_id()}-5eed")  # notes.txt is in place
+    (out / stale[-1]).write_text("an older notes.txt")
+    before = {name: value for name, value in _tree(out).items() if name not in stale + [set_aside]}
+    before["model.onnx"] = b"the previous model.onnx"
+    checked = []
+
+    def verify_failing_on_tflite(model, format, path, *args, **kwargs):
+        # The artifacts were really written (the full check is the tests above); the second "disagrees".
+        checked.append((format, os.path.basename(path)))
+        if format == "tflite":
+            assert os.path.getsize(path) > 0
+            raise ExportError("second format disagrees")
+        assert os.path.isfile(os.path.join(path, "saved_model.pb"))
+        return module.ExportReport(format, path, 1, 0.0, 1.0, 0.0, 4, True, False)
+
+    monkeypatch.setattr(module, "verify", verify_failing_on_tflite)
+    targets = {"saved_model": str(out / "model"), "tflite": str(out / "model.tflite")}
+    with pytest.raises(ExportError, match="second format disagrees"):
+        export_formats(_small_model(), targets, image_size=32, verbose=False)
+    assert [format for format, _ in checked] == ["saved_model", "tflite"]
+    assert all(".keras_convnext-tmp-" in name for _, name in checked)
+    assert _tree(out) == before

@@ -385,11 +385,11 @@ def test_official_fcmae_checkpoint_loads_encoder_and_decoder(fcmae_checkpoint, h
     assert np.abs(_np(backbone(images)) - expected).max() <= 1e-4
 
     encoder = kc.ConvNeXtV2Atto(include_top=False, include_preprocessing=False, input_shape=(64, 64, 3))
-    model = kc.FCMAE(encoder, input_shape=(64, 64, 3), mask_ratio=0.0, decoder_dim=24, decoder_depth=2, weights=path)
+    model = kc.FCMAE(encoder, input_shape=(64, 64, 3), mask_ratio=0.25, decoder_dim=24, decoder_depth=2, weights=path)
+    # The dense path takes any mask; with every patch visible it is the plain encoder.
     all_visible = np.zeros((2, 2, 2), "float32")
-    for fast_path in (False, True):
-        features = _np(model.encode(images, all_visible, fast_path=fast_path))
-        assert np.abs(features - expected).max() <= 1e-4
+    features = _np(model.encode(images, all_visible, fast_path=False))
+    assert np.abs(features - expected).max() <= 1e-4
     patch_mask = np.array([[[1, 0], [0, 1]], [[0, 0], [1, 0]]], "float32")
     pred = _np(model.decoder(features, patch_mask))
     reference = _torch_decode(parts, mask_token, features, patch_mask)
@@ -519,3 +519,50 @@ def test_gather_and_scatter_of_visible_cells_match_the_portable_formulation():
     scatter_grad = _gradient(lambda t: positions.scatter(t) * ops.convert_to_tensor(dense_weights), tokens)
     np.testing.assert_allclose(scatter_grad, _np(positions.gather(dense_weights)), rtol=1e-6)
     assert np.abs(gather_grad).max() > 0 and np.abs(scatter_grad).max() > 0
+
+
+def test_weights_fcmae_is_the_registry_tag_for_the_encoder(monkeypatch, tmp_path):
+    """`weights="fcmae"` loads the registry's pre-trained encoder, not a file named "fcmae"."""
+    from keras_convnext.weights import download
+
+    monkeypatch.chdir(tmp_path)  # no file named "fcmae" here
+    published = kc.ConvNeXtV2Atto(include_top=False, input_shape=(64, 64, 3))
+    _randomize(published, seed=3)
+    requested = []
+
+    def converted_weights(entry, **kwargs):
+        requested.append((entry.variant, entry.tag))
+        return {variable.path: variable.numpy() for variable in published.weights}
+
+    monkeypatch.setattr(download, "converted_weights", converted_weights)
+    model = kc.FCMAE("ConvNeXtV2Atto", input_shape=(64, 64, 3), decoder_dim=8, weights="fcmae")
+    assert requested == [("ConvNeXtV2Atto", "fcmae")]
+    for mine, theirs in zip(model.encoder.weights, published.weights):
+        np.testing.assert_array_equal(_np(mine), _np(theirs))
+
+
+def test_patch_masks_of_model_random_mask_pass_the_check():
+    model = kc.FCMAE(_tiny_encoder(), input_shape=(64, 64, 3), mask_ratio=0.5, decoder_dim=8, seed=1)
+    mask = model.random_mask(3)
+    model.check_patch_mask(mask)
+    assert model.num_visible == 2 and _np(model(_pixels(3, 64), patch_mask=mask)["loss"]).shape == (3,)
+
+
+@pytest.mark.parametrize("bad_value, phrase", [
+    (np.full((3,), np.nan, "float32"), "NaN or infinite"),
+    (np.array([1, 2, 3]), "int64 values"),
+    (np.array(["a", "b", "c"]), "<U1 values"),
+])
+def test_fcmae_checkpoint_with_a_bad_decoder_tensor_loads_nothing(fcmae_checkpoint, bad_value, phrase):
+    """The checks run over every tensor before the first assignment."""
+    from keras_convnext.weights.files import read_checkpoint
+
+    path, _, _ = fcmae_checkpoint
+    state = read_checkpoint(path)
+    state["pred.weight"] = np.resize(bad_value, state["pred.weight"].shape)
+    encoder = kc.ConvNeXtV2Atto(include_top=False, include_preprocessing=False, input_shape=(64, 64, 3))
+    model = kc.FCMAE(encoder, input_shape=(64, 64, 3), decoder_dim=24, decoder_depth=2)
+    before = [_np(v) for v in model.weights]
+    with pytest.raises(kc.CheckpointError, match=phrase):
+        model.load_checkpoint(state)
+    assert all(np.array_equal(a, _np(v)) for a, v in zip(before, model.weights))

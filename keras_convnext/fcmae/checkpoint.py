@@ -3,6 +3,8 @@
 import os
 from collections.abc import Mapping
 
+import numpy as np
+
 from keras_convnext.weights.files import CheckpointError, flatten_state_dict, read_checkpoint
 from keras_convnext.weights.loader import apply_table, convert_state_dict, detect_naming, plan_assignments
 from keras_convnext.weights.naming import FCMAE_DECODER, NON_ENCODER_KEYS
@@ -58,6 +60,23 @@ def load_fcmae_checkpoint(model, source):
     converted, unmatched = convert_state_dict(encoder_part, naming)
     assignments = plan_assignments(model.encoder, converted, unmatched, fresh_head=False)
     assignments += _plan_decoder(model.decoder, *_convert_decoder(decoder_part))
-    for variable, array in assignments:
-        variable.assign(array.astype(variable.dtype))
+    values = [(variable, _checked_value(variable, array, label)) for variable, array in assignments]
+    for variable, value in values:
+        variable.assign(value)
     return model
+
+
+def _checked_value(variable, array, label):
+    """`array` cast to the variable's dtype, once it is known to hold finite real numbers."""
+    array = np.asarray(array)
+    if array.dtype.kind != "f":
+        raise CheckpointError(
+            f"{label}: the tensor for {variable.path} holds {array.dtype} values, not floating-point "
+            "weights; nothing was loaded."
+        )
+    if not np.all(np.isfinite(array)):
+        raise CheckpointError(
+            f"{label}: the tensor for {variable.path} holds NaN or infinite values; nothing was loaded. "
+            "The checkpoint is damaged or comes from a diverged run."
+        )
+    return array.astype(variable.dtype)

@@ -22,13 +22,15 @@ def random_patch_mask(batch_size, grid_shape, mask_ratio, seed=None):
     Args:
         batch_size: number of images.
         grid_shape: `(grid_height, grid_width)`, patches per column and row.
-        mask_ratio: fraction of patches to mask, in [0, 1).
+        mask_ratio: fraction of patches to mask, in (0, 1).
         seed: a `keras.random.SeedGenerator` (or an integer) for reproducible masks.
 
     Returns:
         float32 tensor `(batch, grid_height, grid_width)`, 1 = masked, with
         exactly `visible_count(L, mask_ratio)` zeros per image.
     """
+    if not 0.0 < mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in (0, 1), the fraction of patches to mask; got {mask_ratio}.")
     grid_height, grid_width = grid_shape
     num_patches = grid_height * grid_width
     keep = visible_count(num_patches, mask_ratio)

@@ -1,6 +1,9 @@
 """FCMAE: masked-autoencoder pre-training of ConvNeXt V2 as a `keras.Model`."""
 
+import os
+
 import keras
+import numpy as np
 from keras import ops
 
 from keras_convnext.fcmae import encoder as sparse
@@ -39,8 +42,6 @@ def _check_shapes(encoder, input_shape, patch_size, mask_ratio, channels_first):
             f"patch_size must be {sparse.ENCODER_STRIDE}, the total stride of the ConvNeXt "
             f"encoder, so that each patch is one position of its output; got {patch_size}."
         )
-    if not 0.0 <= mask_ratio < 1.0:
-        raise ValueError(f"mask_ratio must be in [0, 1); got {mask_ratio}.")
     if len(input_shape) != 3:
         raise ValueError(f"input_shape must be (height, width, channels); got {input_shape}.")
     height, width = (input_shape[1], input_shape[2]) if channels_first else (input_shape[0], input_shape[1])
@@ -58,6 +59,49 @@ def _check_shapes(encoder, input_shape, patch_size, mask_ratio, channels_first):
             "(or with input_shape=None)."
         )
     return height // patch_size, width // patch_size
+
+
+def _check_mask_ratio(mask_ratio):
+    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float, np.number)):
+        raise TypeError(f"mask_ratio must be a number in (0, 1); got {mask_ratio!r}.")
+    if not 0.0 < mask_ratio < 1.0:
+        raise ValueError(
+            f"mask_ratio must be in (0, 1), the fraction of patches masked per image (the official "
+            f"recipe uses 0.6); got {mask_ratio}. At 0 no patch is masked and the loss is always 0; "
+            "at 1 the encoder sees nothing."
+        )
+    return float(mask_ratio)
+
+
+def _check_patch_counts(grid_shape, mask_ratio):
+    """Refuses a grid and ratio that leave no visible or no masked patch."""
+    num_patches = grid_shape[0] * grid_shape[1]
+    visible = visible_count(num_patches, mask_ratio)
+    if 0 < visible < num_patches:
+        return
+    which = "no patch visible to the encoder" if visible == 0 else "no patch masked, so the loss is always 0"
+    raise ValueError(
+        f"mask_ratio={mask_ratio} over a grid of {grid_shape[0]}x{grid_shape[1]} patches leaves {which} "
+        f"(int({num_patches} * (1 - {mask_ratio})) = {visible} of {num_patches} patches visible). Use larger "
+        "images (64x64 pixels or more give at least 4 patches) or another mask_ratio."
+    )
+
+
+def _concrete(tensor):
+    """`tensor` as a numpy array when its values are known now, else None (inside a traced function)."""
+    if isinstance(tensor, np.ndarray):
+        return tensor
+    try:
+        return ops.convert_to_numpy(tensor)
+    except Exception:  # a JAX tracer or a symbolic TensorFlow tensor: values known only at run time
+        return None
+
+
+def _variant_of(encoder_spec, encoder):
+    if encoder_spec is not None:
+        return encoder_spec
+    by_model_name = {name.lower(): name for name in CONSTRUCTORS}
+    return by_model_name.get(encoder.name)
 
 
 @keras.saving.register_keras_serializable(package="keras_convnext")
@@ -78,8 +122,9 @@ class FCMAE(keras.Model):
             With an encoder that has preprocessing (the default), images are
             RGB pixels in [0, 255] and the reconstruction target is the
             normalized image, as in the official recipe.
-        mask_ratio: fraction of patches masked per image; exactly
-            `int(L * (1 - mask_ratio))` of the `L` patches stay visible.
+        mask_ratio: fraction of patches masked per image, in (0, 1); exactly
+            `int(L * (1 - mask_ratio))` of the `L` patches stay visible,
+            and at least one must be visible and one masked.
         patch_size: mask patch side in pixels; the encoder's stride, 32.
         decoder_dim, decoder_depth: width and number of the decoder's ConvNeXt V2 blocks.
         norm_pix_loss: targets are each patch standardized by its own mean
@@ -88,8 +133,10 @@ class FCMAE(keras.Model):
         fast_path: run the pointwise layers on gathered visible positions
             only (same result as the dense masked path, faster).
         seed: seed of the mask generator, for reproducible runs.
-        weights: optional official FCMAE checkpoint (`convnextv2_*_fcmae.pt`)
-            to load, encoder and decoder.
+        weights: `"fcmae"`, the registry's official pre-trained encoder
+            (downloaded and cached; the decoder keeps its initialization), or
+            the path of an official FCMAE checkpoint
+            (`convnextv2_*_fcmae.pt`), which loads encoder and decoder.
 
     Calling the model returns a dict: `loss` `(batch,)`, the per-image masked
     loss; `pred` `(batch, gh, gw, patch_size**2 * 3)`, the predicted patches
@@ -115,16 +162,18 @@ class FCMAE(keras.Model):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        mask_ratio = _check_mask_ratio(mask_ratio)  # before the encoder is built: a quick refusal
         self.encoder_spec = encoder if isinstance(encoder, str) else None
         self.encoder = _build_encoder(encoder, tuple(input_shape), drop_path_rate)
         self.encoder_layers = sparse.find_encoder_layers(self.encoder)
         self.image_shape = tuple(input_shape)
-        self.mask_ratio = float(mask_ratio)
+        self.mask_ratio = mask_ratio
         self.patch_size = int(patch_size)
         self.grid_shape = _check_shapes(
             self.encoder, self.image_shape, self.patch_size, self.mask_ratio,
             self.encoder_layers.channels_first,
         )
+        _check_patch_counts(self.grid_shape, self.mask_ratio)
         self.decoder_dim = int(decoder_dim)
         self.decoder_depth = int(decoder_depth)
         self.norm_pix_loss = bool(norm_pix_loss)
@@ -138,7 +187,22 @@ class FCMAE(keras.Model):
         )
         self.build((None,) + self.image_shape)
         if weights is not None:
-            self.load_checkpoint(weights)
+            self._load_weights_argument(weights)
+
+    def _load_weights_argument(self, weights):
+        """`weights=`: a registry tag (`"fcmae"`) for the encoder, else an official FCMAE checkpoint."""
+        is_file = isinstance(weights, os.PathLike) or (isinstance(weights, str) and os.path.exists(weights))
+        if not isinstance(weights, str) or is_file:
+            return self.load_checkpoint(weights)
+        from keras_convnext.weights import registry
+
+        entry = registry.lookup(_variant_of(self.encoder_spec, self.encoder), weights)
+        if not entry.encoder_only:
+            raise ValueError(
+                f"weights={weights!r} is a classifier release; FCMAE starts from the encoder-only "
+                "pre-training weights, weights='fcmae'."
+            )
+        return registry.load_pretrained(self.encoder, entry)
 
     @property
     def num_visible(self):
@@ -155,10 +219,51 @@ class FCMAE(keras.Model):
         """A fresh patch mask `(batch, gh, gw)` (1 = masked) from the model's seed generator."""
         return random_patch_mask(batch_size, self.grid_shape, self.mask_ratio, seed=self.seed_generator)
 
+    def check_patch_mask(self, patch_mask):
+        """Raises a ValueError unless `patch_mask` is `(batch, gh, gw)` of 0/1 with `num_visible` zeros per image.
+
+        The fast path gathers exactly `num_visible` positions per image, so
+        any other count would be cut silently. Values are checked when they
+        are known (eager calls); inside a traced function only the shape is.
+        """
+        if not hasattr(patch_mask, "shape"):
+            patch_mask = np.asarray(patch_mask)
+        shape = tuple(patch_mask.shape)
+        if len(shape) != 3 or shape[1:] != tuple(self.grid_shape):
+            raise ValueError(
+                f"patch_mask must have shape (batch, {self.grid_shape[0]}, {self.grid_shape[1]}), one "
+                f"value per patch of {self.patch_size} pixels; got {shape}."
+            )
+        values = _concrete(patch_mask)
+        if values is None:
+            return
+        if not np.all((values == 0) | (values == 1)):
+            raise ValueError("patch_mask must hold only 0 (visible) and 1 (masked).")
+        visible = np.sum(values == 0, axis=(1, 2))
+        wrong = np.flatnonzero(visible != self.num_visible)
+        if wrong.size:
+            raise ValueError(
+                f"patch_mask keeps {int(visible[wrong[0]])} patches visible in image {int(wrong[0])}, but this "
+                f"FCMAE model (mask_ratio={self.mask_ratio}, {self.grid_shape[0]}x{self.grid_shape[1]} patches) "
+                f"encodes exactly {self.num_visible} per image. Draw masks with model.random_mask(batch_size), "
+                "or build the model with the mask_ratio your masks have."
+            )
+
     def encode(self, images, patch_mask, training=None, fast_path=None):
-        """Encoder features `(batch, gh, gw, dims[-1])` of the visible patches, zero elsewhere."""
+        """Encoder features `(batch, gh, gw, dims[-1])` of the visible patches, zero elsewhere.
+
+        On the fast path `patch_mask` must keep exactly `num_visible`
+        patches visible per image (`check_patch_mask`); the dense path
+        takes any mask.
+        """
+        fast_path = self.fast_path if fast_path is None else fast_path
+        if fast_path:
+            self.check_patch_mask(patch_mask)
+        return self._encode(images, patch_mask, training, fast_path)
+
+    def _encode(self, images, patch_mask, training, fast_path):
         x = sparse.prepare_images(self.encoder_layers, images)
-        if self.fast_path if fast_path is None else fast_path:
+        if fast_path:
             return sparse.fast_forward(
                 self.encoder_layers, x, patch_mask, self.patch_size, self.mask_ratio, training
             )
@@ -196,9 +301,17 @@ class FCMAE(keras.Model):
     def call(self, images, training=None, patch_mask=None, fast_path=None):
         if patch_mask is None:
             patch_mask = self.random_mask(ops.shape(images)[0])
+        else:
+            if not hasattr(patch_mask, "shape"):
+                patch_mask = np.asarray(patch_mask, "float32")
+            self.check_patch_mask(patch_mask)
+            if None not in (images.shape[0], patch_mask.shape[0]) and images.shape[0] != patch_mask.shape[0]:
+                raise ValueError(
+                    f"patch_mask holds masks for {patch_mask.shape[0]} images, but {images.shape[0]} images were given."
+                )
         patch_mask = ops.cast(patch_mask, "float32")
         fast_path = self.fast_path if fast_path is None else fast_path
-        features = self.encode(images, patch_mask, training=training, fast_path=fast_path)
+        features = self._encode(images, patch_mask, training, fast_path)
         targets = self.reconstruction_targets(images)
         num_patches = self.grid_shape[0] * self.grid_shape[1]
         if not (fast_path and training) or self.num_visible == num_patches:
