@@ -247,7 +247,7 @@ def _bad_checkpoints(good):
     ]
     for dtype in ("int64", "bool", "complex64", "<U1", "object"):
         bad = np.zeros(good[last].shape, dtype=dtype)
-        cases.append((f"{dtype} tensor", {**good, last: bad}, rf"{re.escape(last)} \(dtype \w+, not floating point\)"))
+        cases.append((f"{dtype} tensor", {**good, last: bad}, rf"{re.escape(last)} \(\S+ values, not floating point\)"))
     nan, inf = good["stages.0.0.dwconv.weight"].copy(), good[last].copy()
     nan.flat[5], inf.flat[0] = np.nan, -np.inf
     hf = {key: good[official] for key, official in (("convnextv2.embeddings.patch_embeddings.weight",

@@ -59,7 +59,7 @@ def tensor_problem(array):
     if not isinstance(dtype, np.dtype):
         return f"a {type(array).__name__}, not an array"
     if dtype.kind != "f" and dtype.name != "bfloat16":
-        return f"dtype {dtype.name}, not floating point"
+        return f"{dtype} values, not floating point"
     if not np.isfinite(array).all():
         return "NaN or infinite values"
     return None
