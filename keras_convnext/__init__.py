@@ -38,6 +38,7 @@ from keras_convnext import workflows  # noqa: E402  (train, finetune, evaluate, 
 from keras_convnext.weights import (
     CheckpointError,
     convert_state_dict,
+    list_weights,
     load_state_dict,
     load_weights,
     read_checkpoint,

@@ -29,7 +29,7 @@ import keras
 
 from keras_convnext.models.convnext import CONSTRUCTORS
 from keras_convnext.models.variants import find_variant
-from keras_convnext.weights import download, registry
+from keras_convnext.weights import cache, download, registry
 from keras_convnext.weights.files import CheckpointError, read_checkpoint
 from keras_convnext.weights.loader import convert_state_dict, describe, load_state_dict
 from keras_convnext.weights.naming import CLASSIFIER_PREFIX
@@ -129,11 +129,11 @@ def convert_all(args):
     for entry in registry.ENTRIES:
         print(f"== {entry.variant} weights={entry.tag!r}")
         try:
-            checkpoint, _ = download.fetch_checkpoint(entry)
-            passed, worst = _convert_and_report(
-                checkpoint, args.output_dir, entry.variant, f"{entry.variant}-{entry.tag}",
-                args, args.image_size or entry.resolution,
-            )
+            with cache.original_checkpoint(entry) as checkpoint:
+                passed, worst = _convert_and_report(
+                    checkpoint, args.output_dir, entry.variant, f"{entry.variant}-{entry.tag}",
+                    args, args.image_size or entry.resolution,
+                )
             status = {True: "verified", False: "FAILED", None: "converted, not verified"}[passed]
             status = "converted" if not args.verify else status
             failed = failed or passed is False
@@ -190,11 +190,11 @@ def main(argv=None):
             if not args.variant:
                 parser.error(f"{args.source!r} is not a file; a registry tag needs --variant")
             entry = registry.lookup(args.variant, args.source)
-            checkpoint, _ = download.fetch_checkpoint(entry)
-            passed, _ = _convert_and_report(
-                checkpoint, args.output_dir, entry.variant, args.name or f"{entry.variant}-{entry.tag}",
-                args, args.image_size or entry.resolution,
-            )
+            with cache.original_checkpoint(entry) as checkpoint:
+                passed, _ = _convert_and_report(
+                    checkpoint, args.output_dir, entry.variant, args.name or f"{entry.variant}-{entry.tag}",
+                    args, args.image_size or entry.resolution,
+                )
     except (CheckpointError, ValueError, OSError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

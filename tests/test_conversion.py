@@ -8,7 +8,7 @@ import keras
 import keras_convnext as kc
 from conftest import torch_logits
 from keras_convnext import convert, verify
-from keras_convnext.weights import download, registry
+from keras_convnext.weights import cache, download, registry
 from naming_fixtures import hf_to_official, hf_to_timm
 
 
@@ -43,7 +43,7 @@ def test_file_to_weights_and_keras_with_verify(hf_v2_atto, tmp_path, capsys):
     # .weights.h5 file must give the same model through the constructor.
     # 7 images, as --verify uses (5 photos + 2 random): the shapes are compiled already.
     pixels = np.random.default_rng(0).uniform(0, 255, size=(7, 64, 64, 3)).astype("float32")
-    expected = _softmax(torch_logits(hf_v2_atto, kc.preprocess_input(pixels)))
+    expected = _softmax(torch_logits(hf_v2_atto, kc.normalize_imagenet(pixels)))
     model = kc.ConvNeXtV2Atto(weights=str(output / "convnextv2_atto_1k_224_ema.weights.h5"))
     probabilities = keras.ops.convert_to_numpy(model(pixels, training=False))
     assert np.abs(probabilities - expected).max() <= 1e-5
@@ -80,12 +80,12 @@ def test_all_converts_reachable_entries_and_skips_unreachable(hf_v1_atto, tmp_pa
         probe.bind(("127.0.0.1", 0))
         closed_port = probe.getsockname()[1]
     entries = [
-        registry.Pretrained("ConvNeXtAtto", "test-local", "file://" + checkpoint, "test", 64, 1000, None),
+        registry.Pretrained("ConvNeXtAtto", "test-local", "file://" + checkpoint, "test", 64, 1000, None, "MIT"),
         registry.Pretrained("ConvNeXtAtto", "test-offline", f"http://127.0.0.1:{closed_port}/x.pth",
-                            "test", 64, 1000, None),
+                            "test", 64, 1000, None, "MIT"),
     ]
     monkeypatch.setattr(registry, "ENTRIES", entries)
-    monkeypatch.setenv(download.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.delenv(download.WEIGHTS_DIR_ENV, raising=False)
     output = tmp_path / "out"
     status = convert.main(["--all", "--verify", "--output-dir", str(output)])

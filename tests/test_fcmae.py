@@ -523,7 +523,7 @@ def test_gather_and_scatter_of_visible_cells_match_the_portable_formulation():
 
 def test_weights_fcmae_is_the_registry_tag_for_the_encoder(monkeypatch, tmp_path):
     """`weights="fcmae"` loads the registry's pre-trained encoder, not a file named "fcmae"."""
-    from keras_convnext.weights import download
+    from keras_convnext.weights import cache
 
     monkeypatch.chdir(tmp_path)  # no file named "fcmae" here
     published = kc.ConvNeXtV2Atto(include_top=False, input_shape=(64, 64, 3))
@@ -534,7 +534,7 @@ def test_weights_fcmae_is_the_registry_tag_for_the_encoder(monkeypatch, tmp_path
         requested.append((entry.variant, entry.tag))
         return {variable.path: variable.numpy() for variable in published.weights}
 
-    monkeypatch.setattr(download, "converted_weights", converted_weights)
+    monkeypatch.setattr(cache, "converted_weights", converted_weights)
     model = kc.FCMAE("ConvNeXtV2Atto", input_shape=(64, 64, 3), decoder_dim=8, weights="fcmae")
     assert requested == [("ConvNeXtV2Atto", "fcmae")]
     for mine, theirs in zip(model.encoder.weights, published.weights):

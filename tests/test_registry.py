@@ -1,12 +1,10 @@
 """The pretrained registry: its data, and download -> convert -> cache against a local server."""
 
 import hashlib
-import http.server
 import io
 import os
 import re
 import socket
-import threading
 from urllib.parse import urlparse
 
 import numpy as np
@@ -17,8 +15,10 @@ import keras
 import keras_convnext as kc
 from conftest import random_images, torch_logits
 from keras_convnext.models.convnext import CONSTRUCTORS
+from keras_convnext.weights import cache as weights_cache
 from keras_convnext.weights import download, registry
 from keras_convnext.weights.files import CheckpointError
+from local_server import LocalServer
 from naming_fixtures import hf_to_official
 
 README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
@@ -79,7 +79,7 @@ def test_unknown_tag_lists_the_valid_tags():
 def test_fcmae_tag_gives_a_classifier_a_fresh_head(monkeypatch):
     encoder = _small_model("ConvNeXtV2Atto", include_top=False)
     encoder_weights = {v.path: np.asarray(v.numpy()) + 0.5 for v in encoder.weights}
-    monkeypatch.setattr(download, "converted_weights", lambda entry: encoder_weights)
+    monkeypatch.setattr(weights_cache, "converted_weights", lambda entry: dict(encoder_weights))
     model = _small_model("ConvNeXtV2Atto", weights="fcmae", classes=3)
     for variable in model.weights:
         if variable.path.startswith(("head_norm/", "predictions/")):
@@ -90,44 +90,6 @@ def test_fcmae_tag_gives_a_classifier_a_fresh_head(monkeypatch):
 
 
 # ---------------------------------------------------------------- local server
-
-
-class _Server:
-    """Serves `files` on 127.0.0.1; `/broken/<name>` announces the full size and sends half."""
-
-    def __init__(self):
-        self.files, self.requests = {}, []
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                server.requests.append(self.path)
-                broken = self.path.startswith("/broken/")
-                body = server.files.get(self.path.rsplit("/", 1)[-1])
-                if body is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body[: len(body) // 2] if broken else body)
-                self.close_connection = True
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def url(self, name, route="files"):
-        return f"http://127.0.0.1:{self.port}/{route}/{name}"
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join()
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +104,7 @@ def official_checkpoint(hf_v2_atto):
 
 @pytest.fixture
 def server(official_checkpoint):
-    server = _Server()
+    server = LocalServer()
     server.files[FILENAME] = official_checkpoint
     yield server
     server.close()
@@ -150,20 +112,21 @@ def server(official_checkpoint):
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(download.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(weights_cache.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.delenv(download.WEIGHTS_DIR_ENV, raising=False)
     return tmp_path / "cache"
 
 
 def _register(monkeypatch, url, sha256=None, tag="test-imagenet"):
-    entry = registry.Pretrained("ConvNeXtV2Atto", tag, url, "test", 224, 1000, None, sha256)
+    entry = registry.Pretrained("ConvNeXtV2Atto", tag, url, "test", 224, 1000, None, "MIT", sha256)
     monkeypatch.setitem(registry.REGISTRY, (entry.variant, tag), entry)
     return entry
 
 
 def _files_under(path):
+    """Files in the cache, less the lock files (which stay, empty, by design)."""
     return sorted(os.path.relpath(os.path.join(root, name), path)
-                  for root, _, names in os.walk(path) for name in names)
+                  for root, _, names in os.walk(path) for name in names if not name.endswith(".lock"))
 
 
 def _logits(model, images):
@@ -181,7 +144,7 @@ def _hf_features(reference, pixels):
     import torch
 
     with torch.no_grad():
-        inputs = torch.from_numpy(kc.preprocess_input(pixels).transpose(0, 3, 1, 2).copy())
+        inputs = torch.from_numpy(kc.normalize_imagenet(pixels).transpose(0, 3, 1, 2).copy())
         hidden = reference.convnextv2(pixel_values=inputs).last_hidden_state
     return hidden.numpy().transpose(0, 2, 3, 1)
 
@@ -193,14 +156,14 @@ def test_download_convert_cache_and_reuse(server, cache, monkeypatch, hf_v2_atto
 
     model = kc.ConvNeXtV2Atto(weights="test-imagenet", **logits_only)
     assert len(server.requests) == 1
-    assert _files_under(cache) == [os.path.join("converted", "ConvNeXtV2Atto-test-imagenet.weights.h5")]
+    assert _files_under(cache) == [os.path.join("converted", "ConvNeXtV2Atto-test-imagenet.safetensors")]
     images = random_images(7, 64, 64, seed=3)  # 7 like --verify: same shapes, no new compilation
     assert np.abs(_logits(model, images) - torch_logits(hf_v2_atto, images)).max() <= 1e-4
 
     # Later loads read the converted file only: no request, no checkpoint reader (no torch).
     # Another number of classes, and a fixed input size other than the entry's 224:
     # a fresh head, everything else loaded. (64x64 keeps the shapes compiled above.)
-    monkeypatch.setattr(download, "read_checkpoint", lambda *a: pytest.fail("original checkpoint read"))
+    monkeypatch.setattr(weights_cache, "read_checkpoint", lambda *a: pytest.fail("original checkpoint read"))
     finetune = kc.ConvNeXtV2Atto(weights="test-imagenet", classes=7, input_shape=(64, 64, 3))
     assert tuple(finetune.get_layer("predictions").kernel.shape) == (320, 7)
     np.testing.assert_array_equal(
@@ -215,7 +178,7 @@ def test_download_convert_cache_and_reuse(server, cache, monkeypatch, hf_v2_atto
 def test_wrong_hash_is_rejected_and_leaves_nothing(server, cache, monkeypatch):
     entry = _register(monkeypatch, server.url(FILENAME), sha256="0" * 64)
     with pytest.raises(CheckpointError, match="SHA-256"):
-        download.converted_weights(entry, progress=False)
+        weights_cache.converted_weights(entry, progress=False)
     assert _files_under(cache) == []
 
 
@@ -223,14 +186,14 @@ def test_truncated_file_is_rejected_and_leaves_nothing(server, cache, monkeypatc
     server.files["truncated.pt"] = official_checkpoint[: len(official_checkpoint) // 2]
     entry = _register(monkeypatch, server.url("truncated.pt"))
     with pytest.raises(CheckpointError, match=r"(?s)could not be converted and was removed.*truncated"):
-        download.converted_weights(entry, progress=False)
+        weights_cache.converted_weights(entry, progress=False)
     assert _files_under(cache) == []
 
 
 def test_broken_transfer_is_rejected_and_leaves_nothing(server, cache, monkeypatch):
     entry = _register(monkeypatch, server.url(FILENAME, route="broken"))
     with pytest.raises(CheckpointError, match="broke off|incomplete"):
-        download.converted_weights(entry, progress=False)
+        weights_cache.converted_weights(entry, progress=False)
     assert _files_under(cache) == []
 
 
@@ -238,18 +201,10 @@ def test_unreachable_server_names_the_url_and_the_manual_route(cache, monkeypatc
     url = f"http://127.0.0.1:{_closed_port()}/files/{FILENAME}"
     entry = _register(monkeypatch, url)
     with pytest.raises(download.WeightsUnavailableError) as info:
-        download.converted_weights(entry, progress=False)
+        weights_cache.converted_weights(entry, progress=False)
     message = str(info.value)
     assert url in message and download.WEIGHTS_DIR_ENV in message and FILENAME in message
     assert _files_under(cache) == []
-
-
-def test_missing_torch_is_reported_before_downloading(server, cache, monkeypatch):
-    entry = _register(monkeypatch, server.url(FILENAME))
-    monkeypatch.setattr(download, "_torch_available", lambda: False)
-    with pytest.raises(CheckpointError, match="pip install torch"):
-        download.converted_weights(entry, progress=False)
-    assert server.requests == [] and _files_under(cache) == []
 
 
 def test_file_supplied_by_hand(cache, monkeypatch, tmp_path, official_checkpoint, hf_v2_atto):
@@ -265,3 +220,19 @@ def test_file_supplied_by_hand(cache, monkeypatch, tmp_path, official_checkpoint
     grn = hf_v2_atto.convnextv2.encoder.stages[3].layers[1].grn.bias.detach().numpy().reshape(-1)
     np.testing.assert_array_equal(backbone.get_layer("stage3_block1").grn.beta.numpy(), grn)
     assert (by_hand / FILENAME).exists()  # a file supplied by hand is never removed
+
+
+def test_list_weights_states_each_release_and_its_license():
+    everything = kc.list_weights()
+    assert len(everything) == len(registry.ENTRIES)
+    atto = kc.list_weights("ConvNeXtV2Atto")
+    assert [(w.tag, w.resolution, w.classes, w.top1) for w in atto] == [
+        ("imagenet", 224, 1000, 76.7), ("fcmae", 224, None, None),
+    ]
+    assert atto[0].filename == "convnextv2_atto_1k_224_ema.pt" and atto[0].url.endswith(atto[0].filename)
+    # As the official repositories state: V1 weights MIT, V2 weights CC-BY-NC 4.0.
+    for weights in everything:
+        expected = "CC-BY-NC-4.0" if weights.variant.startswith("ConvNeXtV2") else "MIT"
+        assert weights.license == expected, weights
+    with pytest.raises(ValueError, match="ConvNeXtV2Atto"):
+        kc.list_weights("ConvNeXtV9")

@@ -1,6 +1,7 @@
 """Checkpoint loading, proven against HF transformers models with random weights."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -81,7 +82,7 @@ def test_in_memory_mapping_and_preprocessing(hf_v2_atto):
     model = kc.ConvNeXtV2Atto(classifier_activation=None)
     kc.load_weights(model, _state_dict(hf_v2_atto))
     pixels = np.random.default_rng(0).uniform(0, 255, size=(2, 64, 64, 3)).astype("float32")
-    expected = torch_logits(hf_v2_atto, kc.preprocess_input(pixels))
+    expected = torch_logits(hf_v2_atto, kc.normalize_imagenet(pixels))
     np.testing.assert_allclose(model.predict(pixels, verbose=0), expected, atol=1e-4)
 
 
@@ -126,7 +127,8 @@ def test_errors_leave_the_model_untouched(hf_v2_atto, hf_v1_atto, tmp_path):
         kc.load_weights(model, extra)
 
     missing = {k: v for k, v in good.items() if k != "stages.1.0.pwconv2.bias"}
-    with pytest.raises(kc.CheckpointError, match=r"no checkpoint tensor: stage1_block0/pwconv2/bias"):
+    # Named as the checkpoint names it, with the Keras weight it would fill.
+    with pytest.raises(kc.CheckpointError, match=r"checkpoint lacks: stages\.1\.0\.pwconv2\.bias \(-> stage1_block0/pwconv2/bias\)"):
         kc.load_weights(model, missing)
 
     reshaped = dict(good, **{"stages.3.1.pwconv1.weight": good["stages.3.1.pwconv1.weight"][:, :-1]})
@@ -195,7 +197,7 @@ def test_decode_predictions_uses_shipped_names():
     scores[0, 281] = 0.9
     scores[0, 1] = 0.05
     top = kc.decode_predictions(scores, top=2)[0]
-    assert top[0][:2] == ("n02123045", "tabby, tabby cat")
+    assert top[0][:2] == ("n02123045", "tabby")
     assert top[1][0] == "n01443537"
     with pytest.raises(ValueError, match=r"\(batch, 1000\)"):
         kc.decode_predictions(np.zeros((1, 10)))
@@ -227,3 +229,110 @@ def test_parity_at_xla_default_optimization_level():
     done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "22 passed" in done.stdout, done.stdout[-3000:]
+
+
+def _official_arrays(reference):
+    return {k: v.numpy() for k, v in hf_to_official(_state_dict(reference)).items()}
+
+
+def _bad_checkpoints(good):
+    """(description, checkpoint, expected message) for tensors that must be refused."""
+    grn = "stages.3.1.grn.gamma"
+    last = list(good)[-1]  # the bad tensor comes last: everything else would load first
+    cases = [
+        ("GRN gamma reshaped", {**good, grn: good[grn].reshape(16, -1)},
+         r"stages\.3\.1\.grn\.gamma \(shape \(16, 80\), expected \(1, 1, 1, C\)\)"),
+        ("GRN gamma flattened", {**good, grn: good[grn].reshape(-1)},
+         r"stages\.3\.1\.grn\.gamma \(shape \(1280,\), expected \(1, 1, 1, C\)\)"),
+    ]
+    for dtype in ("int64", "bool", "complex64", "<U1", "object"):
+        bad = np.zeros(good[last].shape, dtype=dtype)
+        cases.append((f"{dtype} tensor", {**good, last: bad}, rf"{re.escape(last)} \(\S+ values, not floating point\)"))
+    nan, inf = good["stages.0.0.dwconv.weight"].copy(), good[last].copy()
+    nan.flat[5], inf.flat[0] = np.nan, -np.inf
+    hf = {key: good[official] for key, official in (("convnextv2.embeddings.patch_embeddings.weight",
+                                                     "downsample_layers.0.0.weight"),
+                                                    ("convnextv2.layernorm.weight", "norm.weight"),
+                                                    ("convnext.layernorm.weight", "norm.weight"))}
+    cases.append(("two tensors for one weight", hf,
+                  r"convnextv2\.layernorm\.weight and convnext\.layernorm\.weight \(-> head_norm/gamma\)"))
+    cases.append(("NaN and Inf", {**good, "stages.0.0.dwconv.weight": nan, last: inf},
+                  r"stages\.0\.0\.dwconv\.weight \(NaN or infinite values\), " + re.escape(last)))
+    return cases
+
+
+def test_every_tensor_is_checked_before_anything_is_assigned(hf_v2_atto):
+    model = kc.ConvNeXtV2Atto(include_preprocessing=False, input_shape=(32, 32, 3))
+    before = _snapshot(model)
+    good = _official_arrays(hf_v2_atto)
+    for description, checkpoint, message in _bad_checkpoints(good):
+        with pytest.raises(kc.CheckpointError, match=message):
+            kc.load_weights(model, checkpoint)
+        _assert_unchanged(model, before)
+    kc.load_weights(model, good)  # the good one loads, and was not modified by the cases above
+    np.testing.assert_array_equal(model.get_layer("stage3_block1").grn.gamma.numpy(), good["stages.3.1.grn.gamma"].reshape(-1))
+
+
+@pytest.mark.parametrize("rename, key", [
+    (hf_to_official, "stages.0.1.dwconv.weight"),
+    (hf_to_timm, "stages.0.blocks.1.conv_dw.weight"),
+    (lambda sd: sd, "convnextv2.encoder.stages.0.layers.1.dwconv.weight"),
+])
+def test_missing_tensors_are_named_in_the_checkpoints_naming(rename, key, hf_v2_atto):
+    model = kc.ConvNeXtV2Atto(include_preprocessing=False, input_shape=(32, 32, 3))
+    checkpoint = {k: v for k, v in rename(_state_dict(hf_v2_atto)).items() if k != key}
+    with pytest.raises(kc.CheckpointError, match=re.escape(f"{key} (-> stage0_block1/dwconv/kernel)")):
+        kc.load_weights(model, checkpoint)
+
+
+def _tiny(**kwargs):
+    return kc.ConvNeXt((1, 1, 1, 1), (8, 8, 16, 16), input_shape=(32, 32, 3), **kwargs)
+
+
+def test_keras_weights_files_with_fresh_head(tmp_path):
+    encoder = _tiny(include_top=False)
+    for variable in encoder.weights:
+        variable.assign(np.random.default_rng(len(variable.path)).normal(size=variable.shape))
+    encoder_file = str(tmp_path / "encoder.weights.h5")
+    encoder.save_weights(encoder_file)
+
+    classifier = _tiny(classes=5)
+    before = _snapshot(classifier)
+    with pytest.raises(kc.CheckpointError, match="fresh_head=True"):
+        kc.load_weights(classifier, encoder_file)
+    _assert_unchanged(classifier, before)
+
+    kc.load_weights(classifier, encoder_file, fresh_head=True)
+    fresh = {v.path: v.numpy() for v in _tiny(classes=5).weights}
+    for variable, old in zip(classifier.weights, before):
+        if variable.path.startswith(("head_norm/", "predictions/")):
+            np.testing.assert_array_equal(variable.numpy(), old)  # the model's own head stays
+        else:
+            np.testing.assert_array_equal(variable.numpy(), encoder.get_layer(variable.path.split("/")[0]).weights[
+                [w.path for w in encoder.get_layer(variable.path.split("/")[0]).weights].index(variable.path)].numpy())
+    assert set(fresh) == {v.path for v in classifier.weights}
+
+    # A 1000-class file into a 5-class classifier: its head LayerNorm, the model's classifier.
+    thousand = _tiny(classes=1000)
+    thousand.get_layer("head_norm").gamma.assign(np.full((16,), 3.0, "float32"))
+    thousand_file = str(tmp_path / "thousand.weights.h5")
+    thousand.save_weights(thousand_file)
+    kernel = classifier.get_layer("predictions").kernel.numpy()
+    with pytest.raises(kc.CheckpointError, match="fresh_head=True"):
+        kc.load_weights(classifier, thousand_file)
+    kc.load_weights(classifier, thousand_file, fresh_head=True)
+    np.testing.assert_array_equal(classifier.get_layer("head_norm").gamma.numpy(), np.full((16,), 3.0))
+    np.testing.assert_array_equal(classifier.get_layer("predictions").kernel.numpy(), kernel)
+
+
+def test_keras_weights_file_with_non_finite_values_is_refused(tmp_path):
+    source = _tiny(classes=3)
+    kernel = source.get_layer("stage1_block0").pwconv1.kernel
+    kernel.assign(np.full(kernel.shape, np.nan, "float32"))
+    path = str(tmp_path / "nan.weights.h5")
+    source.save_weights(path)
+    model = _tiny(classes=3)
+    before = _snapshot(model)
+    with pytest.raises(kc.CheckpointError, match=r"stage1_block0/pwconv1/kernel \(NaN or infinite values\)"):
+        kc.load_weights(model, path)
+    _assert_unchanged(model, before)

@@ -11,17 +11,6 @@ from keras_convnext.layers.preprocessing import ImageNormalization
 from keras_convnext.models.model import ConvNeXtModel
 from keras_convnext.models.variants import VARIANTS
 
-# The weight loader lives above the models (keras_convnext.weights) and
-# registers itself here, so that models never import it.
-_WEIGHTS_LOADER = None
-
-
-def set_weights_loader(loader):
-    """Install `loader(model, weights, variant_name)`, called for `weights=...`."""
-    global _WEIGHTS_LOADER
-    _WEIGHTS_LOADER = loader
-
-
 # Four downsamplings (strides 4, 2, 2, 2) each need a whole patch.
 MIN_IMAGE_SIZE = 32
 
@@ -141,7 +130,12 @@ def ConvNeXt(
         version: `"v1"` (blocks with layer scale) or `"v2"` (blocks with GRN).
         include_top: end with the classification head (pool, LayerNorm, Dense).
         weights: None, a checkpoint path (official, timm, HF transformers or
-            Keras `.weights.h5`), or a registry tag such as `"imagenet"`.
+            Keras `.weights.h5`), or a registry tag such as `"imagenet"`
+            (`keras_convnext.list_weights()` lists them). The loader,
+            `keras_convnext.weights`, sits above the models (it reads the
+            variants table and builds models for `.weights.h5` files), so it
+            is imported here, when weights are asked for, rather than when
+            this module loads: data flows layers <- models <- weights.
         input_tensor: optional Keras tensor to build the model on, for
             example `keras.Input((224, 224, 3))` or a layer's output; it
             wins over `input_shape`.
@@ -230,9 +224,9 @@ def ConvNeXt(
         inputs = inputs[0] if len(inputs) == 1 else inputs
     model = ConvNeXtModel(inputs, x, name=name or (variant_name or "convnext").lower())
     if weights is not None:
-        if _WEIGHTS_LOADER is None:
-            raise RuntimeError("No weight loader is registered; import keras_convnext first.")
-        _WEIGHTS_LOADER(model, weights, variant_name)
+        from keras_convnext.weights import load_for_constructor
+
+        load_for_constructor(model, weights, variant_name)
     return model
 
 

@@ -1,11 +1,17 @@
-"""Checkpoint namings, the loader, and the pretrained registry."""
+"""Checkpoint namings, the loader, and the pretrained registry.
+
+The package sits above the models: it reads their variants table and, for
+Keras `.weights.h5` files, builds a model; the models never import it at
+module load. The builder imports `load_for_constructor` inside
+`keras_convnext.ConvNeXt` when `weights=` is given.
+"""
 
 import os
 
-from keras_convnext.models import convnext as _convnext
 from keras_convnext.weights import registry
 from keras_convnext.weights.files import CheckpointError, read_checkpoint
 from keras_convnext.weights.loader import convert_state_dict, load_state_dict, load_weights
+from keras_convnext.weights.registry import list_weights
 
 
 def load_for_constructor(model, weights, variant_name):
@@ -15,11 +21,11 @@ def load_for_constructor(model, weights, variant_name):
     return registry.resolve(model, weights, variant_name)
 
 
-_convnext.set_weights_loader(load_for_constructor)
-
 __all__ = [
     "CheckpointError",
     "convert_state_dict",
+    "list_weights",
+    "load_for_constructor",
     "load_state_dict",
     "load_weights",
     "read_checkpoint",

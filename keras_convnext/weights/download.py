@@ -1,62 +1,38 @@
-"""Download official checkpoints, convert them once, and cache the Keras weights.
+"""Downloading a file: atomically, with an overall deadline, a moving progress bar and checks.
 
-Cache layout (under `KERAS_CONVNEXT_CACHE_DIR`, default
-`$KERAS_HOME/models/keras_convnext`, with `KERAS_HOME` defaulting to `~/.keras`):
-
-- `downloads/<official file name>`: the original checkpoint while it is
-  being converted; removed once the conversion is cached.
-- `converted/<Constructor>-<tag>.weights.h5`: the converted weights, saved
-  from the constructor's default model (`include_top` unless encoder-only,
-  the entry's classes). Later loads read only this file: no original, no torch.
-
-Every file appears under its final name only through `os.replace` of a
-complete temporary file, so an interrupted download or conversion never
-leaves something that a later run takes for a good file.
-
-Files supplied by hand: put the official file (or a converted
-`<Constructor>-<tag>.weights.h5`) in the directory named by
-`KERAS_CONVNEXT_WEIGHTS_DIR`, or pass its path as `weights=`.
+A download is written to a hidden temporary file beside its destination and
+renamed into place only when every byte the server announced has arrived
+and, where one is known, the SHA-256 matches; a failed or interrupted
+download leaves nothing that a later run could take for a good file.
 """
 
 import contextlib
 import hashlib
-import importlib.util
 import os
 import socket
+import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 
-import keras
+from keras_convnext.weights.files import CheckpointError
 
-from keras_convnext.models.convnext import CONSTRUCTORS
-from keras_convnext.weights.files import PICKLE_SUFFIXES, CheckpointError, read_checkpoint
-from keras_convnext.weights.loader import load_state_dict, load_weights
-
-CACHE_ENV = "KERAS_CONVNEXT_CACHE_DIR"
 WEIGHTS_DIR_ENV = "KERAS_CONVNEXT_WEIGHTS_DIR"
+DEADLINE_ENV = "KERAS_CONVNEXT_DOWNLOAD_DEADLINE"
+DEFAULT_DEADLINE_SECONDS = 3600  # the largest release, 2.6 GB, at about 6 Mbit/s
+READ_TIMEOUT_SECONDS = 60  # one silent read this long ends the transfer
 CHUNK_BYTES = 1 << 20
-TIMEOUT_SECONDS = 60
+PROGRESS_INTERVAL_SECONDS = 0.25
+TEMPORARY_MARK = ".part"
 
 
 class WeightsUnavailableError(OSError):
-    """A checkpoint could not be downloaded (no network, server down, HTTP error)."""
+    """A checkpoint could not be downloaded (no network, server down, HTTP error, deadline)."""
 
 
-def cache_dir():
-    """The directory holding downloads and converted weights (created on demand)."""
-    root = os.environ.get(CACHE_ENV)
-    if not root:
-        keras_home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
-        root = os.path.join(keras_home, "models", "keras_convnext")
-    return root
-
-
-def converted_name(entry):
-    return f"{entry.variant}-{entry.tag}.weights.h5"
-
-
-def _sha256(path):
+def sha256_of(path):
+    """The SHA-256 of a file, as hex."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(CHUNK_BYTES), b""):
@@ -64,27 +40,28 @@ def _sha256(path):
     return digest.hexdigest()
 
 
-def check_sha256(path, expected, url):
-    """Raises a CheckpointError when `path` does not have the SHA-256 `expected`."""
-    if expected is None:
-        return
-    actual = _sha256(path)
-    if actual != expected.lower():
+def check_sha256(actual, expected, source):
+    """Raises a CheckpointError when the hex digest `actual` is not `expected` (None: any)."""
+    if expected is not None and actual != expected.lower():
         raise CheckpointError(
-            f"The checkpoint from {url} has SHA-256 {actual}, but {expected} was expected: the "
+            f"The checkpoint from {source} has SHA-256 {actual}, but {expected} was expected: the "
             "file is corrupted or incomplete, or not the published release. It was not kept; "
             "run again to download it anew."
         )
 
 
-def _offline_error(url, filename, reason):
-    hand = os.environ.get(WEIGHTS_DIR_ENV) or "/path/to/dir"
-    return WeightsUnavailableError(
-        f"Could not download {url} ({reason}). To supply the file by hand, download it on a "
-        f"machine with network access and either pass its path as weights='/path/to/{filename}', "
-        f"or put it in a directory and set {WEIGHTS_DIR_ENV}={hand} (the file keeps its name "
-        f"{filename})."
-    )
+def deadline_seconds():
+    """The overall time a download may take, from `KERAS_CONVNEXT_DOWNLOAD_DEADLINE` (seconds)."""
+    value = os.environ.get(DEADLINE_ENV)
+    if not value:
+        return DEFAULT_DEADLINE_SECONDS
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if seconds <= 0:
+        raise ValueError(f"{DEADLINE_ENV} must be a positive number of seconds; got {value!r}.")
+    return seconds
 
 
 @contextlib.contextmanager
@@ -95,7 +72,7 @@ def atomic_path(final_path):
     os.makedirs(directory, exist_ok=True)
     # Keep the double suffix (.weights.h5) that Keras' save_weights requires.
     suffix = ".weights.h5" if name.endswith(".weights.h5") else os.path.splitext(name)[1]
-    handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".part" + suffix, dir=directory)
+    handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=TEMPORARY_MARK + suffix, dir=directory)
     os.close(handle)
     try:
         yield temporary
@@ -109,162 +86,109 @@ def atomic_path(final_path):
             os.remove(temporary)
 
 
-def download(url, destination, sha256=None, progress=True):
-    """Downloads `url` to `destination` atomically, with a progress bar and checks.
+def remove_stale_temporaries(final_path):
+    """Removes temporary files that killed runs left beside `final_path`.
 
-    The transfer must deliver as many bytes as the server announced, and the
-    file must have `sha256` when one is given; otherwise nothing is written.
+    Call it only while holding the lock that guards `final_path`, so no
+    running writer's file is taken for a stale one.
+    """
+    directory, name = os.path.split(final_path)
+    if not os.path.isdir(directory or "."):
+        return
+    for other in os.listdir(directory or "."):
+        if other.startswith(f".{name}.") and TEMPORARY_MARK in other:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(directory, other))
+
+
+class Progress:
+    """A one-line progress bar on stderr, redrawn at most every `PROGRESS_INTERVAL_SECONDS`."""
+
+    def __init__(self, label, total, stream=None):
+        self.label, self.total = label, total
+        self.stream = stream or sys.stderr
+        self.last_draw = None
+
+    def update(self, received, final=False):
+        now = time.monotonic()
+        if not final and self.last_draw is not None and now - self.last_draw < PROGRESS_INTERVAL_SECONDS:
+            return
+        self.last_draw = now
+        done = f"{received / 2**20:.1f} MB"
+        if self.total:
+            fraction = received / self.total
+            bar = "#" * int(30 * fraction)
+            done = f"[{bar:<30}] {received / 2**20:.1f}/{self.total / 2**20:.1f} MB ({fraction:.0%})"
+        self.stream.write(f"\r{self.label}: {done}" + ("\n" if final else ""))
+        self.stream.flush()
+
+
+def _offline_error(url, filename, reason):
+    hand = os.environ.get(WEIGHTS_DIR_ENV) or "/path/to/dir"
+    return WeightsUnavailableError(
+        f"Could not download {url} ({reason}). To supply the file by hand, download it on a "
+        f"machine with network access and either pass its path as weights='/path/to/{filename}', "
+        f"or put it in a directory and set {WEIGHTS_DIR_ENV}={hand} (the file keeps its name "
+        f"{filename})."
+    )
+
+
+def _copy_body(response, handle, url, total, progress):
+    """Streams the response into `handle`; returns `(bytes received, sha256 hex)`."""
+    deadline = deadline_seconds()
+    started = time.monotonic()
+    digest, received = hashlib.sha256(), 0
+    bar = Progress(f"Downloading {os.path.basename(url)}", total) if progress else None
+    for chunk in iter(lambda: response.read(CHUNK_BYTES), b""):
+        handle.write(chunk)
+        digest.update(chunk)
+        received += len(chunk)
+        if bar is not None:
+            bar.update(received)
+        if time.monotonic() - started > deadline:
+            raise WeightsUnavailableError(
+                f"The download of {url} did not finish within {deadline:g} s ({received} bytes "
+                f"arrived); nothing was kept. Set {DEADLINE_ENV} to allow more time, or supply "
+                f"the file by hand ({WEIGHTS_DIR_ENV})."
+            )
+    if bar is not None:
+        bar.update(received, final=True)
+    return received, digest.hexdigest()
+
+
+def download(url, destination, sha256=None, size=None, progress=True):
+    """Downloads `url` to `destination` atomically; returns the file's SHA-256 (hex).
+
+    The transfer must deliver as many bytes as the server announced (and
+    `size`, when given), within the overall deadline (`deadline_seconds()`),
+    and the file must have `sha256` when one is given; otherwise nothing is
+    written and a WeightsUnavailableError (network, deadline) or
+    CheckpointError (incomplete or different file) says why.
     """
     filename = os.path.basename(destination)
     with atomic_path(destination) as temporary:
         try:
-            response = urllib.request.urlopen(url, timeout=TIMEOUT_SECONDS)
+            response = urllib.request.urlopen(url, timeout=READ_TIMEOUT_SECONDS)
         except (urllib.error.URLError, socket.timeout, ConnectionError) as error:
             reason = getattr(error, "reason", None) or error
             raise _offline_error(url, filename, reason) from error
         with response:
             length = response.headers.get("Content-Length")
-            total = int(length) if length else None
-            bar = keras.utils.Progbar(total, unit_name="byte") if progress else None
-            received = 0
+            total = int(length) if length else size
             try:
                 with open(temporary, "wb") as handle:
-                    for chunk in iter(lambda: response.read(CHUNK_BYTES), b""):
-                        handle.write(chunk)
-                        received += len(chunk)
-                        if bar is not None:
-                            bar.update(received)
-            except Exception as error:  # a reset connection, http.client.IncompleteRead, ...
+                    received, actual = _copy_body(response, handle, url, total, progress)
+            except WeightsUnavailableError:
+                raise
+            except Exception as error:  # a reset connection, http.client.IncompleteRead, a timeout ...
                 raise CheckpointError(
-                    f"The download of {url} broke off after {received} bytes ({error!r}); "
-                    "nothing was kept. Run again to retry."
+                    f"The download of {url} broke off ({error!r}); nothing was kept. Run again to retry."
                 ) from error
-        if total is not None and received != total:
-            raise CheckpointError(
-                f"The download of {url} is incomplete: {received} of {total} bytes arrived; "
-                "nothing was kept. Run again to retry."
-            )
-        check_sha256(temporary, sha256, url)
-    return destination
-
-
-def _supplied_by_hand(name):
-    directory = os.environ.get(WEIGHTS_DIR_ENV)
-    if directory:
-        path = os.path.join(directory, name)
-        if os.path.isfile(path):
-            return path
-    return None
-
-
-def fetch_checkpoint(entry, progress=True):
-    """Path of the entry's original checkpoint: supplied by hand, cached, or downloaded.
-
-    Returns `(path, downloaded)`; `downloaded` is True when the file lives in
-    the cache (and may be removed after conversion).
-    """
-    by_hand = _supplied_by_hand(entry.filename)
-    if by_hand:
-        check_sha256(by_hand, entry.sha256, by_hand)
-        return by_hand, False
-    path = os.path.join(cache_dir(), "downloads", entry.filename)
-    if os.path.isfile(path):
-        try:
-            check_sha256(path, entry.sha256, path)
-            return path, True
-        except CheckpointError:
-            os.remove(path)  # a stale or damaged copy: download it again
-    print(f"Downloading {entry.url}")
-    return download(entry.url, path, entry.sha256, progress=progress), True
-
-
-@contextlib.contextmanager
-def _reference_settings():
-    # The cached file must not depend on the caller's global settings: float32
-    # variables (a bfloat16 policy would round the weights) in channels_last.
-    policy, data_format = keras.config.dtype_policy(), keras.config.image_data_format()
-    keras.config.set_dtype_policy("float32")
-    keras.config.set_image_data_format("channels_last")
-    try:
-        yield
-    finally:
-        keras.config.set_dtype_policy(policy)
-        keras.config.set_image_data_format(data_format)
-
-
-def reference_model(entry):
-    """The model the converted file is saved from: the constructor's defaults."""
-    with _reference_settings():
-        if entry.encoder_only:
-            return CONSTRUCTORS[entry.variant](include_top=False)
-        return CONSTRUCTORS[entry.variant](classes=entry.classes)
-
-
-def _weights_of(model):
-    return {variable.path: variable.numpy() for variable in model.weights}
-
-
-def convert_checkpoint(entry, checkpoint_path, destination):
-    """Converts an original checkpoint into `destination` (`.weights.h5`), atomically.
-
-    Returns the converted weights as `{weight path: array}`.
-    """
-    state_dict = read_checkpoint(checkpoint_path)  # a damaged file fails here, before any model is built
-    model = reference_model(entry)
-    load_state_dict(model, state_dict, source=checkpoint_path)
-    with atomic_path(destination) as temporary:
-        model.save_weights(temporary)
-    return _weights_of(model)
-
-
-def _torch_available():
-    return importlib.util.find_spec("torch") is not None
-
-
-def _require_torch_for(entry):
-    # Checked before downloading: a multi-GB file that cannot be read helps nobody.
-    if entry.filename.endswith(PICKLE_SUFFIXES) and not _torch_available():
-        raise CheckpointError(
-            f"{entry.variant} weights={entry.tag!r} is published as a PyTorch pickle "
-            f"({entry.url}), which needs PyTorch to read once for the conversion: "
-            f"pip install torch (the CPU build is enough). Alternatively convert it elsewhere "
-            f"(python -m keras_convnext.convert {entry.tag} --variant {entry.variant}) and put "
-            f"{converted_name(entry)} in the directory named by {WEIGHTS_DIR_ENV}."
-        )
-
-
-def converted_weights(entry, progress=True):
-    """The entry's weights as `{weight path: array}`, downloading and converting once.
-
-    The first call downloads the original (or takes it from
-    `KERAS_CONVNEXT_WEIGHTS_DIR`), converts it and caches the `.weights.h5`;
-    later calls read only that file.
-
-    Raises:
-        WeightsUnavailableError: the file is not cached and cannot be downloaded.
-        CheckpointError: the download is incomplete, has the wrong SHA-256, or
-            cannot be read or converted; nothing is left in the cache then.
-    """
-    name = converted_name(entry)
-    cached = _supplied_by_hand(name) or os.path.join(cache_dir(), "converted", name)
-    if os.path.isfile(cached):
-        model = reference_model(entry)
-        load_weights(model, cached)
-        return _weights_of(model)
-    _require_torch_for(entry)
-    checkpoint, downloaded = fetch_checkpoint(entry, progress=progress)
-    try:
-        weights = convert_checkpoint(entry, checkpoint, cached)
-    except CheckpointError as error:
-        if downloaded:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(checkpoint)
-        raise CheckpointError(
-            f"The checkpoint {entry.filename} for {entry.variant} weights={entry.tag!r} could not "
-            f"be converted{' and was removed from the cache' if downloaded else ''}: {error}"
-        ) from error
-    if downloaded:
-        # The converted file is all later loads need; another process may have removed it already.
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(checkpoint)
-    return weights
+        for announced in {total, size} - {None}:
+            if received != announced:
+                raise CheckpointError(
+                    f"The download of {url} is incomplete or not the expected file: {received} bytes "
+                    f"arrived, {announced} were expected; nothing was kept. Run again to retry."
+                )
+        check_sha256(actual, sha256, url)
+    return actual

@@ -1,9 +1,7 @@
 """One loader: checkpoint tensors -> model weights, all or nothing."""
 
-import contextlib
 import os
 import re
-import warnings
 from collections import defaultdict
 from collections.abc import Mapping
 
@@ -17,6 +15,8 @@ from keras_convnext.weights.naming import (
     NAMINGS,
     NON_ENCODER_KEYS,
     TRANSFORMS,
+    LayoutError,
+    checkpoint_key,
 )
 
 _BLOCK_PATH = re.compile(r"^stage(\d)_block(\d+)/")
@@ -29,6 +29,11 @@ def model_weights(model):
 
 def detect_naming(names):
     """Which naming (`"official"`, `"timm"`, `"hf"`, ...) a set of keys follows."""
+    odd = [repr(name) for name in names if not isinstance(name, str)]
+    if odd:
+        raise CheckpointError(
+            f"Checkpoint keys must be tensor names (strings); these are not: {_listed(odd)}."
+        )
     found = [key for key, (_, marker, _) in NAMINGS.items() if any(marker.match(n) for n in names)]
     if len(found) != 1:
         sample = ", ".join(sorted(names)[:5])
@@ -41,13 +46,49 @@ def detect_naming(names):
     return found[0]
 
 
+def _listed(items, limit=12):
+    """`a, b, c` for at most `limit` items, then how many more."""
+    items = list(items)
+    text = ", ".join(items[:limit])
+    return text + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def tensor_problem(array):
+    """Why `array` cannot be a weight (not floating point, NaN/Inf values), or None."""
+    dtype = getattr(array, "dtype", None)
+    if not isinstance(dtype, np.dtype):
+        return f"a {type(array).__name__}, not an array"
+    if dtype.kind != "f" and dtype.name != "bfloat16":
+        return f"{dtype} values, not floating point"
+    if not np.isfinite(array).all():
+        return "NaN or infinite values"
+    return None
+
+
+def check_tensors(arrays, what="checkpoint tensors"):
+    """Raises one CheckpointError naming every entry of `{name: array}` that is not a usable weight."""
+    problems = []
+    for name, array in arrays.items():
+        problem = tensor_problem(array)
+        if problem:
+            problems.append(f"{name} ({problem})")
+    if problems:
+        raise CheckpointError(
+            f"These {what} cannot be weights: {_listed(problems)}. Weights must be finite "
+            "floating-point numbers; the file is damaged, from a diverged training run, or not "
+            "a weights checkpoint. Nothing was loaded."
+        )
+
+
 def convert_state_dict(state_dict, naming=None):
     """Maps checkpoint tensors to Keras weight paths and layouts.
 
     Returns `(converted, unmatched)`: `converted` is `{weight path: (key, array)}`,
     `unmatched` the checkpoint keys that no row of the naming's table maps.
     Keys of parts outside the encoder and head (the decoder of a pre-training
-    checkpoint, `NON_ENCODER_KEYS`) are skipped.
+    checkpoint, `NON_ENCODER_KEYS`) are skipped. Every mapped tensor must be
+    a finite floating-point array in the layout its naming documents, or a
+    CheckpointError names each one that is not.
     """
     naming = naming or detect_naming(state_dict)
     skipped = NON_ENCODER_KEYS.get(naming)
@@ -58,18 +99,33 @@ def convert_state_dict(state_dict, naming=None):
 
 def apply_table(state_dict, rows):
     """`(converted, unmatched)` for one naming table's rows (see `convert_state_dict`)."""
-    converted, unmatched = {}, []
+    converted, unmatched, matched, layouts, targets = {}, [], {}, [], defaultdict(list)
     for key, array in state_dict.items():
-        for pattern, template, transform in rows:
+        for pattern, _, template, transform in rows:
             match = pattern.match(key)
             if match:
-                array = np.asarray(array)
-                if TRANSFORMS[transform] is not None:
-                    array = TRANSFORMS[transform](array)
-                converted[template.format(**match.groupdict())] = (key, array)
+                matched[key] = (template.format(**match.groupdict()), transform, array)
+                targets[matched[key][0]].append(key)
                 break
         else:
             unmatched.append(key)
+    shared = [f"{' and '.join(keys)} (-> {path})" for path, keys in targets.items() if len(keys) > 1]
+    if shared:
+        raise CheckpointError(
+            f"Several checkpoint tensors map to one weight: {_listed(shared)}. Nothing was loaded; "
+            "the checkpoint mixes two models' tensors."
+        )
+    check_tensors({key: array for key, (_, _, array) in matched.items()})
+    for key, (path, transform, array) in matched.items():
+        try:
+            converted[path] = (key, TRANSFORMS[transform](array) if transform else array)
+        except LayoutError as error:
+            layouts.append(f"{key} ({error})")
+    if layouts:
+        raise CheckpointError(
+            f"These checkpoint tensors are not in the layout their naming stores: {_listed(layouts)}. "
+            "Nothing was loaded; the checkpoint is damaged or from another architecture."
+        )
     return converted, unmatched
 
 
@@ -96,8 +152,30 @@ def describe(shapes):
     return text + (f" ({name})" if name else ""), (version, depths, dims)
 
 
-def plan_assignments(model, converted, unmatched, fresh_head, fresh_prefixes=(CLASSIFIER_PREFIX,)):
-    """Checks a conversion against the model; returns the assignments or raises."""
+def checkpoint_names(paths, naming, converted):
+    """Weight paths as the checkpoint would name them: `stages.0.0.dwconv.weight (-> path)`."""
+    if naming is None:
+        return list(paths)
+    first_key = next((key for key, _ in converted.values()), "")
+    placeholders = {"hf": first_key.split(".", 1)[0]}
+    names = []
+    for path in paths:
+        key = checkpoint_key(NAMINGS[naming][2], path, placeholders)
+        names.append(f"{key} (-> {path})" if key else path)
+    return names
+
+
+def plan_assignments(
+    model, converted, unmatched, fresh_head, fresh_prefixes=(CLASSIFIER_PREFIX,), naming=None
+):
+    """Checks a conversion against the model; returns `[(variable, array)]` or raises.
+
+    `converted` is `{weight path: (checkpoint key, array)}`. Every model
+    weight (less a fresh head) must receive exactly one tensor of exactly its
+    shape, and every tensor must have a weight; otherwise a CheckpointError
+    lists what is missing (in the checkpoint's own `naming`, when given),
+    unexpected or mismatched, before anything is assigned.
+    """
     variables = model_weights(model)
     has_top = any(path.startswith(CLASSIFIER_PREFIX) for path in variables)
     dropped = HEAD_PREFIXES if not has_top else fresh_prefixes if fresh_head else ()
@@ -112,7 +190,7 @@ def plan_assignments(model, converted, unmatched, fresh_head, fresh_prefixes=(CL
             f"{model_text}. Build the model that matches the checkpoint."
         )
 
-    missing = sorted(set(expected) - set(converted))
+    missing = checkpoint_names(sorted(set(expected) - set(converted)), naming, converted)
     unexpected = sorted(unmatched) + sorted(
         f"{converted[p][0]} (-> {p})" for p in set(converted) - set(expected)
     )
@@ -125,7 +203,7 @@ def plan_assignments(model, converted, unmatched, fresh_head, fresh_prefixes=(CL
             )
     problems = []
     if missing:
-        problems.append(f"model weights with no checkpoint tensor: {', '.join(missing)}")
+        problems.append(f"tensors the checkpoint lacks: {', '.join(missing)}")
     if unexpected:
         problems.append(f"checkpoint tensors the model has no place for: {', '.join(unexpected)}")
     if mismatched:
@@ -145,54 +223,58 @@ def plan_assignments(model, converted, unmatched, fresh_head, fresh_prefixes=(CL
     return [(expected[path], array) for path, (_, array) in converted.items()]
 
 
+def assign_all(assignments):
+    """Assigns checked `[(variable, array)]` pairs, emptying the list as it goes.
+
+    Each array leaves the list when its variable holds it, so the memory of
+    a checkpoint that the caller no longer references is given back tensor
+    by tensor instead of after the last one. Every array has been checked
+    (shape, floating point, finite) before this runs, so no assignment fails
+    halfway for a reason of the checkpoint's.
+    """
+    assignments.reverse()
+    while assignments:
+        variable, array = assignments.pop()
+        # Keras casts to the variable's dtype; the contiguous copy is one tensor's worth.
+        variable.assign(np.ascontiguousarray(array))
+        del array
+
+
+def _load_arrays(model, state_dict, fresh_head, source):
+    """Loads `{key: array}`, which this function owns and empties (see `assign_all`)."""
+    naming = detect_naming(state_dict)
+    converted, unmatched = convert_state_dict(state_dict, naming)
+    state_dict.clear()
+    fresh_prefixes = (CLASSIFIER_PREFIX,)
+    if naming in NON_ENCODER_KEYS:
+        # A pre-training checkpoint has no head: a classifier keeps its fresh one.
+        fresh_head, fresh_prefixes = True, HEAD_PREFIXES
+    try:
+        assignments = plan_assignments(model, converted, unmatched, fresh_head, fresh_prefixes, naming)
+    except CheckpointError as error:
+        if source == "the state dict":
+            raise
+        raise CheckpointError(f"{source}: {error}") from error
+    converted.clear()
+    assign_all(assignments)
+    return model
+
+
 def load_state_dict(model, state_dict, *, fresh_head=False, source="the state dict"):
     """Loads an in-memory checkpoint (`{name: array or torch tensor}`) into `model`.
 
     The naming (official, timm, HF transformers) is detected from the keys.
     Every model weight must receive a tensor and every tensor must be used,
-    with matching shapes, or a `CheckpointError` names what is missing,
-    unexpected or mismatched, and no weight is changed. Head tensors are
-    ignored for models built with `include_top=False`; `fresh_head=True`
-    keeps the model's own classifier (fine-tuning to other classes). An
-    FCMAE pre-training checkpoint loads its encoder; its decoder is skipped
-    and a model with `include_top=True` keeps its fresh head.
+    with exactly the model's shape (in the naming's documented layout), a
+    floating-point dtype and finite values, or a `CheckpointError` names what
+    is missing (in the checkpoint's naming), unexpected or wrong, and no
+    weight is changed. Head tensors are ignored for models built with
+    `include_top=False`; `fresh_head=True` keeps the model's own classifier
+    (fine-tuning to other classes). An FCMAE pre-training checkpoint loads
+    its encoder; its decoder is skipped and a model with `include_top=True`
+    keeps its fresh head.
     """
-    state_dict = flatten_state_dict(dict(state_dict), source=source)
-    naming = detect_naming(state_dict)
-    converted, unmatched = convert_state_dict(state_dict, naming)
-    fresh_prefixes = (CLASSIFIER_PREFIX,)
-    if naming in NON_ENCODER_KEYS:
-        # A pre-training checkpoint has no head: a classifier keeps its fresh one.
-        fresh_head, fresh_prefixes = True, HEAD_PREFIXES
-    for variable, array in plan_assignments(model, converted, unmatched, fresh_head, fresh_prefixes):
-        variable.assign(array.astype(variable.dtype))
-    return model
-
-
-@contextlib.contextmanager
-def _restore_on_error(model):
-    saved = [variable.numpy() for variable in model.weights]
-    try:
-        yield
-    except BaseException:
-        for variable, value in zip(model.weights, saved):
-            variable.assign(value)
-        raise
-
-
-def _load_keras_weights(model, path):
-    with _restore_on_error(model), warnings.catch_warnings():
-        # Keras only warns about some mismatches; every one is an error here.
-        warnings.simplefilter("error")
-        try:
-            model.load_weights(path)
-        except Exception as error:
-            raise CheckpointError(
-                f"Could not load the Keras weights file {path} into '{model.name}': {error}. "
-                "Nothing was loaded; check that the file was saved from the same variant "
-                "with the same include_top and classes."
-            ) from error
-    return model
+    return _load_arrays(model, flatten_state_dict(dict(state_dict), source=source), fresh_head, source)
 
 
 def load_weights(model, source, *, fresh_head=False):
@@ -205,6 +287,8 @@ def load_weights(model, source, *, fresh_head=False):
             name to array.
         fresh_head: keep the model's own classifier instead of loading the
             checkpoint's (for fine-tuning to another number of classes).
+            For a `.weights.h5` file this also loads a backbone saved with
+            `include_top=False` (an FCMAE encoder) into a classifier.
 
     Raises:
         CheckpointError: the file cannot be read or does not fit the model;
@@ -214,5 +298,8 @@ def load_weights(model, source, *, fresh_head=False):
         return load_state_dict(model, source, fresh_head=fresh_head)
     path = os.fspath(source)
     if path.endswith(KERAS_SUFFIX):
-        return _load_keras_weights(model, path)
-    return load_state_dict(model, read_checkpoint(path), fresh_head=fresh_head, source=path)
+        from keras_convnext.weights.keras_file import load_keras_weights
+
+        return load_keras_weights(model, path, fresh_head=fresh_head)
+    state_dict = read_checkpoint(path)
+    return _load_arrays(model, state_dict, fresh_head, path)

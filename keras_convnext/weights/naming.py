@@ -1,15 +1,24 @@
 """Checkpoint namings as data: each row maps a checkpoint key to a model weight.
 
-A row is `(key pattern, model weight template, transform)`. Patterns are
-anchored regular expressions with named groups (`stage`, `block`); the
-template is filled from those groups to give the weight's Keras path, for
-example `stage2_block5/pwconv1/kernel`. Transforms turn a PyTorch tensor
-layout into the Keras one:
+A row is `(key template, weight template, transform)`, for example
+`("stages.{stage}.{block}.pwconv1.weight", "stage{stage}_block{block}/pwconv1/kernel", "linear")`.
+Placeholders are `{stage}` (one digit), `{block}` (a number) and `{hf}` (HF
+transformers' model prefix, `convnext` or `convnextv2`); the key template is
+compiled into an anchored regular expression, and filling it back from a
+weight path names the tensor a checkpoint lacks in its own naming. Rows are
+tried in order; the first that matches a key wins.
+
+Transforms turn a PyTorch tensor layout into the Keras one. Each accepts
+exactly one documented layout and refuses any other (nothing is reshaped to
+fit):
 
 - `conv`: Conv2d weight (out, in, kh, kw) -> Keras (kh, kw, in, out): transpose (2, 3, 1, 0)
 - `depthwise`: depthwise weight (channels, 1, kh, kw) -> (kh, kw, channels, 1): transpose (2, 3, 0, 1)
 - `linear`: Linear weight (out, in) -> Dense kernel (in, out): `.T`
-- `vector`: GRN (1, 1, 1, C) or (1, C), layer scale (C,) -> (C,)
+- `vector`: (C,) as it is (timm's GRN, layer scale)
+- `nhwc_vector`: GRN (1, 1, 1, C) of the official and HF models -> (C,)
+- `nchw_vector`: FCMAE mask token (1, C, 1, 1) -> (C,)
+- `row`: MinkowskiEngine GRN and biases (1, C) -> (C,)
 - `sparse_depthwise`: MinkowskiEngine depthwise kernel (k*k, C) -> (k, k, C, 1)
 - `sparse_conv`: MinkowskiEngine conv kernel (k*k, in, out) -> (k, k, in, out)
 
@@ -24,33 +33,69 @@ import re
 import numpy as np
 
 
+class LayoutError(ValueError):
+    """A tensor is not in the layout its naming documents."""
+
+
+def _require(array, expected, layout):
+    """Raises LayoutError unless `array.shape` fits `expected` (None: any size)."""
+    shape = tuple(array.shape)
+    if len(shape) != len(expected) or any(e is not None and e != s for e, s in zip(expected, shape)):
+        raise LayoutError(f"shape {shape}, expected {layout}")
+
+
 def _conv(array):
+    _require(array, (None, None, None, None), "(out, in, kh, kw)")
     return np.transpose(array, (2, 3, 1, 0))
 
 
 def _depthwise(array):
+    _require(array, (None, 1, None, None), "(channels, 1, kh, kw)")
     return np.transpose(array, (2, 3, 0, 1))
 
 
 def _linear(array):
+    _require(array, (None, None), "(out, in)")
     return np.transpose(array)
 
 
 def _vector(array):
-    return np.reshape(array, (-1,))
+    _require(array, (None,), "(C,)")
+    return array
+
+
+def _nhwc_vector(array):
+    _require(array, (1, 1, 1, None), "(1, 1, 1, C)")
+    return array[0, 0, 0]
+
+
+def _nchw_vector(array):
+    _require(array, (1, None, 1, 1), "(1, C, 1, 1)")
+    return array[0, :, 0, 0]
+
+
+def _row(array):
+    _require(array, (1, None), "(1, C)")
+    return array[0]
 
 
 def _sparse_offsets(array):
     """(k*k, ...) indexed by `col * k + row` -> (k, k, ...) indexed by (row, col)."""
-    size = int(round(np.sqrt(array.shape[0])))
-    if size * size != array.shape[0]:
-        raise ValueError(f"A sparse conv kernel needs k*k offsets; got shape {array.shape}.")
+    size = int(round(np.sqrt(array.shape[0]))) if array.ndim else 0
+    if size * size != (array.shape[0] if array.ndim else -1):
+        raise LayoutError(f"shape {tuple(array.shape)}, expected k*k kernel offsets first")
     grid = np.reshape(array, (size, size) + tuple(array.shape[1:]))
     return np.swapaxes(grid, 0, 1)
 
 
 def _sparse_depthwise(array):
+    _require(array, (None, None), "(k*k, C)")
     return _sparse_offsets(array)[..., np.newaxis]
+
+
+def _sparse_conv(array):
+    _require(array, (None, None, None), "(k*k, in, out)")
+    return _sparse_offsets(array)
 
 
 TRANSFORMS = {
@@ -59,9 +104,25 @@ TRANSFORMS = {
     "depthwise": _depthwise,
     "linear": _linear,
     "vector": _vector,
+    "nhwc_vector": _nhwc_vector,
+    "nchw_vector": _nchw_vector,
+    "row": _row,
     "sparse_depthwise": _sparse_depthwise,
-    "sparse_conv": _sparse_offsets,
+    "sparse_conv": _sparse_conv,
 }
+
+PLACEHOLDERS = {"stage": r"\d", "block": r"\d+", "hf": r"convnext(?:v2)?"}
+
+
+def compile_template(template):
+    """An anchored regex with one named group per `{placeholder}` of `template`."""
+    parts = re.split(r"\{(\w+)\}", template)
+    pattern = "".join(
+        f"(?P<{part}>{PLACEHOLDERS[part]})" if index % 2 else re.escape(part)
+        for index, part in enumerate(parts)
+    )
+    return re.compile("^" + pattern + "$")
+
 
 NORM = [("weight", "gamma", None), ("bias", "beta", None)]
 CONV = [("weight", "kernel", "conv"), ("bias", "bias", None)]
@@ -71,65 +132,65 @@ BLOCK = "stage{stage}_block{block}"
 
 
 def table(*groups):
-    """Rows from `(key prefix regex, weight path prefix, [(suffix, name, transform)])` groups."""
+    """Rows `(key regex, key template, weight template, transform)` from
+    `(key prefix template, weight prefix template, [(suffix, name, transform)])` groups."""
     rows = []
     for key_prefix, target_prefix, params in groups:
         for suffix, name, transform in params:
-            pattern = re.compile("^" + key_prefix + re.escape(suffix) + "$")
-            rows.append((pattern, target_prefix + name, transform))
+            key = key_prefix + suffix
+            rows.append((compile_template(key), key, target_prefix + name, transform))
     return rows
 
 
 # Meta's official repositories (facebookresearch/ConvNeXt and ConvNeXt-V2).
-_OFFICIAL_BLOCK = r"stages\.(?P<stage>\d)\.(?P<block>\d+)\."
+_OFFICIAL_BLOCK = "stages.{stage}.{block}."
 OFFICIAL = table(
-    (r"downsample_layers\.0\.0\.", "stem_conv/", CONV),
-    (r"downsample_layers\.0\.1\.", "stem_norm/", NORM),
-    (r"downsample_layers\.(?P<stage>[1-3])\.0\.", "downsample{stage}_norm/", NORM),
-    (r"downsample_layers\.(?P<stage>[1-3])\.1\.", "downsample{stage}_conv/", CONV),
-    (_OFFICIAL_BLOCK + r"dwconv\.", BLOCK + "/dwconv/", DEPTHWISE),
-    (_OFFICIAL_BLOCK + r"norm\.", BLOCK + "/norm/", NORM),
-    (_OFFICIAL_BLOCK + r"pwconv1\.", BLOCK + "/pwconv1/", LINEAR),
-    (_OFFICIAL_BLOCK + r"grn\.", BLOCK + "/grn/", [("gamma", "gamma", "vector"), ("beta", "beta", "vector")]),
-    (_OFFICIAL_BLOCK + r"pwconv2\.", BLOCK + "/pwconv2/", LINEAR),
+    ("downsample_layers.0.0.", "stem_conv/", CONV),
+    ("downsample_layers.0.1.", "stem_norm/", NORM),
+    ("downsample_layers.{stage}.0.", "downsample{stage}_norm/", NORM),
+    ("downsample_layers.{stage}.1.", "downsample{stage}_conv/", CONV),
+    (_OFFICIAL_BLOCK + "dwconv.", BLOCK + "/dwconv/", DEPTHWISE),
+    (_OFFICIAL_BLOCK + "norm.", BLOCK + "/norm/", NORM),
+    (_OFFICIAL_BLOCK + "pwconv1.", BLOCK + "/pwconv1/", LINEAR),
+    (_OFFICIAL_BLOCK + "grn.", BLOCK + "/grn/", [("gamma", "gamma", "nhwc_vector"), ("beta", "beta", "nhwc_vector")]),
+    (_OFFICIAL_BLOCK + "pwconv2.", BLOCK + "/pwconv2/", LINEAR),
     (_OFFICIAL_BLOCK, BLOCK + "/layer_scale/", [("gamma", "gamma", "vector")]),
-    (r"norm\.", "head_norm/", NORM),
-    (r"head\.", "predictions/", LINEAR),
+    ("norm.", "head_norm/", NORM),
+    ("head.", "predictions/", LINEAR),
 )
 
 # timm (timm/models/convnext.py), V1 and V2.
-_TIMM_BLOCK = r"stages\.(?P<stage>\d)\.blocks\.(?P<block>\d+)\."
+_TIMM_BLOCK = "stages.{stage}.blocks.{block}."
 TIMM = table(
-    (r"stem\.0\.", "stem_conv/", CONV),
-    (r"stem\.1\.", "stem_norm/", NORM),
-    (r"stages\.(?P<stage>[1-3])\.downsample\.0\.", "downsample{stage}_norm/", NORM),
-    (r"stages\.(?P<stage>[1-3])\.downsample\.1\.", "downsample{stage}_conv/", CONV),
-    (_TIMM_BLOCK + r"conv_dw\.", BLOCK + "/dwconv/", DEPTHWISE),
-    (_TIMM_BLOCK + r"norm\.", BLOCK + "/norm/", NORM),
-    (_TIMM_BLOCK + r"mlp\.fc1\.", BLOCK + "/pwconv1/", LINEAR),
-    (_TIMM_BLOCK + r"mlp\.grn\.", BLOCK + "/grn/", [("weight", "gamma", "vector"), ("bias", "beta", "vector")]),
-    (_TIMM_BLOCK + r"mlp\.fc2\.", BLOCK + "/pwconv2/", LINEAR),
+    ("stem.0.", "stem_conv/", CONV),
+    ("stem.1.", "stem_norm/", NORM),
+    ("stages.{stage}.downsample.0.", "downsample{stage}_norm/", NORM),
+    ("stages.{stage}.downsample.1.", "downsample{stage}_conv/", CONV),
+    (_TIMM_BLOCK + "conv_dw.", BLOCK + "/dwconv/", DEPTHWISE),
+    (_TIMM_BLOCK + "norm.", BLOCK + "/norm/", NORM),
+    (_TIMM_BLOCK + "mlp.fc1.", BLOCK + "/pwconv1/", LINEAR),
+    (_TIMM_BLOCK + "mlp.grn.", BLOCK + "/grn/", [("weight", "gamma", "vector"), ("bias", "beta", "vector")]),
+    (_TIMM_BLOCK + "mlp.fc2.", BLOCK + "/pwconv2/", LINEAR),
     (_TIMM_BLOCK, BLOCK + "/layer_scale/", [("gamma", "gamma", "vector")]),
-    (r"head\.norm\.", "head_norm/", NORM),
-    (r"head\.fc\.", "predictions/", LINEAR),
+    ("head.norm.", "head_norm/", NORM),
+    ("head.fc.", "predictions/", LINEAR),
 )
 
 # HF transformers ConvNextForImageClassification / ConvNextV2ForImageClassification.
-_HF = r"convnext(?:v2)?\."
-_HF_BLOCK = _HF + r"encoder\.stages\.(?P<stage>\d)\.layers\.(?P<block>\d+)\."
+_HF_BLOCK = "{hf}.encoder.stages.{stage}.layers.{block}."
 HF = table(
-    (_HF + r"embeddings\.patch_embeddings\.", "stem_conv/", CONV),
-    (_HF + r"embeddings\.layernorm\.", "stem_norm/", NORM),
-    (_HF + r"encoder\.stages\.(?P<stage>[1-3])\.downsampling_layer\.0\.", "downsample{stage}_norm/", NORM),
-    (_HF + r"encoder\.stages\.(?P<stage>[1-3])\.downsampling_layer\.1\.", "downsample{stage}_conv/", CONV),
-    (_HF_BLOCK + r"dwconv\.", BLOCK + "/dwconv/", DEPTHWISE),
-    (_HF_BLOCK + r"layernorm\.", BLOCK + "/norm/", NORM),
-    (_HF_BLOCK + r"pwconv1\.", BLOCK + "/pwconv1/", LINEAR),
-    (_HF_BLOCK + r"grn\.", BLOCK + "/grn/", [("weight", "gamma", "vector"), ("bias", "beta", "vector")]),
-    (_HF_BLOCK + r"pwconv2\.", BLOCK + "/pwconv2/", LINEAR),
+    ("{hf}.embeddings.patch_embeddings.", "stem_conv/", CONV),
+    ("{hf}.embeddings.layernorm.", "stem_norm/", NORM),
+    ("{hf}.encoder.stages.{stage}.downsampling_layer.0.", "downsample{stage}_norm/", NORM),
+    ("{hf}.encoder.stages.{stage}.downsampling_layer.1.", "downsample{stage}_conv/", CONV),
+    (_HF_BLOCK + "dwconv.", BLOCK + "/dwconv/", DEPTHWISE),
+    (_HF_BLOCK + "layernorm.", BLOCK + "/norm/", NORM),
+    (_HF_BLOCK + "pwconv1.", BLOCK + "/pwconv1/", LINEAR),
+    (_HF_BLOCK + "grn.", BLOCK + "/grn/", [("weight", "gamma", "nhwc_vector"), ("bias", "beta", "nhwc_vector")]),
+    (_HF_BLOCK + "pwconv2.", BLOCK + "/pwconv2/", LINEAR),
     (_HF_BLOCK, BLOCK + "/layer_scale/", [("layer_scale_parameter", "gamma", "vector")]),
-    (_HF + r"layernorm\.", "head_norm/", NORM),
-    (r"classifier\.", "predictions/", LINEAR),
+    ("{hf}.layernorm.", "head_norm/", NORM),
+    ("classifier.", "predictions/", LINEAR),
 )
 
 # Official FCMAE pre-training checkpoints (convnextv2_<size>_1k_224_fcmae.pt).
@@ -137,33 +198,49 @@ HF = table(
 # wrappers (`.ln.`, `.linear.`), GRN and conv biases are (1, C), and sparse
 # conv kernels list their k*k offsets column-major (see `_sparse_offsets`).
 # The stem is a dense Conv2d + LayerNorm.
-_FCMAE_BLOCK = r"encoder\.stages\.(?P<stage>\d)\.(?P<block>\d+)\."
-SPARSE_CONV = [("kernel", "kernel", "sparse_conv"), ("bias", "bias", "vector")]
+_FCMAE_BLOCK = "encoder.stages.{stage}.{block}."
+SPARSE_CONV = [("kernel", "kernel", "sparse_conv"), ("bias", "bias", "row")]
 FCMAE = table(
-    (r"encoder\.downsample_layers\.0\.0\.", "stem_conv/", CONV),
-    (r"encoder\.downsample_layers\.0\.1\.", "stem_norm/", NORM),
-    (r"encoder\.downsample_layers\.(?P<stage>[1-3])\.0\.ln\.", "downsample{stage}_norm/", NORM),
-    (r"encoder\.downsample_layers\.(?P<stage>[1-3])\.1\.", "downsample{stage}_conv/", SPARSE_CONV),
-    (_FCMAE_BLOCK + r"dwconv\.", BLOCK + "/dwconv/", [("kernel", "kernel", "sparse_depthwise"), ("bias", "bias", "vector")]),
-    (_FCMAE_BLOCK + r"norm\.ln\.", BLOCK + "/norm/", NORM),
-    (_FCMAE_BLOCK + r"pwconv1\.linear\.", BLOCK + "/pwconv1/", LINEAR),
-    (_FCMAE_BLOCK + r"grn\.", BLOCK + "/grn/", [("gamma", "gamma", "vector"), ("beta", "beta", "vector")]),
-    (_FCMAE_BLOCK + r"pwconv2\.linear\.", BLOCK + "/pwconv2/", LINEAR),
+    ("encoder.downsample_layers.0.0.", "stem_conv/", CONV),
+    ("encoder.downsample_layers.0.1.", "stem_norm/", NORM),
+    ("encoder.downsample_layers.{stage}.0.ln.", "downsample{stage}_norm/", NORM),
+    ("encoder.downsample_layers.{stage}.1.", "downsample{stage}_conv/", SPARSE_CONV),
+    (_FCMAE_BLOCK + "dwconv.", BLOCK + "/dwconv/", [("kernel", "kernel", "sparse_depthwise"), ("bias", "bias", "row")]),
+    (_FCMAE_BLOCK + "norm.ln.", BLOCK + "/norm/", NORM),
+    (_FCMAE_BLOCK + "pwconv1.linear.", BLOCK + "/pwconv1/", LINEAR),
+    (_FCMAE_BLOCK + "grn.", BLOCK + "/grn/", [("gamma", "gamma", "row"), ("beta", "beta", "row")]),
+    (_FCMAE_BLOCK + "pwconv2.linear.", BLOCK + "/pwconv2/", LINEAR),
 )
 
 # The FCMAE decoder, dense PyTorch layers, mapped to the names of
 # `keras_convnext.fcmae.FCMAEDecoder.named_weights()`.
-_DECODER_BLOCK = r"decoder\.(?P<block>\d+)\."
+_DECODER_BLOCK = "decoder.{block}."
 FCMAE_DECODER = table(
-    (r"proj\.", "proj/", CONV),
-    ("", "", [("mask_token", "mask_token", "vector")]),
-    (_DECODER_BLOCK + r"dwconv\.", "block{block}/dwconv/", DEPTHWISE),
-    (_DECODER_BLOCK + r"norm\.", "block{block}/norm/", NORM),
-    (_DECODER_BLOCK + r"pwconv1\.", "block{block}/pwconv1/", LINEAR),
-    (_DECODER_BLOCK + r"grn\.", "block{block}/grn/", [("gamma", "gamma", "vector"), ("beta", "beta", "vector")]),
-    (_DECODER_BLOCK + r"pwconv2\.", "block{block}/pwconv2/", LINEAR),
-    (r"pred\.", "pred/", CONV),
+    ("proj.", "proj/", CONV),
+    ("", "", [("mask_token", "mask_token", "nchw_vector")]),
+    (_DECODER_BLOCK + "dwconv.", "block{block}/dwconv/", DEPTHWISE),
+    (_DECODER_BLOCK + "norm.", "block{block}/norm/", NORM),
+    (_DECODER_BLOCK + "pwconv1.", "block{block}/pwconv1/", LINEAR),
+    (_DECODER_BLOCK + "grn.", "block{block}/grn/", [("gamma", "gamma", "nhwc_vector"), ("beta", "beta", "nhwc_vector")]),
+    (_DECODER_BLOCK + "pwconv2.", "block{block}/pwconv2/", LINEAR),
+    ("pred.", "pred/", CONV),
 )
+
+
+def checkpoint_key(rows, weight_path, placeholders):
+    """The checkpoint key that `rows` map to `weight_path`, or None.
+
+    `placeholders` supplies values no weight path carries (HF's `{hf}`).
+    """
+    for _, key_template, weight_template, _ in rows:
+        match = compile_template(weight_template).match(weight_path)
+        if match:
+            try:
+                return key_template.format(**{**placeholders, **match.groupdict()})
+            except KeyError:
+                return None
+    return None
+
 
 # Each naming: (name shown to users, marker pattern found in its keys, table).
 NAMINGS = {

@@ -1,8 +1,9 @@
 """Every official ConvNeXt V1/V2 checkpoint, by constructor and tag, as data.
 
 `ConvNeXtV2Tiny(weights="imagenet")` looks up `("ConvNeXtV2Tiny", "imagenet")`
-here, downloads the official file once, converts it once to a Keras
-`.weights.h5` in the cache (keras_convnext.weights.download) and loads that.
+here, downloads the official file once, converts it once into the cache
+(keras_convnext.weights.cache) and loads that. `keras_convnext.list_weights()`
+lists the entries.
 
 Tags (the same meaning for every size that has them):
 
@@ -14,6 +15,10 @@ Tags (the same meaning for every size that has them):
 - `fcmae`: V2 FCMAE self-supervised pre-training on ImageNet-1k; the
   encoder only (no classifier), for `include_top=False` or fine-tuning.
 
+Licenses, as the official repositories state them: the ConvNeXt (V1)
+weights are MIT; the ConvNeXt V2 weights, FCMAE pre-trained and fine-tuned,
+are CC-BY-NC 4.0 (non-commercial use).
+
 Run `python -m keras_convnext.weights.registry --markdown` for the README table.
 """
 
@@ -23,14 +28,20 @@ import sys
 from typing import NamedTuple, Optional
 
 from keras_convnext.models.variants import VARIANTS
-from keras_convnext.weights import download
+from keras_convnext.weights import cache
 from keras_convnext.weights.files import CheckpointError
-from keras_convnext.weights.loader import plan_assignments, model_weights
+from keras_convnext.weights.loader import assign_all, model_weights, plan_assignments
 from keras_convnext.weights.naming import CLASSIFIER_PREFIX, HEAD_PREFIXES
 
 V1_BASE_URL = "https://dl.fbaipublicfiles.com/convnext/"
 V2_BASE_URL = "https://dl.fbaipublicfiles.com/convnext/convnextv2/"
 IMAGENET22K_CLASSES = 21841
+V1_LICENSE = "MIT"
+V2_LICENSE = "CC-BY-NC-4.0"
+LICENSE_URLS = {
+    V1_LICENSE: "https://github.com/facebookresearch/ConvNeXt/blob/main/LICENSE",
+    V2_LICENSE: "https://github.com/facebookresearch/ConvNeXt-V2/blob/main/LICENSE",
+}
 
 
 class Pretrained(NamedTuple):
@@ -43,7 +54,9 @@ class Pretrained(NamedTuple):
     resolution: int  # image side in pixels the release was trained/fine-tuned at
     classes: Optional[int]  # None: encoder only, no classifier in the file
     top1: Optional[float]  # official ImageNet-1k top-1 (%) at `resolution`, where published
-    sha256: Optional[str] = None
+    license: str  # SPDX identifier, as the official repository states it
+    sha256: Optional[str] = None  # None: the first clean download's hash is trusted (cache.py)
+    size: Optional[int] = None  # bytes, where known
 
     @property
     def encoder_only(self):
@@ -65,7 +78,7 @@ V2_22K = "ImageNet-22k (after FCMAE), fine-tuned on ImageNet-1k"
 def _v1(size, tag, file_tag, data, resolution, classes, top1):
     return Pretrained(
         f"ConvNeXt{size.capitalize() if size != 'xlarge' else 'XLarge'}", tag,
-        f"{V1_BASE_URL}convnext_{size}_{file_tag}.pth", data, resolution, classes, top1,
+        f"{V1_BASE_URL}convnext_{size}_{file_tag}.pth", data, resolution, classes, top1, V1_LICENSE,
     )
 
 
@@ -73,6 +86,7 @@ def _v2(size, tag, folder, file_tag, data, resolution, classes, top1):
     return Pretrained(
         f"ConvNeXtV2{size.capitalize()}", tag,
         f"{V2_BASE_URL}{folder}/convnextv2_{size}_{file_tag}.pt", data, resolution, classes, top1,
+        V2_LICENSE,
     )
 
 
@@ -132,6 +146,43 @@ ENTRIES = sorted([_v2(*row) for row in _V2] + [_v1(*row) for row in _V1], key=_o
 REGISTRY = {(entry.variant, entry.tag): entry for entry in ENTRIES}
 
 
+class WeightsInfo(NamedTuple):
+    """A release as `keras_convnext.list_weights()` describes it."""
+
+    variant: str
+    tag: str
+    resolution: int
+    classes: Optional[int]  # None: an encoder without a classifier
+    top1: Optional[float]
+    license: str
+    url: str
+    filename: str
+    training_data: str
+
+
+def list_weights(variant=None):
+    """The pretrained weights available for `weights=`, as a list of `WeightsInfo`.
+
+    Args:
+        variant: a constructor name (`"ConvNeXtV2Tiny"`) to list only its
+            weights; None lists every release.
+
+    Each record has the `variant` and `tag` to pass (`ConvNeXtV2Tiny(weights="imagenet")`),
+    the `resolution` in pixels it was trained at, its `classes` (None: encoder
+    only), the official ImageNet-1k `top1` (%) where published, its
+    `license` (SPDX: MIT for V1, CC-BY-NC-4.0 for V2), and the official `url`
+    and `filename`.
+    """
+    if variant is not None and variant not in VARIANTS:
+        raise ValueError(f"variant {variant!r} is unknown; choose one of {', '.join(VARIANTS)}.")
+    return [
+        WeightsInfo(e.variant, e.tag, e.resolution, e.classes, e.top1, e.license, e.url, e.filename,
+                    e.training_data)
+        for e in ENTRIES
+        if variant is None or e.variant == variant
+    ]
+
+
 def tags_for(variant_name):
     return sorted(tag for (name, tag) in REGISTRY if name == variant_name)
 
@@ -171,17 +222,19 @@ def load_pretrained(model, entry):
     the network is fully convolutional.
     """
     model_classes = _classifier_units(model)
-    arrays = {name: (name, array) for name, array in download.converted_weights(entry).items()}
+    arrays = cache.converted_weights(entry)
+    converted = {name: (name, array) for name, array in arrays.items()}
+    arrays.clear()
     # An FCMAE encoder has no head at all: a classifier keeps its fresh head and head norm
     # (the official fine-tuning start); otherwise only a classifier of another size is fresh.
     fresh_prefixes = HEAD_PREFIXES if entry.encoder_only else (CLASSIFIER_PREFIX,)
     fresh_head = model_classes is not None and (entry.encoder_only or model_classes != entry.classes)
     try:
-        assignments = plan_assignments(model, arrays, [], fresh_head, fresh_prefixes)
+        assignments = plan_assignments(model, converted, [], fresh_head, fresh_prefixes)
     except CheckpointError as error:
         raise CheckpointError(f"weights={entry.tag!r} ({entry.filename}): {error}") from error
-    for variable, array in assignments:
-        variable.assign(array.astype(variable.dtype))
+    converted.clear()
+    assign_all(assignments)
     return model
 
 
@@ -195,29 +248,36 @@ def markdown_table(entries=None):
     lines = [
         "`keras_convnext.ConvNeXtV2Tiny(weights=\"imagenet\")` downloads the official checkpoint once "
         "(into `~/.keras/models/keras_convnext`, or `$KERAS_CONVNEXT_CACHE_DIR`), converts it once "
-        "to a Keras `.weights.h5` and from then on loads only that file (no PyTorch needed). "
+        "to a checked `.safetensors` file and from then on loads only that file (no PyTorch needed). "
+        "No hash of the official files is published: the first download that converts cleanly "
+        "records its SHA-256, and later downloads and loads must match it. "
         "Without network access, download the file in the last column elsewhere and pass its "
         "path as `weights=`, or put it in a directory named by `KERAS_CONVNEXT_WEIGHTS_DIR`. "
         "`python -m keras_convnext.convert FILE_OR_TAG [--variant NAME] --verify` writes "
         "`.weights.h5` and `.keras` files and checks them against the PyTorch reference; "
         "`--all` converts every release below.",
         "",
-        "| Constructor | `weights=` | Training data | Resolution | Classes | Top-1 (official) | File |",
-        "|---|---|---|---|---|---|---|",
+        "`keras_convnext.list_weights()` returns this table as records.",
+        "",
+        "| Constructor | `weights=` | Training data | Resolution | Classes | Top-1 (official) | License | File |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for entry in entries or ENTRIES:
         classes = "encoder only" if entry.encoder_only else str(entry.classes)
         top1 = "-" if entry.top1 is None else f"{entry.top1:.1f}"
         lines.append(
             f"| {entry.variant} | `{entry.tag}` | {entry.training_data} | {entry.resolution} "
-            f"| {classes} | {top1} | [{entry.filename}]({entry.url}) |"
+            f"| {classes} | {top1} | [{entry.license}]({LICENSE_URLS[entry.license]}) "
+            f"| [{entry.filename}]({entry.url}) |"
         )
     lines += [
         "",
         "Top-1: the official ImageNet-1k validation accuracy (%) at that resolution, from the "
         "ConvNeXt and ConvNeXt V2 repositories. A model with another number of `classes` gets a "
         "fresh classifier and every other weight (fine-tuning); any input size works. `fcmae` "
-        "weights are an encoder: use them with `include_top=False`.",
+        "weights are an encoder: use them with `include_top=False`. Licenses as the official "
+        "repositories state them: ConvNeXt (V1) weights MIT, ConvNeXt V2 weights CC-BY-NC 4.0 "
+        "(non-commercial).",
     ]
     return "\n".join(lines) + "\n"
 

@@ -1,0 +1,61 @@
+"""The weights a named ConvNeXt has, as `{weight path: shape}`, without building it.
+
+Converting a registry checkpoint checks the tensors against this table, so
+the conversion needs no model; tests/test_cache.py proves the table equal to
+the weights of built models.
+"""
+
+from keras_convnext.models.variants import VARIANTS
+
+MLP_RATIO = 4
+KERNEL_SIZE = 7
+
+
+def _block_shapes(prefix, dim, version):
+    hidden = MLP_RATIO * dim
+    shapes = {
+        prefix + "dwconv/kernel": (KERNEL_SIZE, KERNEL_SIZE, dim, 1),
+        prefix + "dwconv/bias": (dim,),
+        prefix + "norm/gamma": (dim,),
+        prefix + "norm/beta": (dim,),
+        prefix + "pwconv1/kernel": (dim, hidden),
+        prefix + "pwconv1/bias": (hidden,),
+        prefix + "pwconv2/kernel": (hidden, dim),
+        prefix + "pwconv2/bias": (dim,),
+    }
+    if version == "v2":
+        shapes[prefix + "grn/gamma"] = (hidden,)
+        shapes[prefix + "grn/beta"] = (hidden,)
+    else:
+        shapes[prefix + "layer_scale/gamma"] = (dim,)
+    return shapes
+
+
+def variant_shapes(variant_name, classes=None):
+    """`{weight path: shape}` of `variant_name` (e.g. "ConvNeXtV2Tiny").
+
+    `classes=None`: the backbone (`include_top=False`); otherwise the
+    classifier with that many classes, head LayerNorm included.
+    """
+    variant = VARIANTS[variant_name]
+    dims = variant.stage_dims
+    shapes = {
+        "stem_conv/kernel": (4, 4, 3, dims[0]),
+        "stem_conv/bias": (dims[0],),
+        "stem_norm/gamma": (dims[0],),
+        "stem_norm/beta": (dims[0],),
+    }
+    for stage, depth in enumerate(variant.stage_depths):
+        if stage > 0:
+            shapes[f"downsample{stage}_norm/gamma"] = (dims[stage - 1],)
+            shapes[f"downsample{stage}_norm/beta"] = (dims[stage - 1],)
+            shapes[f"downsample{stage}_conv/kernel"] = (2, 2, dims[stage - 1], dims[stage])
+            shapes[f"downsample{stage}_conv/bias"] = (dims[stage],)
+        for block in range(depth):
+            shapes.update(_block_shapes(f"stage{stage}_block{block}/", dims[stage], variant.version))
+    if classes is not None:
+        shapes["head_norm/gamma"] = (dims[-1],)
+        shapes["head_norm/beta"] = (dims[-1],)
+        shapes["predictions/kernel"] = (dims[-1], classes)
+        shapes["predictions/bias"] = (classes,)
+    return shapes
