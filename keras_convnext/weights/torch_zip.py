@@ -136,15 +136,30 @@ def _strided_copy(storage, dtype, offset, size, stride):
                 f"a tensor of size {size} reaches element {last} of a storage of {elements.size} elements; "
                 "the file is truncated or damaged"
             )
-        itemsize = elements.dtype.itemsize
-        view = np.lib.stride_tricks.as_strided(
-            elements[offset:], shape=size, strides=tuple(s * itemsize for s in stride), writeable=False
-        )
-        array = np.array(view, dtype=elements.dtype.newbyteorder("="))
+        count = int(np.prod(size))
+        if elements.dtype.isnative and _contiguous(size, stride):
+            # A view of the storage, not a copy: a checkpoint then takes its own size in memory once.
+            array = elements[offset : offset + count].reshape(size)
+        else:
+            itemsize = elements.dtype.itemsize
+            view = np.lib.stride_tricks.as_strided(
+                elements[offset:], shape=size, strides=tuple(s * itemsize for s in stride), writeable=False
+            )
+            array = np.array(view, dtype=elements.dtype.newbyteorder("="))
     if dtype == "bfloat16":
         # bfloat16 is the upper half of a float32: shifting the bits is exact.
         array = (array.astype(np.uint32) << 16).view(np.float32)
     return array
+
+
+def _contiguous(size, stride):
+    """Whether element strides `stride` lay out a tensor of `size` row-major without gaps."""
+    expected = 1
+    for length, step in zip(reversed(size), reversed(stride)):
+        if length != 1 and step != expected:
+            return False
+        expected *= length
+    return True
 
 
 def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
@@ -272,7 +287,8 @@ def load(path):
 
             def read_storage(dtype, key, numel):
                 if key not in storages:
-                    storages[key] = _Storage(archive.read(f"{prefix}data/{key}"), dtype, byteorder)
+                    # Writeable memory, so that the arrays viewing it are ordinary writeable arrays.
+                    storages[key] = _Storage(bytearray(archive.read(f"{prefix}data/{key}")), dtype, byteorder)
                     available = storages[key].elements(dtype).size
                     if isinstance(numel, int) and available < numel:
                         raise UnreadableTorchFile(f"storage {key} has {available} of its {numel} elements")
