@@ -68,21 +68,16 @@ def test_every_constructor_has_pyramid_outputs(monkeypatch):
     assert built == list(keras_convnext.CONSTRUCTORS)
 
 
-def test_pyramid_outputs_survive_keras_file(tmp_path):
+def test_pyramid_outputs_survive_from_config():
+    """A rebuilt model (`from_config`, as `.keras` loading does) derives its pyramid again."""
     model = keras_convnext.ConvNeXtAtto(include_top=True, input_shape=(SIZE, SIZE, 3))
-    path = str(tmp_path / "model.keras")
-    model.save(path)
-    loaded = keras.saving.load_model(path, safe_mode=True)
-    assert [tuple(t.shape) for t in loaded.pyramid_outputs.values()] == [
-        tuple(t.shape) for t in model.pyramid_outputs.values()
-    ]
-    images = _images()
-    expected = keras.Model(model.inputs, model.pyramid_outputs)(images)
-    actual = keras.Model(loaded.inputs, loaded.pyramid_outputs)(images)
-    for level in PYRAMID_LEVELS:
-        np.testing.assert_allclose(
-            keras.ops.convert_to_numpy(actual[level]), keras.ops.convert_to_numpy(expected[level]), atol=1e-5
-        )
+    rebuilt = keras_convnext.ConvNeXtModel.from_config(model.get_config())
+    assert rebuilt.pyramid_outputs is not model.pyramid_outputs
+    assert {level: tuple(t.shape) for level, t in rebuilt.pyramid_outputs.items()} == {
+        level: tuple(t.shape) for level, t in model.pyramid_outputs.items()
+    }
+    outputs = [layer.output for layer in rebuilt.layers]
+    assert all(any(rebuilt.pyramid_outputs[level] is output for output in outputs) for level in PYRAMID_LEVELS)
 
 
 def test_missing_keras_hub_is_named(monkeypatch):
@@ -159,3 +154,14 @@ def test_deeplabv3_on_convnext_v2_round_trips_keras_file(tmp_path):
     segmenter = hub.deeplabv3_segmenter(_encoder("ConvNeXtV2Atto"), num_classes=2, dilation_rates=(1, 2))
     assert tuple(segmenter(_images()).shape) == (2, SIZE, SIZE, 2)
     _assert_keras_file_round_trip(segmenter, _images(seed=1), tmp_path)
+
+
+def test_tasks_on_channels_first_convnext():
+    _keras_hub()
+    keras.config.set_image_data_format("channels_first")
+    images = _images(data_format="channels_first")
+    encoder = keras_convnext.ConvNeXtAtto(include_top=False, input_shape=(3, SIZE, SIZE))
+    segmenter = hub.deeplabv3_segmenter(encoder, num_classes=2, dilation_rates=(1, 2))
+    assert tuple(segmenter(images).shape) == (2, 2, SIZE, SIZE)
+    detector = hub.retinanet_detector(encoder, num_classes=2)
+    _assert_detector_outputs(detector(images), 2)
