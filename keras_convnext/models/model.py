@@ -8,6 +8,7 @@ from keras_convnext.layers.layer_norm import LayerNorm
 from keras_convnext.layers.pointwise import PatchConv2D
 from keras_convnext.layers.preprocessing import ImageNormalization
 from keras_convnext.models.inputs import check_images, kept_on_failure
+from keras_convnext.models.pyramid import build_pyramid_outputs
 from keras_convnext.ops.pointwise import _torch_compiling
 
 # Layers whose `call` at inference is all that `Layer.__call__` would run for
@@ -59,6 +60,22 @@ class ConvNeXtModel(keras.Model):
     that are not one chain of the layer types above, and layers with
     PyTorch forward hooks.
     """
+
+    @property
+    def pyramid_outputs(self):
+        """`{"P2": ..., "P5": ...}`: the stage outputs at strides 4 to 32 (`build_pyramid_outputs`).
+
+        keras-hub's `FeaturePyramidBackbone` contract, so the model can be
+        the `image_encoder` of `keras_hub.models.RetinaNetBackbone` and
+        `DeepLabV3Backbone`. Derived from the graph, so a model rebuilt by
+        `from_config` or loaded from `.keras` has it too.
+        """
+        cache = self.__dict__.get("_pyramid_outputs_cache")
+        if cache is None:
+            cache = build_pyramid_outputs(self)
+            # Past Keras' and PyTorch's attribute tracking, as the caches below.
+            object.__setattr__(self, "_pyramid_outputs_cache", cache)
+        return cache
 
     def call(self, inputs, training=None, mask=None):
         symbolic = isinstance(inputs, keras.KerasTensor)

@@ -1,0 +1,180 @@
+"""ConvNeXt as keras-hub's image encoder: pyramid_outputs, RetinaNet and DeepLabV3."""
+
+import numpy as np
+import pytest
+
+import keras
+
+import keras_convnext
+from keras_convnext import hub
+from keras_convnext.models import convnext as builder
+from keras_convnext.models.pyramid import PYRAMID_LEVELS
+
+SIZE = 64
+
+
+def _keras_hub():
+    return pytest.importorskip("keras_hub", reason='needs keras-hub: pip install "keras-convnext[hub]"')
+
+
+def _images(count=2, seed=0, data_format="channels_last"):
+    shape = (count, SIZE, SIZE, 3) if data_format == "channels_last" else (count, 3, SIZE, SIZE)
+    return np.random.default_rng(seed).uniform(0, 255, shape).astype("float32")
+
+
+def _encoder(name):
+    return keras_convnext.CONSTRUCTORS[name](include_top=False, input_shape=(SIZE, SIZE, 3))
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_pyramid_outputs_have_strides_4_to_32(data_format):
+    keras.config.set_image_data_format(data_format)
+    input_shape = (SIZE, SIZE, 3) if data_format == "channels_last" else (3, SIZE, SIZE)
+    model = keras_convnext.ConvNeXtV2Atto(include_top=False, input_shape=input_shape)
+    dims = keras_convnext.VARIANTS["ConvNeXtV2Atto"].stage_dims
+    assert list(model.pyramid_outputs) == list(PYRAMID_LEVELS)
+    for level, dim in zip(PYRAMID_LEVELS, dims):
+        side = SIZE // 2 ** int(level[1])
+        expected = (None, side, side, dim) if data_format == "channels_last" else (None, dim, side, side)
+        assert tuple(model.pyramid_outputs[level].shape) == expected, level
+    # The pyramid is the model's own graph: P5 is the backbone's output.
+    pyramid = keras.Model(model.inputs, model.pyramid_outputs)
+    images = _images(data_format=data_format)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(pyramid(images)["P5"]),
+        keras.ops.convert_to_numpy(model.predict(images, verbose=0)),
+        atol=1e-5,
+    )
+
+
+def test_every_constructor_has_pyramid_outputs(monkeypatch):
+    """Each named constructor goes through the builder, whose model has the pyramid.
+
+    The variants' own depths and widths are replaced by tiny ones, so the
+    large models are not allocated; the tiny ones are built as they are below.
+    """
+    built = []
+    real_builder = builder.ConvNeXt
+
+    def tiny_builder(stage_depths, stage_dims, **kwargs):
+        built.append(kwargs["variant_name"])
+        return real_builder((1, 1, 1, 1), (8, 8, 8, 8), **kwargs)
+
+    monkeypatch.setattr(builder, "ConvNeXt", tiny_builder)
+    for name, constructor in keras_convnext.CONSTRUCTORS.items():
+        model = constructor(include_top=True, input_shape=(32, 32, 3))
+        assert list(model.pyramid_outputs) == list(PYRAMID_LEVELS), name
+        assert model.pyramid_outputs["P5"].shape[1:3] == (1, 1), name
+    assert built == list(keras_convnext.CONSTRUCTORS)
+
+
+def test_pyramid_outputs_survive_from_config():
+    """A rebuilt model (`from_config`, as `.keras` loading does) derives its pyramid again."""
+    model = keras_convnext.ConvNeXtAtto(include_top=True, input_shape=(SIZE, SIZE, 3))
+    rebuilt = keras_convnext.ConvNeXtModel.from_config(model.get_config())
+    assert rebuilt.pyramid_outputs is not model.pyramid_outputs
+    assert {level: tuple(t.shape) for level, t in rebuilt.pyramid_outputs.items()} == {
+        level: tuple(t.shape) for level, t in model.pyramid_outputs.items()
+    }
+    outputs = [layer.output for layer in rebuilt.layers]
+    assert all(any(rebuilt.pyramid_outputs[level] is output for output in outputs) for level in PYRAMID_LEVELS)
+
+
+def test_missing_keras_hub_is_named(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "keras_hub", None)
+    with pytest.raises(ImportError, match=r'pip install "keras-convnext\[hub\]"'):
+        hub.retinanet_detector(_encoder("ConvNeXtV2Atto"), num_classes=2)
+
+
+def _assert_keras_file_round_trip(model, images, tmp_path):
+    """Saves `model` as `.keras`, loads it with safe_mode=True and compares the raw outputs."""
+    path = str(tmp_path / "task.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    assert type(loaded) is type(model)
+    expected = keras.tree.map_structure(keras.ops.convert_to_numpy, model(images))
+    actual = keras.tree.map_structure(keras.ops.convert_to_numpy, loaded(images))
+    keras.tree.map_structure(lambda a, e: np.testing.assert_allclose(a, e, atol=1e-5), actual, expected)
+
+
+def _assert_detector_outputs(outputs, num_classes):
+    # 9 anchors (3 scales x 3 aspect ratios) per position of levels 3-7: 8x8, 4x4, 2x2, 1x1, 1x1.
+    anchors = 9 * (64 + 16 + 4 + 1 + 1)
+    assert tuple(outputs["cls_logits"].shape) == (2, anchors, num_classes)
+    assert tuple(outputs["bbox_regression"].shape) == (2, anchors, 4)
+
+
+# Training compiles the whole task model, the slow part on CPU: each task
+# trains on one ConvNeXt version and is called and saved on the other.
+def test_retinanet_on_convnext_v2_trains():
+    _keras_hub()
+    encoder = _encoder("ConvNeXtV2Atto")
+    detector = hub.retinanet_detector(encoder, num_classes=3)
+    assert detector.backbone.min_level == 3 and detector.backbone.max_level == 7
+    _assert_detector_outputs(detector(_images()), 3)
+    before = keras.ops.convert_to_numpy(encoder.get_layer("stem_conv").weights[0]).copy()
+    detector.compile(optimizer=keras.optimizers.SGD(0.01))
+    boxes = np.array([[[4, 4, 30, 30], [10, 20, 50, 60]]] * 2, "float32")
+    labels = np.array([[0, 2]] * 2, "int32")
+    history = detector.fit(_images(), {"boxes": boxes, "labels": labels}, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    # The encoder is shared, not copied: training the detector trains it.
+    after = keras.ops.convert_to_numpy(encoder.get_layer("stem_conv").weights[0])
+    assert not np.allclose(before, after)
+
+
+def test_retinanet_on_convnext_v1_round_trips_keras_file(tmp_path):
+    _keras_hub()
+    detector = hub.retinanet_detector(_encoder("ConvNeXtAtto"), num_classes=2)
+    _assert_detector_outputs(detector(_images()), 2)
+    _assert_keras_file_round_trip(detector, _images(seed=1), tmp_path)
+
+
+def test_deeplabv3_on_convnext_v1_trains():
+    _keras_hub()
+    encoder = _encoder("ConvNeXtAtto")
+    segmenter = hub.deeplabv3_segmenter(encoder, num_classes=3, dilation_rates=(1, 2))
+    assert tuple(segmenter(_images()).shape) == (2, SIZE, SIZE, 3)
+    before = keras.ops.convert_to_numpy(encoder.get_layer("stem_conv").weights[0]).copy()
+    segmenter.compile(
+        optimizer=keras.optimizers.SGD(0.01),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    masks = np.random.default_rng(1).integers(0, 3, (2, SIZE, SIZE, 1))
+    history = segmenter.fit(_images(), masks, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    after = keras.ops.convert_to_numpy(encoder.get_layer("stem_conv").weights[0])
+    assert not np.allclose(before, after)
+
+
+def test_deeplabv3_on_convnext_v2_round_trips_keras_file(tmp_path):
+    _keras_hub()
+    segmenter = hub.deeplabv3_segmenter(_encoder("ConvNeXtV2Atto"), num_classes=2, dilation_rates=(1, 2))
+    assert tuple(segmenter(_images()).shape) == (2, SIZE, SIZE, 2)
+    _assert_keras_file_round_trip(segmenter, _images(seed=1), tmp_path)
+
+
+def _tensorflow_on_cpu_only():
+    if keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    return not tf.config.list_physical_devices("GPU")
+
+
+def test_tasks_on_channels_first_convnext():
+    _keras_hub()
+    if _tensorflow_on_cpu_only():
+        pytest.skip(
+            "keras-hub's heads convolve in the image data format, and TensorFlow's CPU Conv2D "
+            "has no channels_first (NCHW) kernel; ConvNeXt itself permutes once and runs there."
+        )
+    keras.config.set_image_data_format("channels_first")
+    images = _images(data_format="channels_first")
+    encoder = keras_convnext.ConvNeXtAtto(include_top=False, input_shape=(3, SIZE, SIZE))
+    segmenter = hub.deeplabv3_segmenter(encoder, num_classes=2, dilation_rates=(1, 2))
+    assert tuple(segmenter(images).shape) == (2, 2, SIZE, SIZE)
+    detector = hub.retinanet_detector(encoder, num_classes=2)
+    _assert_detector_outputs(detector(images), 2)
