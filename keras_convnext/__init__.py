@@ -1,6 +1,6 @@
 """ConvNeXt V1 and V2 for Keras 3 (TensorFlow, JAX and PyTorch backends)."""
 
-from keras_convnext import layers
+from keras_convnext import config, layers
 from keras_convnext.export import export, export_formats
 from keras_convnext.fcmae import FCMAE, FCMAEDecoder, transfer_encoder
 from keras_convnext.imagenet import decode_predictions, imagenet_classes, preprocess_input
