@@ -11,7 +11,7 @@ from keras_convnext.layers.initializers import HostTruncatedNormal
 from keras_convnext.layers.layer_norm import LayerNorm
 from keras_convnext.layers.layer_scale import LayerScale
 from keras_convnext.layers.pointwise import PointwiseDense
-from keras_convnext.ops import grn_linear, platform
+from keras_convnext.ops import folded_grn_linear, platform
 
 
 def kernel_init():
@@ -175,7 +175,7 @@ class ConvNeXtBlock(keras.layers.Layer):
         platform allow (`keras_convnext.ops.grn_linear`), else the two layers' own calls."""
         if self.pwconv2.computes_own_product and platform.grn_fold_applies(x, self.pwconv2.kernel):
             kernel, bias = self.pwconv2.product_weights()
-            return grn_linear(x, self.grn.gamma.value, self.grn.beta.value, kernel, bias, self.grn.epsilon)
+            return folded_grn_linear(x, self.grn.gamma.value, self.grn.beta.value, kernel, bias, self.grn.epsilon)
         return self.pwconv2.call(self.grn.call(x))
 
     def expand(self, x):

@@ -14,6 +14,7 @@ from keras_convnext.ops import portable
 from keras_convnext.ops.dispatch import (
     cast_rounded,
     depthwise_conv2d,
+    folded_grn_linear,
     grn,
     grn_linear,
     layer_norm,

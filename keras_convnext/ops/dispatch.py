@@ -59,13 +59,19 @@ def grn_linear(inputs, gamma, beta, kernel, bias=None, epsilon=1e-6):
     """`portable.grn_linear`: GRN folded into the product where `platform.grn_fold_applies`,
     else `grn` and `linear` one after the other."""
     if platform.grn_fold_applies(inputs, kernel):
-        backend = platform.fast_backend()
-        if backend == "tensorflow":
-            return tensorflow_backend.grn_linear(inputs, gamma, beta, kernel, bias, epsilon)
-        if backend == "torch":
-            return torch_backend.grn_linear(inputs, gamma, beta, kernel, bias, epsilon)
-        return jax_backend.grn_linear(inputs, gamma, beta, kernel, bias, epsilon)
+        return folded_grn_linear(inputs, gamma, beta, kernel, bias, epsilon)
     return linear(grn(inputs, gamma, beta, epsilon), kernel, bias)
+
+
+def folded_grn_linear(inputs, gamma, beta, kernel, bias=None, epsilon=1e-6):
+    """`portable.grn_linear` with GRN folded into the product, for a caller that has checked
+    `platform.grn_fold_applies` (the block, which otherwise runs its GRN layer)."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        return tensorflow_backend.grn_linear(inputs, gamma, beta, kernel, bias, epsilon)
+    if backend == "torch":
+        return torch_backend.grn_linear(inputs, gamma, beta, kernel, bias, epsilon)
+    return jax_backend.grn_linear(inputs, gamma, beta, kernel, bias, epsilon)
 
 
 def patch_conv2d(inputs, kernel, bias=None):

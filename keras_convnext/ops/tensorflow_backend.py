@@ -13,7 +13,7 @@ computes what its namesake in `ops.portable` defines.
 import keras
 from keras import ops
 
-from keras_convnext.ops import platform, portable, xla
+from keras_convnext.ops import portable, xla
 
 # --- Depthwise convolution (inside XLA) ----------------------------------------
 
@@ -166,13 +166,11 @@ def grn_linear(inputs, gamma, beta, kernel, bias=None, epsilon=1e-6):
     (`platform.grn_fold_applies`), the weight is the smaller tensor: `s`
     scales a per-sample copy of it in a batched product and `beta` joins the
     bias, instead of two passes over the map. Elsewhere `beta @ W` would read
-    the larger weight once more, and GRN and `linear` run one after the other.
+    the larger weight once more: there GRN and `linear` run one after the other.
     """
     import tensorflow as tf
 
     _, height, width, channels = inputs.shape
-    if not platform.more_positions_than_outputs(inputs, kernel):
-        return linear(grn(inputs, gamma, beta, epsilon), kernel, bias)
     factor = _grn_scale(inputs, gamma, epsilon)
     folded_bias = tf.linalg.matvec(kernel, ops.cast(beta, kernel.dtype), transpose_a=True)
     folded_bias = folded_bias if bias is None else folded_bias + bias

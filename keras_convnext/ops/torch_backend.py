@@ -236,17 +236,16 @@ def _sum_of_squares(inputs):
 
 
 def grn_linear(inputs, gamma, beta, kernel, bias=None, epsilon=1e-6):
-    """`portable.grn_linear` with GRN folded into a batched product, where `platform.grn_fold_applies`.
+    """`portable.grn_linear` with GRN folded into a batched product, at inference.
 
     `(x * s + beta) @ W + b = x @ (s * W) + (beta @ W + b)`: `baddbmm` with
     per-sample weights instead of GRN's pass over the map and then the
-    product. The gradient keeps the separate operations.
+    product. It applies where `platform.grn_fold_applies`, at inference; the
+    gradient keeps the separate operations.
     """
     import torch
 
     batch, height, width, channels = inputs.shape
-    if not platform.grn_fold_applies(inputs, kernel):
-        return linear(grn(inputs, gamma, beta, epsilon), kernel, bias)
     kernel = as_tensor(kernel)
     factor = _grn_scale(inputs, gamma, epsilon).reshape(batch, channels, 1)
     folded_bias = torch.mv(kernel.t(), as_tensor(beta, kernel.dtype))
