@@ -136,6 +136,8 @@ class ConvNeXtModel(keras.Model):
         chain = self.layer_chain() if chain is None else chain
         if chain is None:
             raise ValueError(f"{self.name} is not a single chain of known layers; call the model instead.")
+        # Keras has no public form of what `Functional.call` does to its inputs first
+        # (structure, dtype conversion); its own private step, so the result is the same.
         (x,) = self._standardize_inputs(inputs)
         for layer in chain:
             x = layer.dtype_policy.convert_input(x, layer.autocast, layer.input_dtype)
@@ -196,6 +198,9 @@ def _find_chain(model):
     chain = []
     tensor = model.outputs[0]
     while tensor is not model.inputs[0]:
+        # Keras has no public API that walks a functional model's graph node by
+        # node with each call's arguments; its tensors' history and the layers'
+        # nodes are the private form of it.
         layer, node_index, _ = tensor._keras_history
         if not isinstance(layer, DIRECT_LAYER_TYPES):
             return None
@@ -233,6 +238,7 @@ def _direct_calls_apply(chain):
         if layer.dtype_policy.quantization_mode is not None:
             return False
         # On PyTorch, Layer.__call__ runs the torch.nn.Module hooks; `call` does not.
+        # torch.nn.Module has no public API that tells whether hooks are registered.
         if getattr(layer, "_forward_hooks", None) or getattr(layer, "_forward_pre_hooks", None):
             return False
     return True
