@@ -907,7 +907,7 @@ def test_integer_rounding_to_bfloat16_gives_the_bits_of_a_cast():
 
 
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="the rounding inside JAX's product")
-def test_jax_kernelrounded_after_its_input_is_the_cast():
+def test_jax_kernel_rounded_after_its_input_is_the_cast():
     """`rounded_after` gives the bits of `astype(bfloat16)` for every float32
     value (-0.0 stays -0.0), whatever the input value it is tied to (NaN and
     infinities included), and the cast's gradient; under a Keras distribution
