@@ -66,12 +66,14 @@ def measure(batch_size, repeats, stages=STAGES):
     import keras
 
     sys.path.insert(0, ROOT)
-    from keras_convnext.ops import depthwise
+    from keras_convnext import ops
 
     backend = keras.backend.backend()
-    formulations = {"portable": depthwise.portable_depthwise_conv2d, "dispatched": depthwise.depthwise_conv2d}
+    formulations = {"portable": ops.portable_depthwise_conv2d, "dispatched": ops.depthwise_conv2d}
     if backend == "jax":
-        formulations["shifted"] = depthwise._xla_depthwise_conv2d
+        from keras_convnext.ops import jax_backend
+
+        formulations["shifted"] = jax_backend.depthwise_conv2d
     elif backend != "torch":
         raise SystemExit("depthwise.py times JAX and PyTorch")
     rng = np.random.default_rng(0)

@@ -40,7 +40,7 @@ import uuid
 
 import numpy as np
 
-from keras_convnext.ops.pointwise import tracing_for_export
+from keras_convnext import config
 
 FORMATS = ("saved_model", "tflite", "tflite-fp16", "tflite-int8", "onnx")
 _SUFFIX = {"saved_model": "", "tflite": ".tflite", "tflite-fp16": "_fp16.tflite",
@@ -236,7 +236,7 @@ def write_artifacts(model, targets, image_size=224):
 
     if keras.backend.backend() != "tensorflow":
         raise RuntimeError("write_artifacts runs on the TensorFlow backend; use export() from other backends.")
-    with tracing_for_export():
+    with config.fast_paths(False):
         return _write_artifacts(model, targets, image_size)
 
 

@@ -147,9 +147,9 @@ def test_unknown_format_is_refused(tmp_path):
 def test_tflite_converter_takes_the_model_as_traced_for_speed(tmp_path):
     """TensorFlow's own converter, outside `keras_convnext.export`, reads the fast graph too.
 
-    `keras_convnext.export` traces the standard formulation
-    (`tracing_for_export`); a user who hands the model to the converter
-    directly gets the graph traced for speed, with its LayerNorm form.
+    `keras_convnext.export` traces the portable formulation (the fast paths
+    off); a user who hands the model to the converter directly gets the
+    graph traced for speed.
     """
     import tensorflow as tf
 
@@ -170,12 +170,12 @@ def test_tflite_artifact_computes_what_the_keras_converter_writes(exported, tmp_
     compute bit for bit what that converter's does on the same traced graph."""
     import tensorflow as tf
 
-    from keras_convnext.ops.pointwise import tracing_for_export
+    from keras_convnext import config
 
     model, _, reports = exported
     inputs = keras.Input(batch_shape=(None, SIZE, SIZE, 3), name="images")
     fixed = keras.Model(inputs, model(inputs, training=False))
-    with tracing_for_export():
+    with config.fast_paths(False):
         converted = tf.lite.TFLiteConverter.from_keras_model(fixed).convert()
     path = tmp_path / "keras_converter.tflite"
     path.write_bytes(converted)

@@ -219,10 +219,9 @@ def test_bfloat16_linear_on_jax_cpu_reads_the_stored_kernel_for_small_products(p
     """On JAX's CPU, a `mixed_bfloat16` Linear of up to 256 positions multiplies
     by its float32 kernel (no per-call rounding pass over the weights); larger
     ones, and every other backend, by the kernel rounded to bfloat16."""
-    from keras_convnext.ops.depthwise import _jax_on_cpu
-    from keras_convnext.ops.pointwise import float32_kernel_pays
+    from keras_convnext.ops.platform import float32_kernel_pays, jax_on_cpu
 
-    on_jax_cpu = keras.backend.backend() == "jax" and _jax_on_cpu()
+    on_jax_cpu = keras.backend.backend() == "jax" and jax_on_cpu()
     assert float32_kernel_pays(256, "bfloat16", "float32") == on_jax_cpu
     assert not float32_kernel_pays(257, "bfloat16", "float32")
     assert not float32_kernel_pays(None, "bfloat16", "float32")  # positions unknown when traced
@@ -259,7 +258,7 @@ def test_bfloat16_linear_from_the_stored_kernel_agrees_with_float32_and_trains(a
     rounded to bfloat16 inside the product beyond (320 rows)."""
     import jax
 
-    from keras_convnext.ops import pointwise as convnext_ops
+    from keras_convnext import ops as convnext_ops
 
     rng = np.random.default_rng(3)
     x = rng.normal(size=(2,) + positions + (32,)).astype("float32")

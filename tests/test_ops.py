@@ -6,7 +6,11 @@ import pytest
 import keras
 from keras import ops
 
+from conftest import assert_speed_up_kept
+
+from keras_convnext import config
 from keras_convnext import ops as convnext_ops
+from keras_convnext.ops import platform, torch_backend
 from keras_convnext.layers import DepthwiseConv
 
 
@@ -93,6 +97,7 @@ def _gradient(fn, *arrays, tensorflow_graph=False):
     return [t.grad.numpy() for t in tensors]
 
 
+@pytest.mark.perf_contract
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="XLA:CPU fusion of the JAX formulation")
 def test_jax_depthwise_output_is_computed_once_per_pass():
     """The shifted multiply-adds run once forward and once for the input gradient.
@@ -103,9 +108,9 @@ def test_jax_depthwise_output_is_computed_once_per_pass():
     import jax
     import jax.numpy as jnp
 
-    from keras_convnext.ops import depthwise
+    from keras_convnext.ops import platform
 
-    if not depthwise._jax_on_cpu():
+    if not platform.jax_on_cpu():
         pytest.skip("the shifted formulation runs on XLA:CPU only")
     rng = np.random.default_rng(4)
     x, weights = rng.normal(size=(2, 2, 14, 14, 16)).astype("float32")
@@ -113,7 +118,7 @@ def test_jax_depthwise_output_is_computed_once_per_pass():
     bias = rng.normal(size=16).astype("float32")
 
     def loss(a, k, b):
-        y = depthwise.depthwise_conv2d(a, k, b)
+        y = convnext_ops.depthwise_conv2d(a, k, b)
         mean = jnp.mean(y, axis=-1, keepdims=True)
         variance = jnp.mean(jnp.square(y - mean), axis=-1, keepdims=True)
         return jnp.sum((y - mean) * jax.lax.rsqrt(variance + 1e-6) * weights)
@@ -123,17 +128,17 @@ def test_jax_depthwise_output_is_computed_once_per_pass():
     kernel_name = next(re.match(r"\s*(%\S+) = ", line).group(1) for line in entry if " parameter(1)" in line)
     reads_kernel = re.compile(re.escape(kernel_name) + r"[,)]")
     readers = [line for line in entry if " fusion(" in line and reads_kernel.search(line)]
-    assert 1 <= len(readers) <= 2, readers
+    assert_speed_up_kept(1 <= len(readers) <= 2, f"XLA fused the depthwise multiply-adds into {readers}")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_materialized_is_the_identity(dtype):
-    from keras_convnext.ops import depthwise
+    from keras_convnext.ops import xla
 
     values = np.array([0.0, -0.0, 1e-30, -3.5, 7e30, 1.0 / 3.0], dtype="float32")
     x = ops.cast(ops.convert_to_tensor(values), dtype)
     np.testing.assert_array_equal(
-        ops.convert_to_numpy(ops.cast(depthwise._materialized(x), "float32")),
+        ops.convert_to_numpy(ops.cast(xla.materialized(x), "float32")),
         ops.convert_to_numpy(ops.cast(x, "float32")),
     )
 
@@ -164,20 +169,19 @@ def test_torch_grn_statistics_in_chunks_at_inference(dtype, monkeypatch):
         pytest.skip("PyTorch-only formulation")
     import torch
 
-    from keras_convnext.ops import pointwise
 
     rng = np.random.default_rng(21)
     x = rng.normal(size=(5, 4, 3, 6)).astype("float32")
     x[3] *= 30.0  # one sample far larger, so that mixing samples up shows
     gamma, beta = rng.normal(size=(2, 6)).astype("float32")
     x_t = ops.cast(ops.convert_to_tensor(x), dtype)
-    whole = ops.convert_to_numpy(ops.cast(pointwise._torch_sum_of_squares(x_t), "float32"))
+    whole = ops.convert_to_numpy(ops.cast(torch_backend._sum_of_squares(x_t), "float32"))
     calls = []
     cat = torch.cat
     monkeypatch.setattr(torch, "cat", lambda tensors, *args: calls.append(len(tensors)) or cat(tensors, *args))
-    monkeypatch.setattr(pointwise, "_TORCH_CHUNK_BYTES", 2 * 4 * 3 * 6 * 4)  # two samples' float32 squares
+    monkeypatch.setattr(platform, "TORCH_CHUNK_BYTES", 2 * 4 * 3 * 6 * 4)  # two samples' float32 squares
     with torch.no_grad():
-        chunked = ops.convert_to_numpy(pointwise._torch_sum_of_squares(x_t))
+        chunked = ops.convert_to_numpy(torch_backend._sum_of_squares(x_t))
         actual = ops.convert_to_numpy(ops.cast(convnext_ops.grn(x_t, gamma, beta), "float32"))
     assert calls and calls[0] == 3  # samples (0, 1), (2, 3), (4)
     assert chunked.shape == (5, 1, 1, 6) and chunked.dtype == np.float32
@@ -199,22 +203,21 @@ def test_torch_off_the_cpu_takes_the_reference_products(monkeypatch):
     import torch
     import torch.nn.functional as F
 
-    from keras_convnext.ops import pointwise
 
     convolutions, concatenations = [], []
     conv2d, cat = F.conv2d, torch.cat
     monkeypatch.setattr(F, "conv2d", lambda *args, **kwargs: convolutions.append(1) or conv2d(*args, **kwargs))
     monkeypatch.setattr(torch, "cat", lambda *args, **kwargs: concatenations.append(1) or cat(*args, **kwargs))
-    monkeypatch.setattr(pointwise, "_TORCH_CHUNK_BYTES", 4 * 64 * 64 * 8)  # one sample's float32 squares
+    monkeypatch.setattr(platform, "TORCH_CHUNK_BYTES", 4 * 64 * 64 * 8)  # one sample's float32 squares
     for device in ("meta", "cpu"):
         convolutions.clear()
         concatenations.clear()
-        x = torch.ones(2, 64, 64, 8, device=device)  # 8192 positions: over `_TORCH_CONV_MIN_POSITIONS`
+        x = torch.ones(2, 64, 64, 8, device=device)  # 8192 positions: over `platform.TORCH_CONV_MIN_POSITIONS`
         kernel, bias = torch.ones(8, 12, device=device), torch.ones(12, device=device)
         for training in (True, False):
             with torch.set_grad_enabled(training):
-                outputs = pointwise._torch_linear(x, kernel, bias, gelu=True)
-                sums = pointwise._torch_sum_of_squares(x)
+                outputs = torch_backend.linear(x, kernel, bias, gelu=True)
+                sums = torch_backend._sum_of_squares(x)
             assert outputs.shape == (2, 64, 64, 12) and outputs.device.type == device
             assert sums.shape == (2, 1, 1, 8) and sums.dtype == torch.float32
         if device == "meta":
@@ -278,14 +281,13 @@ def _each_inference_product(monkeypatch, dtype="float32"):
         return
     import torch
 
-    from keras_convnext.ops import pointwise
 
-    own_choice = pointwise._torch_onednn_product_wins
-    onednn = pointwise._torch_inference_matmul_works(getattr(torch, dtype))
+    own_choice = torch_backend.onednn_product_wins
+    onednn = torch_backend.onednn_linear_works(getattr(torch, dtype))
     for wins in (True, False) if onednn else (False,):
-        monkeypatch.setattr(pointwise, "_torch_onednn_product_wins", lambda dtype, wins=wins: wins)
+        monkeypatch.setattr(torch_backend, "onednn_product_wins", lambda dtype, wins=wins: wins)
         yield
-    monkeypatch.setattr(pointwise, "_torch_onednn_product_wins", own_choice)
+    monkeypatch.setattr(torch_backend, "onednn_product_wins", own_choice)
 
 
 @pytest.mark.parametrize(
@@ -300,9 +302,9 @@ def _each_inference_product(monkeypatch, dtype="float32"):
     ],
 )
 def test_float32_inference_product_follows_the_processor(vendor, capability, mkl, addmm):
-    from keras_convnext.ops import pointwise
+    from keras_convnext.ops import platform
 
-    assert pointwise._addmm_wins_on(vendor, capability, mkl) is addmm
+    assert platform.addmm_wins_on(vendor, capability, mkl) is addmm
 
 
 def test_pointwise_dense_equals_dense():
@@ -321,8 +323,6 @@ def test_pointwise_dense_equals_dense():
 @pytest.mark.parametrize("shape, size", [((2, 8, 6, 5), 2), ((2, 9, 10, 5), 2), ((1, 16, 12, 3), 4)])
 def test_patch_conv_as_linear_agrees_with_strided_conv(shape, size):
     """Patches through `linear` (PyTorch, JAX) and the strided conv: values and gradients."""
-    from keras_convnext.ops.pointwise import _patch_linear
-
     rng = np.random.default_rng(6)
     x = rng.normal(size=shape).astype("float32")
     kernel = rng.normal(size=(size, size, shape[-1], 7)).astype("float32")  # not symmetric
@@ -331,7 +331,7 @@ def test_patch_conv_as_linear_agrees_with_strided_conv(shape, size):
 
     expected = _gradient(lambda a, k: convnext_ops.portable_patch_conv2d(a, k, bias), x, kernel, weights)
     values = ops.convert_to_numpy(convnext_ops.portable_patch_conv2d(x, kernel, bias))
-    for fn in (_patch_linear, convnext_ops.patch_conv2d):
+    for fn in (convnext_ops.patch_linear, convnext_ops.patch_conv2d):
         np.testing.assert_allclose(ops.convert_to_numpy(fn(x, kernel, bias)), values, rtol=1e-5, atol=1e-4)
         actual = _gradient(lambda a, k: fn(a, k, bias), x, kernel, weights)
         for e, a in zip(expected, actual):
@@ -357,18 +357,18 @@ def test_tensorflow_xla_context_is_detected():
         pytest.skip("TensorFlow-only dispatch")
     import tensorflow as tf
 
-    from keras_convnext.ops.depthwise import _tensorflow_in_xla
+    from keras_convnext.ops.platform import tensorflow_in_xla
 
     seen = {}
 
     def probe(x):
-        seen[len(seen)] = _tensorflow_in_xla()
+        seen[len(seen)] = tensorflow_in_xla()
         return x
 
     tf.function(probe, jit_compile=True)(tf.ones(1))
     tf.function(probe, jit_compile=False)(tf.ones(1))
     assert seen == {0: True, 1: False}
-    assert not _tensorflow_in_xla()
+    assert not tensorflow_in_xla()
 
 
 def test_jax_depthwise_dispatch_follows_the_device(monkeypatch):
@@ -377,22 +377,22 @@ def test_jax_depthwise_dispatch_follows_the_device(monkeypatch):
         pytest.skip("JAX-only dispatch")
     import jax
 
-    from keras_convnext.ops import depthwise
+    from keras_convnext.ops import platform
 
     x, kernel = np.ones((1, 9, 9, 4), "float32"), np.full((7, 7, 4, 1), 0.5, "float32")
 
     def primitives():
         # a new function each time: JAX caches traces by function
-        jaxpr = jax.make_jaxpr(lambda a, k: depthwise.depthwise_conv2d(a, k))(x, kernel)
+        jaxpr = jax.make_jaxpr(lambda a, k: convnext_ops.depthwise_conv2d(a, k))(x, kernel)
         return {equation.primitive.name for equation in jaxpr.jaxpr.eqns}
 
     assert jax.default_backend() == "cpu"
     assert "conv_general_dilated" not in primitives()
-    monkeypatch.setattr(depthwise, "_jax_on_cpu", lambda: False)
+    monkeypatch.setattr(platform, "jax_on_cpu", lambda: False)
     assert "conv_general_dilated" in primitives()
     np.testing.assert_allclose(
-        ops.convert_to_numpy(depthwise.depthwise_conv2d(x, kernel)),
-        ops.convert_to_numpy(depthwise.shifted_depthwise_conv2d(x, kernel)), rtol=1e-5,
+        ops.convert_to_numpy(convnext_ops.depthwise_conv2d(x, kernel)),
+        ops.convert_to_numpy(convnext_ops.shifted_depthwise_conv2d(x, kernel)), rtol=1e-5,
     )
 
 
@@ -430,7 +430,6 @@ def test_torch_layer_norm_on_a_device_that_wants_one_dtype(monkeypatch):
         pytest.skip("PyTorch-only formulation")
     import torch.nn.functional as F
 
-    from keras_convnext.ops import pointwise
 
     layer_norm = F.layer_norm
 
@@ -440,7 +439,7 @@ def test_torch_layer_norm_on_a_device_that_wants_one_dtype(monkeypatch):
         return layer_norm(inputs, shape, weight, bias, epsilon)
 
     monkeypatch.setattr(F, "layer_norm", one_dtype_only)
-    monkeypatch.setattr(pointwise, "_layer_norm_takes_mixed_dtypes", lambda device: False)
+    monkeypatch.setattr(torch_backend, "layer_norm_takes_mixed_dtypes", lambda device: False)
     rng = np.random.default_rng(11)
     x = ops.cast(ops.convert_to_tensor((rng.normal(size=(2, 3, 3, 8)) * 3 + 1).astype("float32")), "bfloat16")
     gamma, beta = (rng.normal(size=(2, 8)) + 1).astype("float32")
@@ -465,6 +464,7 @@ def test_layer_norm_layer_equals_keras_layer_norm():
     )
 
 
+@pytest.mark.perf_contract
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="XLA's common-subexpression elimination")
 def test_jax_gelu_backward_computes_its_own_erf():
     """The backward pass's `erf` is not the forward pass's, kept alive until the backward.
@@ -478,7 +478,8 @@ def test_jax_gelu_backward_computes_its_own_erf():
     rng = np.random.default_rng(19)
     x, kernel = rng.normal(size=(2, 8, 8, 16)).astype("float32"), rng.normal(size=(16, 32)).astype("float32")
     step = jax.jit(jax.value_and_grad(lambda a, k: jnp.sum(convnext_ops.linear_gelu(a, k) ** 2), argnums=(0, 1)))
-    assert len(re.findall(r" erf\(", step.lower(x, kernel).compile().as_text())) == 2
+    erfs = len(re.findall(r" erf\(", step.lower(x, kernel).compile().as_text()))
+    assert_speed_up_kept(erfs == 2, f"the compiled training step has {erfs} erf operations, not 2")
 
 
 # At inference PyTorch fuses GELU into oneDNN's product (in float32, where `addmm` wins, `addmm`
@@ -496,9 +497,7 @@ def test_linear_gelu_agrees_with_portable(shape, monkeypatch):
     if keras.backend.backend() == "torch":
         import torch
 
-        from keras_convnext.ops.pointwise import _torch_inference_matmul_works
-
-        assert _torch_inference_matmul_works(torch.float32), "the fused path would go untested on this PyTorch"
+        assert torch_backend.onednn_linear_works(torch.float32), "the fused path would go untested on this PyTorch"
     for _ in _each_inference_product(monkeypatch):
         with _inference():
             actual = convnext_ops.linear_gelu(ops.convert_to_tensor(x), ops.convert_to_tensor(kernel), bias)
@@ -570,8 +569,7 @@ def test_jax_bfloat16_grn_linear_agrees_with_float32(shape, folds, kernel_dtype)
     import jax
     import jax.numpy as jnp
 
-    from keras_convnext.ops.depthwise import _jax_on_cpu
-    from keras_convnext.ops.pointwise import _jax_grn_folds
+    from keras_convnext.ops import platform
 
     rng = np.random.default_rng(31)
     x = rng.normal(size=shape).astype("float32")
@@ -583,7 +581,7 @@ def test_jax_bfloat16_grn_linear_agrees_with_float32(shape, folds, kernel_dtype)
     x, kernel = (np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32)) for a in (x, kernel))
     x_bf16 = jnp.asarray(x, jnp.bfloat16)
     stored = jnp.asarray(kernel, kernel_dtype)
-    assert _jax_grn_folds(x_bf16, stored) == (folds and _jax_on_cpu())
+    assert platform.grn_fold_applies(x_bf16, stored) == (folds and platform.jax_on_cpu())
     bias_value = np.asarray(jnp.asarray(bias, jnp.bfloat16).astype(jnp.float32))
 
     def ours(a, g, b, k):
@@ -650,6 +648,7 @@ def test_grn_gradients_where_a_channel_is_zero_match_the_reference(name):
             np.testing.assert_allclose(np.asarray(a), e, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.perf_contract
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow graphs")
 def test_tensorflow_linear_graph_has_the_fusable_chain():
     """MatMul -> BiasAdd -> GELU in the traced graph, the chain oneDNN runs as one product.
@@ -665,8 +664,11 @@ def test_tensorflow_linear_graph_has_the_fusable_chain():
     traced = tf.function(lambda a: convnext_ops.linear_gelu(a, kernel, bias), input_signature=[spec])
     graph = traced.get_concrete_function().graph
     bias_add = [op for op in graph.get_operations() if op.type == "BiasAdd"]
-    assert len(bias_add) == 1 and bias_add[0].inputs[0].op.type == "MatMul"
-    assert {"Erfc", "Erf"} & {consumer.type for consumer in _consumers_of(bias_add[0], depth=3)}
+    assert_speed_up_kept(
+        len(bias_add) == 1 and bias_add[0].inputs[0].op.type == "MatMul", "no MatMul -> BiasAdd in the graph"
+    )
+    consumers = {consumer.type for consumer in _consumers_of(bias_add[0], depth=3)}
+    assert_speed_up_kept({"Erfc", "Erf"} & consumers, f"no GELU after the BiasAdd: {consumers}")
     np.testing.assert_allclose(
         traced(x).numpy(), ops.convert_to_numpy(convnext_ops.portable_linear_gelu(x, kernel, bias)), rtol=1e-5, atol=1e-5
     )
@@ -681,6 +683,7 @@ def test_tensorflow_linear_graph_has_the_fusable_chain():
     )
 
 
+@pytest.mark.perf_contract
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow graphs")
 @pytest.mark.parametrize("batch", [3, None])
 def test_tensorflow_layer_norm_is_one_fused_kernel(batch, monkeypatch):
@@ -692,9 +695,8 @@ def test_tensorflow_layer_norm_is_one_fused_kernel(batch, monkeypatch):
     """
     import tensorflow as tf
 
-    from keras_convnext.ops import pointwise
 
-    if not pointwise._tensorflow_fuses_layer_norm():
+    if not platform.tensorflow_fuses_layer_norm():
         pytest.skip("TensorFlow without oneDNN's graph rewrites, or with a GPU")
     rng = np.random.default_rng(17)
     x = (rng.normal(size=(3, 5, 6, 8)) * 3 + 1).astype("float32")
@@ -706,7 +708,7 @@ def test_tensorflow_layer_norm_is_one_fused_kernel(batch, monkeypatch):
         return tf.function(lambda a: fn(a, gamma, beta, 1e-6), input_signature=[spec], **kwargs)
 
     fused = traced(convnext_ops.layer_norm)
-    assert "_MklLayerNorm" in _optimized_op_types(fused)
+    assert_speed_up_kept("_MklLayerNorm" in _optimized_op_types(fused), "grappler no longer fuses LayerNorm")
     assert fused.get_concrete_function().output_shapes == (batch, 5, 6, 8)
     expected = ops.convert_to_numpy(convnext_ops.portable_layer_norm(x, gamma, beta, 1e-6))
     np.testing.assert_allclose(fused(x).numpy(), expected, rtol=1e-5, atol=1e-5)
@@ -719,7 +721,8 @@ def test_tensorflow_layer_norm_is_one_fused_kernel(batch, monkeypatch):
     x_bf16 = tf.cast(x, tf.bfloat16)
     bf16 = tf.function(lambda a: convnext_ops.layer_norm(a, gamma, beta, 1e-6))
     if _processor_has_avx512():  # oneDNN's bfloat16 kernels need it (not on an AVX2-only AMD EPYC)
-        assert "_MklLayerNorm" in _optimized_op_types(bf16, tf.TensorSpec(x.shape, tf.bfloat16))
+        fused_types = _optimized_op_types(bf16, tf.TensorSpec(x.shape, tf.bfloat16))
+        assert_speed_up_kept("_MklLayerNorm" in fused_types, "grappler no longer fuses LayerNorm in bfloat16")
     _assert_bfloat16_layer_norm_matches_keras(x_bf16, gamma, beta)
     np.testing.assert_allclose(
         tf.cast(bf16(x_bf16), tf.float32).numpy(),
@@ -730,18 +733,18 @@ def test_tensorflow_layer_norm_is_one_fused_kernel(batch, monkeypatch):
     def batch_norms(fn):
         return [op for op in fn.get_concrete_function().graph.get_operations() if op.type == "FusedBatchNormV3"]
 
-    assert batch_norms(fused)
+    assert_speed_up_kept(batch_norms(fused), "no FusedBatchNormV3 in the traced LayerNorm")
     assert not batch_norms(traced(convnext_ops.layer_norm, jit_compile=True))
-    with pointwise.tracing_for_export():
+    with config.fast_paths(False):
         assert not batch_norms(traced(convnext_ops.layer_norm))
-    monkeypatch.setattr(pointwise, "_tensorflow_fuses_layer_norm", lambda: False)
+    monkeypatch.setattr(platform, "tensorflow_fuses_layer_norm", lambda: False)
     assert not batch_norms(traced(convnext_ops.layer_norm))
 
 
 def _processor_has_avx512():
-    from keras_convnext.ops.pointwise import _cpuinfo_field
+    from keras_convnext.ops.platform import cpuinfo_field
 
-    flags = _cpuinfo_field("flags")
+    flags = cpuinfo_field("flags")
     return flags is None or "avx512" in flags  # unknown outside Linux: assert
 
 
@@ -889,7 +892,7 @@ def test_integer_rounding_to_bfloat16_gives_the_bits_of_a_cast():
     import jax.numpy as jnp
     import ml_dtypes
 
-    from keras_convnext.ops.rounding import round_to_bfloat16
+    from keras_convnext.ops.jax_backend import round_to_bfloat16
 
     values = _special_and_random_float32()
     rounded = np.asarray(jax.jit(round_to_bfloat16)(values))
@@ -905,7 +908,7 @@ def test_integer_rounding_to_bfloat16_gives_the_bits_of_a_cast():
 
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="the rounding inside JAX's product")
 def test_jax_kernel_rounded_after_its_input_is_the_cast():
-    """`_rounded_after` gives the bits of `astype(bfloat16)` for every float32
+    """`rounded_after` gives the bits of `astype(bfloat16)` for every float32
     value (-0.0 stays -0.0), whatever the input value it is tied to (NaN and
     infinities included), and the cast's gradient; under a Keras distribution
     it is the plain cast, untied."""
@@ -913,7 +916,7 @@ def test_jax_kernel_rounded_after_its_input_is_the_cast():
     import jax.numpy as jnp
     import ml_dtypes
 
-    from keras_convnext.ops.pointwise import _rounded_after
+    from keras_convnext.ops.jax_backend import rounded_after
 
     values = _special_and_random_float32()
     kernel = values[: values.size // 8 * 8].reshape(-1, 8)
@@ -923,12 +926,12 @@ def test_jax_kernel_rounded_after_its_input_is_the_cast():
     for first in (np.nan, -np.nan, np.inf, -np.inf, -0.0, 3.0, -1e-45):
         inputs = np.full((2, 3, 8), 1.5, "float32")
         inputs[0, 0, 0] = first
-        rounded = np.asarray(jax.jit(_rounded_after)(kernel, jnp.asarray(inputs, jnp.bfloat16)))
+        rounded = np.asarray(jax.jit(rounded_after)(kernel, jnp.asarray(inputs, jnp.bfloat16)))
         assert rounded.dtype == ml_dtypes.bfloat16
         assert np.isnan(rounded[nan].astype("float32")).all()
         np.testing.assert_array_equal(rounded[~nan].view(np.uint16), expected[~nan])
     def program(k, v):  # traced afresh each time: JAX caches a trace by function, not by Keras' state
-        return str(jax.make_jaxpr(lambda a, b: _rounded_after(a, b))(k, v))
+        return str(jax.make_jaxpr(lambda a, b: rounded_after(a, b))(k, v))
 
     inputs = jnp.ones((2, 3, 8), jnp.bfloat16)
     tied = program(kernel, inputs)
@@ -940,11 +943,12 @@ def test_jax_kernel_rounded_after_its_input_is_the_cast():
     assert "clamp" in tied and "clamp" not in untied
     upstream = jnp.arange(24.0).reshape(3, 8)
     inputs = jnp.full((4, 8), jnp.nan, jnp.bfloat16)
-    gradient = jax.grad(lambda k: jnp.sum(_rounded_after(k, inputs).astype(jnp.float32) * upstream))(jnp.ones((3, 8)))
+    gradient = jax.grad(lambda k: jnp.sum(rounded_after(k, inputs).astype(jnp.float32) * upstream))(jnp.ones((3, 8)))
     assert gradient.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(gradient), np.asarray(upstream))
 
 
+@pytest.mark.perf_contract
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="XLA:CPU's schedule")
 def test_jax_rounds_each_kernel_just_before_its_product(monkeypatch):
     """On JAX's CPU, `mixed_bfloat16` Linear layers of more than 256 rows round
@@ -955,10 +959,9 @@ def test_jax_rounds_each_kernel_just_before_its_product(monkeypatch):
     import jax
 
     from keras_convnext.layers import PointwiseDense
-    from keras_convnext.ops import pointwise
-    from keras_convnext.ops.depthwise import _jax_on_cpu
+    from keras_convnext.ops import jax_backend, platform
 
-    if not _jax_on_cpu():
+    if not platform.jax_on_cpu():
         pytest.skip("the float32 kernels are handed to the product on JAX's CPU only")
     width, depth = 512, 6
     layers = [PointwiseDense(width, dtype="mixed_bfloat16") for _ in range(depth)]
@@ -971,29 +974,152 @@ def test_jax_rounds_each_kernel_just_before_its_product(monkeypatch):
         return program.memory_analysis().temp_size_in_bytes, np.asarray(program(weights, x), "float32")
 
     tied_bytes, tied = compiled()
-    monkeypatch.setattr(pointwise, "_rounded_after", lambda kernel, inputs: kernel.astype(inputs.dtype))
+    monkeypatch.setattr(jax_backend, "rounded_after", lambda kernel, inputs: kernel.astype(inputs.dtype))
     cast_bytes, cast = compiled()
     kernel_bytes = width * width * 2
     assert cast_bytes > (depth - 1) * kernel_bytes  # every rounded kernel alive at once
-    assert tied_bytes < 3 * kernel_bytes, (tied_bytes, cast_bytes)
+    assert_speed_up_kept(
+        tied_bytes < 3 * kernel_bytes, f"XLA's temporary buffer holds {tied_bytes} bytes (untied: {cast_bytes})"
+    )
     np.testing.assert_array_equal(tied, cast)
 
 
+@pytest.mark.perf_contract
 def test_cast_rounded_is_a_cast():
     """`cast_rounded` equals `ops.cast` on every backend; on JAX's CPU it takes the integer rounding."""
-    from keras_convnext.ops import rounding
+    from keras_convnext.ops import platform, portable
 
     values = _special_and_random_float32()[:20000]
     finite = values[np.isfinite(values)]
-    actual = ops.convert_to_numpy(ops.cast(rounding.cast_rounded(ops.convert_to_tensor(finite), "bfloat16"), "float32"))
-    expected = ops.convert_to_numpy(ops.cast(rounding.portable_round_to_bfloat16(finite), "float32"))
+    actual = ops.convert_to_numpy(ops.cast(convnext_ops.cast_rounded(ops.convert_to_tensor(finite), "bfloat16"), "float32"))
+    expected = ops.convert_to_numpy(ops.cast(portable.cast(finite, "bfloat16"), "float32"))
     np.testing.assert_array_equal(actual, expected)
-    unchanged = rounding.cast_rounded(ops.convert_to_tensor(finite[:8]), "float32")
+    unchanged = convnext_ops.cast_rounded(ops.convert_to_tensor(finite[:8]), "float32")
     np.testing.assert_array_equal(ops.convert_to_numpy(unchanged), finite[:8])
-    from keras_convnext.ops.depthwise import _jax_on_cpu
-
-    if keras.backend.backend() == "jax" and _jax_on_cpu():
+    if keras.backend.backend() == "jax" and platform.jax_on_cpu():
         import jax
 
-        program = jax.jit(lambda v: rounding.cast_rounded(v, "bfloat16")).lower(finite).as_text()
-        assert "bitcast_convert" in program
+        program = jax.jit(lambda v: convnext_ops.cast_rounded(v, "bfloat16")).lower(finite).as_text()
+        assert_speed_up_kept("bitcast_convert" in program, "the rounding is no longer the integer one")
+
+
+def _randomize(model, seed):
+    """Non-trivial weights: norm scales around 1, GRN gamma and beta and layer scales clearly
+    nonzero, kernels scaled by their fan-in, small biases."""
+    rng = np.random.default_rng(seed)
+    for variable in model.weights:
+        path, shape = variable.path, tuple(variable.shape)
+        noise = rng.normal(size=shape).astype("float32")
+        if "grn" in path or "layer_scale" in path:
+            value = 0.3 * noise + (0.5 if "layer_scale" in path else 0.0)
+        elif "norm" in path and path.endswith("gamma"):
+            value = 1.0 + 0.2 * noise
+        elif len(shape) == 1:
+            value = 0.05 * noise
+        else:
+            value = noise / np.sqrt(max(int(np.prod(shape[:-1])), 1))
+        variable.assign(value)
+
+
+def _inference_and_gradients(model, images, weights):
+    """The logits at inference, and the loss `sum(logits * weights)` in training mode with
+    its gradient for every trainable weight; each traced afresh (the switch is read when traced)."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        trainable = [v.value for v in model.trainable_variables]
+        non_trainable = [v.value for v in model.non_trainable_variables]
+
+        def loss(values):
+            logits, _ = model.stateless_call(values, non_trainable, images, training=True)
+            return (logits * weights).sum()
+
+        logits = jax.jit(lambda t, x: model.stateless_call(t, non_trainable, x, training=False)[0])(trainable, images)
+        value, gradients = jax.jit(jax.value_and_grad(loss))(trainable)
+        return np.asarray(logits), float(value), [np.asarray(g) for g in gradients]
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        @tf.function
+        def step(x):
+            with tf.GradientTape() as tape:
+                value = tf.reduce_sum(model(x, training=True) * weights)
+            return model(x, training=False), value, tape.gradient(value, model.trainable_variables)
+
+        logits, value, gradients = step(tf.constant(images))
+        return logits.numpy(), float(value), [g.numpy() for g in gradients]
+    import torch
+
+    with torch.no_grad():
+        logits = model(images).cpu().numpy()
+    value = (model(images, training=True) * torch.from_numpy(weights)).sum()
+    gradients = torch.autograd.grad(value, [v.value for v in model.trainable_variables])
+    return logits, float(value.detach()), [g.cpu().numpy() for g in gradients]
+
+
+def _record_backend_calls(monkeypatch):
+    """Records which functions of the backends' fast-path modules run (or are traced)."""
+    from keras_convnext.ops import jax_backend, tensorflow_backend, xla
+
+    called = []
+    for module in (jax_backend, tensorflow_backend, torch_backend, xla):
+        for name in ("linear", "linear_gelu", "layer_norm", "grn", "grn_linear", "depthwise_conv2d",
+                     "shifted_forward"):
+            function = getattr(module, name, None)
+            if function is not None:
+                def recorded(*args, _function=function, _name=f"{module.__name__}.{name}", **kwargs):
+                    called.append(_name)
+                    return _function(*args, **kwargs)
+
+                monkeypatch.setattr(module, name, recorded)
+    return called
+
+
+@pytest.mark.parametrize("constructor", ["ConvNeXtAtto", "ConvNeXtV2Atto"])
+def test_models_compute_the_same_with_the_fast_paths_off(constructor, monkeypatch):
+    """`config.fast_paths(False)` runs only the portable definitions, and a V1 and a V2 model
+    give the same logits, training loss and gradients both ways (float32, random weights)."""
+    import keras_convnext
+
+    model = getattr(keras_convnext, constructor)(input_shape=(64, 64, 3), classes=10, classifier_activation=None)
+    _randomize(model, seed=41)
+    rng = np.random.default_rng(42)
+    images = rng.uniform(0, 255, size=(2, 64, 64, 3)).astype("float32")
+    weights = rng.normal(size=(2, 10)).astype("float32")
+    called = _record_backend_calls(monkeypatch)
+    with config.fast_paths(False):
+        assert not config.fast_paths_enabled()
+        portable_logits, portable_loss, portable_gradients = _inference_and_gradients(model, images, weights)
+    assert called == []
+    assert config.fast_paths_enabled()
+    logits, loss, gradients = _inference_and_gradients(model, images, weights)
+    assert called  # the fast paths did run
+    assert np.abs(portable_logits).max() > 1.0  # not a degenerate model
+    np.testing.assert_allclose(logits, portable_logits, rtol=1e-4, atol=1e-4 * np.abs(portable_logits).max())
+    np.testing.assert_allclose(loss, portable_loss, rtol=1e-4, atol=1e-4)
+    assert len(gradients) == len(portable_gradients) == len(model.trainable_variables)
+    for variable, actual, expected in zip(model.trainable_variables, gradients, portable_gradients):
+        scale = np.abs(expected).max()
+        np.testing.assert_allclose(actual, expected, rtol=1e-3, atol=1e-3 * scale + 1e-6, err_msg=variable.path)
+
+
+def test_environment_variable_turns_the_fast_paths_off(monkeypatch):
+    """`KERAS_CONVNEXT_FAST_PATHS=0` when the package is imported, and `set_fast_paths`."""
+    import importlib
+
+    try:
+        for value, enabled in (("0", False), ("off", False), ("1", True)):
+            monkeypatch.setenv("KERAS_CONVNEXT_FAST_PATHS", value)
+            importlib.reload(config)
+            assert config.fast_paths_enabled() is enabled
+            assert platform.fast_backend() == (keras.backend.backend() if enabled else None)
+    finally:
+        monkeypatch.delenv("KERAS_CONVNEXT_FAST_PATHS")
+        importlib.reload(config)
+    assert config.fast_paths_enabled()
+    config.set_fast_paths(False)
+    try:
+        assert platform.fast_backend() is None
+    finally:
+        config.set_fast_paths(True)

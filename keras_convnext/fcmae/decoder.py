@@ -4,7 +4,7 @@ import keras
 from keras import ops
 
 from keras_convnext.layers.block import ConvNeXtBlock, kernel_init
-from keras_convnext.ops.pointwise import linear
+from keras_convnext.ops import linear
 
 
 @keras.saving.register_keras_serializable(package="keras_convnext")

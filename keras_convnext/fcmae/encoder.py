@@ -6,7 +6,8 @@ never influences a visible one. Two equivalent implementations:
 
 - `dense_masked_forward`, the reference: dense tensors with masked positions
   kept at zero; the result is re-masked after every operation that could
-  make them nonzero (depthwise conv, LayerNorm, the downsampling conv).
+  make them nonzero (depthwise conv, LayerNorm, the downsampling conv), with
+  the blocks' own `spatial_part` and `pointwise_part` given the mask.
 - `fast_forward`: the pointwise part of each block (LayerNorm, both Linear
   layers, GELU, GRN), about 90% of its FLOPs, runs only on the gathered
   visible positions (a static count per image); tokens are scattered back
@@ -116,15 +117,8 @@ def dense_masked_forward(layers, x, patch_mask, patch_size, training=None):
         visible = _visible(masks[stage], x.dtype)
         x = x * visible
         for block in blocks:
-            branch = block.dwconv(x) * visible
-            branch = block.norm(branch)
-            branch = block.pwconv1(branch)  # with its GELU
-            # Masked cells must be zero for GRN's spatial norm to cover visible ones only.
-            branch = block.grn(branch * visible)
-            branch = block.pwconv2(branch) * visible
-            if block.drop_path is not None:
-                branch = block.drop_path(branch, training=training)
-            x = x + branch
+            branch = block.spatial_part(x, visible)
+            x = x + block.pointwise_part(branch, training, visible)
     return x
 
 
@@ -145,8 +139,8 @@ def fast_forward(layers, x, patch_mask, patch_size, mask_ratio, training=None):
             x = layers.downsample_convs[stage - 1](positions[stage - 1].scatter(tokens))
             tokens = positions[stage].gather(x)
         for block in blocks:
-            branch = positions[stage].gather(block.dwconv.call(positions[stage].scatter(tokens)))
+            branch = positions[stage].gather(block.spatial_part(positions[stage].scatter(tokens)))
             # As a (batch, tokens, 1, channels) map, GRN's spatial sums cover the visible tokens.
-            branch = ops.squeeze(block.expand(ops.expand_dims(branch, 2)), 2)
-            tokens = tokens + block.project(branch, training)
+            branch = block.pointwise_part(ops.expand_dims(branch, 2), training)
+            tokens = tokens + ops.squeeze(branch, 2)
     return positions[3].scatter(tokens)

@@ -11,6 +11,7 @@ from keras_convnext.layers.initializers import HostTruncatedNormal
 from keras_convnext.layers.layer_norm import LayerNorm
 from keras_convnext.layers.layer_scale import LayerScale
 from keras_convnext.layers.pointwise import PointwiseDense
+from keras_convnext.ops import folded_grn_linear, platform
 
 
 def kernel_init():
@@ -33,7 +34,8 @@ def layer_norm(name):
 class ConvNeXtBlock(keras.layers.Layer):
     """Inverted-bottleneck residual block.
 
-    `x + drop_path(scale(pwconv2(grn(gelu(pwconv1(norm(dwconv(x))))))))`, where
+    `x + drop_path(scale(pwconv2(grn(gelu(pwconv1(norm(dwconv(x))))))))`
+    (`call`, in two parts: `spatial_part`, then `pointwise_part`), where
     the depthwise conv is `kernel_size` x `kernel_size`, `pwconv1` widens the
     channels by `mlp_ratio` and applies the exact GELU (its `activation`), GRN
     is present when `use_grn` (ConvNeXt V2) and the layer scale when
@@ -115,56 +117,85 @@ class ConvNeXtBlock(keras.layers.Layer):
         if self.drop_path is not None:
             # No weights, but it must count as built: Keras' JAX `predict` and
             # `predict_on_batch` otherwise run the whole model eagerly, one
-            # compiled operation at a time, to build it, on every call
-            # (benchmarks/README.md, item 35).
+            # compiled operation at a time, to build it, on every call.
             self.drop_path.build(input_shape)
 
-    def residual_branch(self, x, training=None):
-        """The block without its shortcut; channels_last in and out.
+    def call(self, inputs, training=None):
+        x = ops.transpose(inputs, (0, 2, 3, 1)) if self.data_format == "channels_first" else inputs
+        branch = self.spatial_part(x)
+        branch = self.pointwise_part(branch, training)
+        if self.data_format == "channels_first":
+            branch = ops.transpose(branch, (0, 3, 1, 2))
+        return inputs + branch
 
-        The sublayers are built in `build` and share this block's dtype policy,
-        so their `call` runs directly: `Layer.__call__` would redo per sublayer
-        what this block's own call already did (input casting, autocast scope,
-        training flag), which in PyTorch's eager mode costs about 0.1 ms each,
-        over 10% of a batch-1 forward pass of V2 Tiny.
+    # The sublayers are built in `build` and share this block's dtype policy,
+    # so their `call` runs directly: `Layer.__call__` would redo per sublayer
+    # what this block's own call already did (input casting, autocast scope,
+    # training flag), which in PyTorch's eager mode is a noticeable part of a
+    # small batch's time.
+
+    def spatial_part(self, x, visible=None):
+        """The depthwise convolution, channels_last `(batch, height, width, channels)` in and out.
+
+        `visible` (`(batch, height, width, 1)`, 1 where visible, 0 where masked),
+        if given, zeroes the masked positions of the result (FCMAE's sparse
+        semantics on a dense map).
         """
         x = self.dwconv.call(x)
+        return x if visible is None else x * visible
+
+    def pointwise_part(self, x, training=None, visible=None):
+        """The rest of the residual branch, per position except for GRN's statistics.
+
+        LayerNorm, the widening Linear with the exact GELU, GRN (V2), the
+        narrowing Linear, layer scale (V1) and stochastic depth. Channels last;
+        GRN sums over axes 1 and 2, so a `(batch, positions, 1, channels)` map
+        of gathered positions (the FCMAE fast path) gets GRN over those
+        positions. `visible` (broadcastable to `x[..., :1]`, 1 where visible)
+        zeroes masked positions before GRN's statistics and in the result.
+        """
+        x = self.norm.call(x)
+        x = self.pwconv1.call(x)  # with its GELU, which a backend may apply as the product is written
         if self.grn is None:
-            return self.project(self.expand(x), training)
-        # GRN and pwconv2 in one call, which a backend may fold into one product.
-        x = self.pwconv2.call_after_grn(self.pwconv1.call(self.norm.call(x)), self.grn)
-        return self.scale_and_drop(x, training)
-
-    def expand(self, x):
-        """LayerNorm, the widening Linear, GELU and GRN: the branch after the depthwise conv.
-
-        Per position, except for GRN's statistics, which sum over axes 1 and
-        2: a `(batch, positions, 1, channels)` map of gathered positions (the
-        FCMAE fast path) gets GRN over those positions.
-        """
-        x = self.pwconv1.call(self.norm.call(x))
-        return x if self.grn is None else self.grn.call(x)
-
-    def project(self, x, training=None):
-        """The narrowing Linear, layer scale and stochastic depth: the end of the branch.
-
-        Per position, so it takes any rank with channels last.
-        """
-        return self.scale_and_drop(self.pwconv2.call(x), training)
-
-    def scale_and_drop(self, x, training=None):
-        """Layer scale and stochastic depth, where present; any rank with channels last."""
+            x = self.pwconv2.call(x)
+        else:
+            if visible is not None:
+                x = x * visible  # GRN's norms over the visible positions only
+            x = self.grn_then_pwconv2(x)
+        if visible is not None:
+            x = x * visible
         if self.layer_scale is not None:
             x = self.layer_scale.call(x)
         if self.drop_path is not None:
             x = self.drop_path.call(x, training=training)
         return x
 
-    def call(self, inputs, training=None):
-        if self.data_format == "channels_first":
-            x = ops.transpose(inputs, (0, 2, 3, 1))
-            return inputs + ops.transpose(self.residual_branch(x, training), (0, 3, 1, 2))
-        return inputs + self.residual_branch(inputs, training)
+    def grn_then_pwconv2(self, x):
+        """`pwconv2(grn(x))`: one product with GRN folded in where the fast paths and the
+        platform allow (`keras_convnext.ops.grn_linear`), else the two layers' own calls."""
+        if self.pwconv2.computes_own_product and platform.grn_fold_applies(x, self.pwconv2.kernel):
+            kernel, bias = self.pwconv2.product_weights()
+            return folded_grn_linear(x, self.grn.gamma.value, self.grn.beta.value, kernel, bias, self.grn.epsilon)
+        return self.pwconv2.call(self.grn.call(x))
+
+    def expand(self, x):
+        """`pointwise_part` up to GRN: LayerNorm, the widening Linear with GELU, and GRN.
+
+        With `project`, the two halves of `pointwise_part` for a caller that
+        gathers positions between GRN's statistics and the narrowing Linear
+        (the FCMAE decoder's prediction at the masked patches).
+        """
+        x = self.pwconv1.call(self.norm.call(x))
+        return x if self.grn is None else self.grn.call(x)
+
+    def project(self, x, training=None):
+        """`pointwise_part` after GRN: the narrowing Linear, layer scale and stochastic depth."""
+        x = self.pwconv2.call(x)
+        if self.layer_scale is not None:
+            x = self.layer_scale.call(x)
+        if self.drop_path is not None:
+            x = self.drop_path.call(x, training=training)
+        return x
 
     def compute_output_shape(self, input_shape):
         return input_shape

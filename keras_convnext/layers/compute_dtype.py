@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from keras_convnext.ops import platform
+
 
 def in_compute_dtype(variable, dtype):
     """The value of a Keras variable in `dtype` (a Keras dtype name).
@@ -11,8 +13,7 @@ def in_compute_dtype(variable, dtype):
     too (autocast and stateless scopes included) but then runs Keras'
     dispatch (symbolic-tensor checks, dtype standardization) even when the
     dtype is already right: a few microseconds of Python per weight and
-    call, paid on every call in PyTorch's eager mode (benchmarks/README.md,
-    item 18).
+    call, paid on every call in PyTorch's eager mode.
     """
     value = variable.value
     return value if variable.dtype == dtype else ops.cast(value, dtype)
@@ -30,13 +31,8 @@ def compute_bias(layer):
 
 def stored_value(variable):
     """The value of a Keras variable in its own dtype, not autocast to a layer's
-    compute dtype (float32 weights inside a `mixed_bfloat16` layer's call).
-    None where this Keras has no way to ask for it."""
-    try:
-        from keras.src.backend.common.variables import AutocastScope
-    except ImportError:
-        return None
-    with AutocastScope(None):
+    compute dtype (float32 weights inside a `mixed_bfloat16` layer's call)."""
+    with platform.autocast_scope(None):
         return variable.value
 
 

@@ -3,7 +3,7 @@
 import keras
 
 from keras_convnext.layers.compute_dtype import compute_weights
-from keras_convnext.ops.depthwise import depthwise_conv2d
+from keras_convnext.ops import depthwise_conv2d
 
 
 @keras.saving.register_keras_serializable(package="keras_convnext")

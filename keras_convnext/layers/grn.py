@@ -5,7 +5,7 @@ from keras import ops
 
 from keras_convnext.layers.compute_dtype import in_dtype
 from keras_convnext.layers.data_format import channel_axis_for, standardize_data_format
-from keras_convnext.ops.pointwise import grn
+from keras_convnext.ops import grn
 
 
 @keras.saving.register_keras_serializable(package="keras_convnext")
@@ -13,7 +13,9 @@ class GRN(keras.layers.Layer):
     """Global Response Normalization.
 
     `y = x + gamma * (x * Nx) + beta`, with `Gx = ||x||_2` over the spatial
-    axes per sample and channel, and `Nx = Gx / (mean_channels(Gx) + epsilon)`.
+    axes per sample and channel, and `Nx = Gx / (mean_channels(Gx) + epsilon)`;
+    defined in `keras_convnext.ops.portable.grn`, computed through
+    `keras_convnext.ops.grn`.
 
     Input and output: `(batch, height, width, channels)` for channels_last,
     `(batch, channels, height, width)` for channels_first. `gamma` and `beta`

@@ -3,7 +3,7 @@
 import keras
 
 from keras_convnext.layers.compute_dtype import in_dtype
-from keras_convnext.ops.pointwise import layer_norm
+from keras_convnext.ops import layer_norm
 
 
 @keras.saving.register_keras_serializable(package="keras_convnext")

@@ -2,16 +2,15 @@
 
 import keras
 
-from keras_convnext.layers.compute_dtype import compute_bias, compute_weights, in_dtype, stored_value
-from keras_convnext.ops.pointwise import grn_linear, linear, linear_gelu, patch_conv2d, reads_stored_kernel
+from keras_convnext.layers.compute_dtype import compute_bias, compute_weights, stored_value
+from keras_convnext.ops import linear, linear_gelu, patch_conv2d, platform
 
 
 def _product_weights(layer):
-    """`compute_weights(layer)`, with the float32 kernel as stored where `reads_stored_kernel`."""
-    if reads_stored_kernel(layer.compute_dtype, layer.variable_dtype):
-        stored = stored_value(layer.kernel)
-        if stored is not None:  # no rounded copy made only to be dropped (an eager call would run it)
-            return stored, compute_bias(layer)
+    """`compute_weights(layer)`, with the float32 kernel as stored where `platform.reads_stored_kernel`
+    (no rounded copy made only to be dropped: an eager call would run it)."""
+    if platform.reads_stored_kernel(layer.compute_dtype, layer.variable_dtype):
+        return stored_value(layer.kernel), compute_bias(layer)
     return compute_weights(layer)
 
 
@@ -41,24 +40,15 @@ class PointwiseDense(keras.layers.Dense):
             outputs = self.activation(outputs)
         return outputs
 
-    def call_after_grn(self, inputs, grn):
-        """`self.call(grn.call(inputs))`, through `keras_convnext.ops.grn_linear`.
+    @property
+    def computes_own_product(self):
+        """Whether `call` runs `keras_convnext.ops` (not Dense's own call, as a quantized or
+        LoRA-enabled layer does) with no activation: its product may take GRN folded in."""
+        return not _falls_back(self) and self.activation is keras.activations.linear
 
-        A backend may fold GRN's scale and shift into this layer's product.
-        `inputs` `(batch, height, width, channels)`; `grn` a channels_last
-        `keras_convnext.layers.GRN` with this layer's dtype policy.
-        """
-        folds = (
-            not _falls_back(self)
-            and self.activation is keras.activations.linear
-            and grn.data_format == "channels_last"
-        )
-        if not folds:
-            return self.call(grn.call(inputs))
-        kernel, bias = _product_weights(self)
-        return grn_linear(
-            in_dtype(inputs, self.compute_dtype), grn.gamma.value, grn.beta.value, kernel, bias, grn.epsilon
-        )
+    def product_weights(self):
+        """`(kernel, bias)` as `call` hands them to `keras_convnext.ops.linear` (bias None without one)."""
+        return _product_weights(self)
 
 
 @keras.saving.register_keras_serializable(package="keras_convnext")

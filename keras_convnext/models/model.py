@@ -1,7 +1,6 @@
 """The model class of every ConvNeXt: Keras' functional model with a direct eager inference path."""
 
 import keras
-from keras.src import backend as keras_backend  # autocast scopes, as Layer.__call__ uses them
 
 from keras_convnext.layers.block import ConvNeXtBlock
 from keras_convnext.layers.layer_norm import LayerNorm
@@ -9,7 +8,7 @@ from keras_convnext.layers.pointwise import PatchConv2D
 from keras_convnext.layers.preprocessing import ImageNormalization
 from keras_convnext.models.inputs import check_images, kept_on_failure
 from keras_convnext.models.pyramid import build_pyramid_outputs
-from keras_convnext.ops.pointwise import _torch_compiling
+from keras_convnext.ops import platform
 
 # Layers whose `call` at inference is all that `Layer.__call__` would run for
 # them once built: no masks, no training-only behaviour, no quantized call
@@ -35,9 +34,10 @@ def runs_layers_directly():
     into a graph, where Keras' per-layer Python costs nothing per call (for
     an eager call too: `tensorflow_compiled_inference`,
     `jax_compiled_inference`), and so does `torch.compile`
-    (`jit_compile=True`), which keeps the graph.
+    (`jit_compile=True`), which keeps the graph. A fast path: not with the
+    fast paths off (`keras_convnext.config`).
     """
-    return keras.backend.backend() == "torch" and not _torch_compiling()
+    return platform.fast_backend() == "torch" and not platform.torch_compiling()
 
 
 @keras.saving.register_keras_serializable(package="keras_convnext")
@@ -45,16 +45,17 @@ class ConvNeXtModel(keras.Model):
     """A functional Keras model (`ConvNeXtModel(inputs, outputs, name=...)`).
 
     Built, saved and loaded like `keras.Model(inputs, outputs)`. Two
-    differences. On TensorFlow and JAX, an eager inference call (`model(x)`
+    differences, both fast paths that `keras_convnext.config.set_fast_paths(False)`
+    turns off (every call then runs the functional graph, as `keras.Model`
+    does). On TensorFlow and JAX, an eager inference call (`model(x)`
     on concrete tensors) runs the model traced, as `predict` does
     (`tensorflow_compiled_inference`, `jax_compiled_inference`). On
     PyTorch, an inference call on concrete tensors (`predict`, `model(x)`)
     runs each layer's `call` in turn, skipping the per-layer
     `Layer.__call__` work (argument conversion, training and mask
     resolution, name scopes); it keeps the input casts and autocast scopes
-    of mixed precision. That work is about 70-150
-    microseconds per layer in eager mode, several milliseconds per image at
-    batch 1 (benchmarks/README.md, item 20). The result is the same as the
+    of mixed precision. That work is Python run per layer and call in eager
+    mode, a large part of a small batch's time. The result is the same as the
     functional graph's, which every other call takes: training, masks,
     symbolic tensors, traced calls, and on PyTorch quantized layers, graphs
     that are not one chain of the layer types above, and layers with
@@ -85,7 +86,7 @@ class ConvNeXtModel(keras.Model):
         if compiled == "jax":
             # The stored values: under a mixed policy this call runs inside the
             # model's autocast scope, which would round float32 weights first.
-            with keras_backend.AutocastScope(None):
+            with platform.autocast_scope(None):
                 trainable = [variable.value for variable in self.trainable_variables]
                 non_trainable = [variable.value for variable in self.non_trainable_variables]
             return self.jax_compiled_inference()(trainable, non_trainable, inputs)
@@ -104,9 +105,8 @@ class ConvNeXtModel(keras.Model):
         What an eager JAX call (`model(x)` on concrete arrays) runs: the
         model's `stateless_call` compiled once per input shape, as `predict`
         compiles it, instead of JAX running each operation as a program of
-        its own (V2 Tiny at batch 1: 94 against 181 ms a call, 3.0 against
-        9.2 s for a new input shape; benchmarks/README.md, item 30).
-        The variables' current values are arguments, so assigned weights are
+        its own, which is slower per call and much slower for a new input
+        shape. The variables' current values are arguments, so assigned weights are
         always the ones used.
         """
         cache = self.__dict__.get("_jax_inference_cache")
@@ -116,7 +116,7 @@ class ConvNeXtModel(keras.Model):
             def inference(trainable_values, non_trainable_values, inputs):
                 # Traced as `predict` traces it, outside the autocast scope of
                 # the eager call (which `Layer.__call__` of the model opens again).
-                with keras_backend.AutocastScope(None):
+                with platform.autocast_scope(None):
                     outputs, _ = self.stateless_call(trainable_values, non_trainable_values, inputs, training=False)
                 return outputs
 
@@ -130,9 +130,7 @@ class ConvNeXtModel(keras.Model):
 
         Traced once per input shape (more general shapes after a retrace),
         as `predict` traces the model, instead of TensorFlow running each
-        operation eagerly (V2 Tiny at batch 1: 60.5 ms a call, where running
-        each operation eagerly took 233; benchmarks/README.md, item 30). The
-        function reads the variables themselves, so assigned weights are the
+        operation eagerly, several times slower. The function reads the variables themselves, so assigned weights are the
         ones used.
         """
         cache = self.__dict__.get("_tensorflow_inference_cache")
@@ -140,7 +138,7 @@ class ConvNeXtModel(keras.Model):
             import tensorflow as tf
 
             def inference(inputs):
-                with keras_backend.AutocastScope(None):  # as for JAX above
+                with platform.autocast_scope(None):  # as for JAX above
                     return self(inputs, training=False)
 
             cache = tf.function(inference, reduce_retracing=True)
@@ -156,6 +154,8 @@ class ConvNeXtModel(keras.Model):
         chain = self.layer_chain() if chain is None else chain
         if chain is None:
             raise ValueError(f"{self.name} is not a single chain of known layers; call the model instead.")
+        # Keras has no public form of what `Functional.call` does to its inputs first
+        # (structure, dtype conversion); its own private step, so the result is the same.
         (x,) = self._standardize_inputs(inputs)
         for layer in chain:
             x = layer.dtype_policy.convert_input(x, layer.autocast, layer.input_dtype)
@@ -214,10 +214,11 @@ def _compiled_eager_call(model, inputs):
     `fit`, a user's `jax.jit` or `tf.function`), calls inside a stateless
     scope, and calls inside an autocast scope of another dtype than the
     model's own (which `Layer.__call__` opens under a mixed policy) keep the
-    functional graph: the compiled program would not see those scopes.
+    functional graph: the compiled program would not see those scopes. With
+    the fast paths off, every call keeps it.
     """
-    backend = keras.backend.backend()
-    if backend not in ("jax", "tensorflow") or keras_backend.in_stateless_scope():
+    backend = platform.fast_backend()
+    if backend not in ("jax", "tensorflow") or platform.in_stateless_scope():
         return None
     if backend == "jax":
         import jax
@@ -229,7 +230,7 @@ def _compiled_eager_call(model, inputs):
 
         if not tf.executing_eagerly():
             return None
-    scope = keras_backend.get_autocast_scope()
+    scope = platform.current_autocast_scope()
     return backend if scope is None or scope.dtype == model.compute_dtype else None
 
 
@@ -239,6 +240,9 @@ def _find_chain(model):
     chain = []
     tensor = model.outputs[0]
     while tensor is not model.inputs[0]:
+        # Keras has no public API that walks a functional model's graph node by
+        # node with each call's arguments; its tensors' history and the layers'
+        # nodes are the private form of it.
         layer, node_index, _ = tensor._keras_history
         if not isinstance(layer, DIRECT_LAYER_TYPES):
             return None
@@ -259,15 +263,15 @@ def _autocast_scope(layer):
     Under a mixed policy, Keras' own layers (the head's Dense) read their
     float32 variables in the compute dtype only inside such a scope.
     """
-    current = keras_backend.get_autocast_scope()
+    current = platform.current_autocast_scope()
     if current is None:
         mixed = layer.compute_dtype != layer.variable_dtype
-        return keras_backend.AutocastScope(layer.compute_dtype) if mixed else None
-    if not layer.autocast or not keras_backend.is_float_dtype(layer.compute_dtype):
-        return keras_backend.AutocastScope(None)
+        return platform.autocast_scope(layer.compute_dtype) if mixed else None
+    if not layer.autocast or not keras.backend.is_float_dtype(layer.compute_dtype):
+        return platform.autocast_scope(None)
     if current.dtype == layer.compute_dtype:
         return None
-    return keras_backend.AutocastScope(layer.compute_dtype)
+    return platform.autocast_scope(layer.compute_dtype)
 
 
 def _direct_calls_apply(chain):
@@ -276,6 +280,7 @@ def _direct_calls_apply(chain):
         if layer.dtype_policy.quantization_mode is not None:
             return False
         # On PyTorch, Layer.__call__ runs the torch.nn.Module hooks; `call` does not.
+        # torch.nn.Module has no public API that tells whether hooks are registered.
         if getattr(layer, "_forward_hooks", None) or getattr(layer, "_forward_pre_hooks", None):
             return False
     return True
