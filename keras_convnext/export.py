@@ -40,13 +40,14 @@ import uuid
 
 import numpy as np
 
+from keras_convnext.onnx_layer_norm import LAYER_NORM_OPSET, rewrite_layer_norm
 from keras_convnext.ops.pointwise import tracing_for_export
 
 FORMATS = ("saved_model", "tflite", "tflite-fp16", "tflite-int8", "onnx")
 _SUFFIX = {"saved_model": "", "tflite": ".tflite", "tflite-fp16": "_fp16.tflite",
            "tflite-int8": "_int8.tflite", "onnx": ".onnx"}
 _QUANTIZED = ("tflite-fp16", "tflite-int8")
-_ONNX_OPSET = 17
+_ONNX_OPSET = LAYER_NORM_OPSET  # 17: the first with LayerNormalization, so LayerNorm stays one node
 
 
 class ExportError(RuntimeError):
@@ -222,7 +223,8 @@ def _write_onnx(model, path, shape):
 
     signature = [tf.TensorSpec(shape, tf.float32, name="images")]
     tf2onnx.convert.from_function(
-        _serving_function(model, shape), input_signature=signature, opset=_ONNX_OPSET, output_path=path
+        _serving_function(model, shape), input_signature=signature, opset=_ONNX_OPSET, output_path=path,
+        custom_rewriter=[rewrite_layer_norm],
     )
 
 
