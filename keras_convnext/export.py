@@ -20,6 +20,10 @@ a verified artifact is moved into place (atomic `os.replace`); a failed
 check leaves the destination untouched, and an existing destination is
 replaced only with `overwrite=True`.
 
+ONNX files use opset 17 and hold each LayerNorm as one `LayerNormalization`
+node (`keras_convnext.onnx_layer_norm`), which runtimes run as one kernel,
+instead of the mean/variance/scale ops TensorFlow traces it into.
+
 Inputs of every artifact: float32 images `(batch, height, width, 3)` with
 pixels in [0, 255] (channels_last models; channels_first models take
 `(batch, 3, height, width)`). Batch size is dynamic in every format; the

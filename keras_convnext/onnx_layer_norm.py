@@ -6,7 +6,7 @@ TensorFlow has no LayerNorm op: `keras.ops.layer_normalization` traces as
     inv = Rsqrt(variance + epsilon) * gamma
     y = x * inv + (Neg(mean) * inv + beta)
 
-and tf2onnx turns that into eleven small ONNX ops that runtimes do not fuse
+and tf2onnx turns that into about a dozen small ONNX ops that runtimes do not fuse
 back (its own rewriter only knows rank-3 inputs and emits
 InstanceNormalization). `rewrite_layer_norm` is a tf2onnx graph rewriter that
 finds the pattern among the TensorFlow ops, before conversion, and puts one
