@@ -10,7 +10,7 @@ four int8 recipes, and runs every file on the held-out 20% of the digits:
     int8, norms float    per-channel, with LayerNorm and GRN left in float32
 
 Prints one Markdown table row per file: top-1 agreement with the float32
-Keras model, accuracy, size. Runs on the TensorFlow backend (TFLite's
+Keras model, accuracy, size, and how many of its tensors are int8 and float32. Runs on the TensorFlow backend (TFLite's
 converter is TensorFlow's). `--epochs 8` about 2-4 minutes on 2 CPU cores.
 
     KERAS_BACKEND=tensorflow python examples/tflite_int8_agreement.py --epochs 8
@@ -70,24 +70,32 @@ def converters(archive, calibration):
     }
 
 
-def norms_in_float(archive, calibration):
-    """Per-channel int8 with every LayerNorm/GRN op left in float32 (TFLite's quantization debugger)."""
-    import tensorflow as tf
+def norms_in_float(archive, calibration, float_content):
+    """Per-channel int8 with every LayerNorm/GRN op left in float32 (TFLite's quantization debugger).
 
-    converter = converters(archive, calibration)["int8 per-channel"]
+    The ops are named by their output tensors in the float32 file.
+    """
+    import tensorflow as tf
 
     def dataset():
         for image in calibration:
             yield [image[None]]
 
-    quantized = tf.lite.Interpreter(model_content=converter.convert())
-    names = [detail["name"] for detail in quantized.get_tensor_details()]
+    names = [detail["name"] for detail in tf.lite.Interpreter(model_content=float_content).get_tensor_details()]
     denylisted = [name for name in names if any(part in name.lower() for part in NORM_LAYERS)]
     options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=denylisted)
     debugger = tf.lite.experimental.QuantizationDebugger(
         converter=converters(archive, calibration)["int8 per-channel"], debug_dataset=dataset,
         debug_options=options)
-    return debugger.get_nodes_quantized_model(), len(denylisted)
+    return debugger.get_nondebug_quantized_model(), len(denylisted)
+
+
+def tensor_types(content):
+    """`int8 tensors / float32 tensors` of a TFLite file (weights and activations)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    dtypes = [detail["dtype"] for detail in Interpreter(model_content=content).get_tensor_details()]
+    return f"{sum(d == np.int8 for d in dtypes)} / {sum(d == np.float32 for d in dtypes)}"
 
 
 def run_tflite(content, images):
@@ -117,21 +125,21 @@ def main(argv=None):
     reference = np.argmax(model.predict(x_val, verbose=0), -1)
     calibration = x_train[: args.calibration_images]
     print(f"float32 Keras model: accuracy {np.mean(reference == y_val):.4f} on {len(y_val)} held-out digits")
-    print("| recipe | top-1 agreement with float32 | accuracy | size (MiB) |")
-    print("|---|---|---|---|")
+    print("| recipe | top-1 agreement with float32 | accuracy | size (MiB) | int8 / float32 tensors |")
+    print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as scratch:
         archive = os.path.join(scratch, "saved_model")
         _write_keras_archive(model, archive)
         contents = {recipe: converter.convert() for recipe, converter in converters(archive, calibration).items()}
         try:
-            contents["int8, norms float"], kept = norms_in_float(archive, calibration)
+            contents["int8, norms float"], kept = norms_in_float(archive, calibration, contents["float32"])
             print(f"(norms float: {kept} LayerNorm/GRN tensors left in float32)")
         except Exception as error:  # an older converter without the debugger's selective quantization
             print(f"(int8 with float norms not available: {error})")
         for recipe, content in contents.items():
             top1 = np.argmax(run_tflite(content, x_val), -1)
             print(f"| {recipe} | {np.mean(top1 == reference):.4f} | {np.mean(top1 == y_val):.4f} "
-                  f"| {len(content) / 2**20:.2f} |")
+                  f"| {len(content) / 2**20:.2f} | {tensor_types(content)} |")
 
 
 if __name__ == "__main__":
