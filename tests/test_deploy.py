@@ -156,8 +156,7 @@ def test_tiny_v2_in_mixed_float16_infers_and_trains_on_large_inputs():
 
     # Loss scale 1: a step is skipped only if a gradient itself is not finite.
     optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(1e-4), initial_scale=1.0)
-    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  jit_compile=False)
+    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     gamma_before = keras.ops.convert_to_numpy(grn.gamma.value).copy()
     loss = float(model.train_on_batch(images, labels))
     assert np.isfinite(loss)
