@@ -3,7 +3,6 @@
 import collections
 
 import numpy as np
-import pytest
 
 import keras
 
