@@ -20,6 +20,10 @@ a verified artifact is moved into place (atomic `os.replace`); a failed
 check leaves the destination untouched, and an existing destination is
 replaced only with `overwrite=True`.
 
+ONNX files use opset 17 and hold each LayerNorm as one `LayerNormalization`
+node (`keras_convnext.onnx_layer_norm`), which runtimes run as one kernel,
+instead of the mean/variance/scale ops TensorFlow traces it into.
+
 Inputs of every artifact: float32 images `(batch, height, width, 3)` with
 pixels in [0, 255] (channels_last models; channels_first models take
 `(batch, 3, height, width)`). Batch size is dynamic in every format; the
@@ -41,12 +45,13 @@ import uuid
 import numpy as np
 
 from keras_convnext import config
+from keras_convnext.onnx_layer_norm import LAYER_NORM_OPSET, rewrite_layer_norm
 
 FORMATS = ("saved_model", "tflite", "tflite-fp16", "tflite-int8", "onnx")
 _SUFFIX = {"saved_model": "", "tflite": ".tflite", "tflite-fp16": "_fp16.tflite",
            "tflite-int8": "_int8.tflite", "onnx": ".onnx"}
 _QUANTIZED = ("tflite-fp16", "tflite-int8")
-_ONNX_OPSET = 17
+_ONNX_OPSET = LAYER_NORM_OPSET  # 17: the first with LayerNormalization, so LayerNorm stays one node
 
 
 class ExportError(RuntimeError):
@@ -222,7 +227,8 @@ def _write_onnx(model, path, shape):
 
     signature = [tf.TensorSpec(shape, tf.float32, name="images")]
     tf2onnx.convert.from_function(
-        _serving_function(model, shape), input_signature=signature, opset=_ONNX_OPSET, output_path=path
+        _serving_function(model, shape), input_signature=signature, opset=_ONNX_OPSET, output_path=path,
+        custom_rewriter=[rewrite_layer_norm],
     )
 
 
