@@ -123,6 +123,8 @@ def run_export(argv):
     parser.add_argument("-o", "--output", required=True,
                         help="output directory (artifacts named model, model.tflite, model.onnx, ...).")
     parser.add_argument("--no-verify", action="store_true", help="skip the check against the Keras model.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace existing artifacts (once the new ones are written and verified).")
     args = parser.parse_args(argv)
     _check_backend(args.backend)
     formats = args.format or list(FORMATS)
@@ -132,7 +134,9 @@ def run_export(argv):
     model = _build_model(args)
     targets = {f: os.path.join(args.output, "model" + _SUFFIX[f]) for f in formats}
     print(f"Exporting {model.name} to {', '.join(formats)} ...")
-    reports = export_formats(model, targets, verify_artifacts=not args.no_verify, verbose=False)
+    reports = export_formats(
+        model, targets, verify_artifacts=not args.no_verify, verbose=False, overwrite=args.overwrite
+    )
     for report in reports.values():
         print(report)
     return 0

@@ -284,6 +284,10 @@ def test_wheel_runs_every_command_on_digits(installed_wheel, tmp_path):
 
     done = cli("export", "--model-path", "run/model.keras", "--format", "tflite", "-o", "exported")
     assert os.path.getsize(tmp_path / "exported" / "model.tflite") > 0 and "tflite" in done.stdout
+    before = (tmp_path / "exported" / "model.tflite").read_bytes()
+    done = cli("export", "--model-path", "run/model.keras", "--format", "tflite", "-o", "exported", status=1)
+    assert "overwrite" in done.stderr and (tmp_path / "exported" / "model.tflite").read_bytes() == before
+    cli("export", "--model-path", "run/model.keras", "--format", "tflite", "-o", "exported", "--overwrite")
 
     # No network: every registry entry is unreachable, so nothing is converted.
     offline = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "https_proxy":
