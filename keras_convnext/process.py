@@ -27,10 +27,9 @@ def reuse_freed_memory():
     step: XLA:CPU's temporary buffer for each call (2.7 GB for ConvNeXt V2 Tiny
     at batch 16), eager PyTorch each large result. glibc maps such blocks from
     the system as new pages and unmaps them when freed, so every 4 KB page
-    faults when it is first written, at every step. V2 Tiny's float32 training
-    step at batch 16 on a 2-core AMD EPYC (Zen 5): JAX 2.53 -> 1.87-1.97 s
-    (778k -> 0 faults a step), PyTorch 2.58 -> 1.96-1.98 s; TensorFlow keeps its
-    own memory and is unchanged (benchmarks/README.md, item 41).
+    faults when it is first written, at every step; with these settings the
+    pages are reused and the faults disappear (docs/performance.md has the
+    training-step times). TensorFlow keeps its own memory and gains nothing.
 
     The settings are the process's, as the environment variables of
     `REUSE_FREED_MEMORY_ENVIRONMENT` would make them: every thread allocates
