@@ -203,8 +203,8 @@ def test_channels_first_model_gives_the_same_distances():
 
 
 def test_fcmae_is_analysed_through_its_encoder():
-    fcmae = kc.FCMAE("ConvNeXtV2Atto", input_shape=(32, 32, 3), decoder_dim=16, seed=0)
-    images = np.random.default_rng(4).uniform(0, 255, size=(2, 32, 32, 3)).astype("float32")
+    fcmae = kc.FCMAE("ConvNeXtV2Atto", input_shape=(64, 64, 3), decoder_dim=16, seed=0)
+    images = np.random.default_rng(4).uniform(0, 255, size=(2, 64, 64, 3)).astype("float32")
     assert list(analysis.blocks_of(fcmae)) == list(analysis.blocks_of(fcmae.encoder))
     through_fcmae = analysis.feature_collapse(fcmae, images, activation="grn", blocks=["stage0_block1"])
     direct = analysis.block_activations(fcmae.encoder, images, activation="grn", blocks=["stage0_block1"])
