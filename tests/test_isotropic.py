@@ -1,0 +1,98 @@
+"""Isotropic ConvNeXt against a PyTorch model of the official definition's structure."""
+
+import numpy as np
+import pytest
+
+import keras_convnext as kc
+from keras_convnext.layers import block as block_module
+from keras_convnext.models import isotropic as isotropic_module
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+
+class ReferenceBlock(nn.Module):
+    """The official V1 block with layer scale 0 (no gamma): NCHW in and out."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        y = self.dwconv(x).permute(0, 2, 3, 1)
+        y = self.pwconv2(nn.functional.gelu(self.pwconv1(self.norm(y))))
+        return x + y.permute(0, 3, 1, 2)
+
+
+class ReferenceIsotropic(nn.Module):
+    """Stem conv 16x16 / 16 (no norm), `depth` blocks, mean pool, LayerNorm, Linear."""
+
+    def __init__(self, depth, dim, classes):
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, kernel_size=16, stride=16)
+        self.blocks = nn.Sequential(*[ReferenceBlock(dim) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        return self.head(self.norm(self.blocks(self.stem(x)).mean((-2, -1))))
+
+
+def test_official_isotropic_checkpoint_matches_reference(tmp_path):
+    torch.manual_seed(0)
+    reference = ReferenceIsotropic(depth=2, dim=32, classes=7).eval()
+    with torch.no_grad():
+        for parameter in reference.parameters():
+            parameter.copy_(torch.randn_like(parameter) * 0.1 + (0.5 if parameter.ndim == 1 else 0.0))
+    path = tmp_path / "convnext_iso_tiny_test.pth"
+    torch.save({"model": reference.state_dict()}, path)
+
+    model = kc.ConvNeXtIsotropic(
+        2, 32, classes=7, weights=str(path), input_shape=(64, 64, 3),
+        include_preprocessing=False, classifier_activation=None,
+    )
+    images = np.random.default_rng(1).normal(size=(2, 64, 64, 3)).astype("float32")
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+    logits = np.asarray(model.predict(images, verbose=0))
+    assert np.abs(expected).max() > 0.1
+    assert np.abs(logits - expected).max() <= 1e-4
+
+
+def test_isotropic_blocks_have_no_layer_scale_and_keep_the_patch_grid():
+    model = kc.ConvNeXtIsotropic(3, 16, include_top=False, input_shape=(48, 64, 3))
+    assert model.output_shape == (None, 3, 4, 16)
+    assert all(model.get_layer(f"block{i}").layer_scale is None for i in range(3))
+
+
+def test_checkpoint_of_another_depth_is_refused_whole(tmp_path):
+    reference = ReferenceIsotropic(depth=3, dim=16, classes=5)
+    path = tmp_path / "deeper.pth"
+    torch.save(reference.state_dict(), path)
+    model = kc.ConvNeXtIsotropic(2, 16, classes=5, input_shape=(32, 32, 3))
+    before = [np.asarray(w) for w in model.get_weights()]
+    with pytest.raises(kc.CheckpointError, match=r"blocks\.2\.dwconv\.weight"):
+        kc.load_weights(model, str(path))
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+
+
+@pytest.mark.parametrize(
+    "name,official_millions",
+    [("ConvNeXtIsotropicSmall", 22), ("ConvNeXtIsotropicBase", 87), ("ConvNeXtIsotropicLarge", 306)],
+)
+def test_parameter_count_matches_the_official_structure(name, official_millions, monkeypatch):
+    # Zero initialization: counting Large's 304M parameters needs no random numbers.
+    monkeypatch.setattr(block_module, "kernel_init", lambda: "zeros")
+    monkeypatch.setattr(isotropic_module, "kernel_init", lambda: "zeros")
+    depth, dim = isotropic_module.ISOTROPIC_VARIANTS[name]
+    with torch.device("meta"):
+        reference = ReferenceIsotropic(depth, dim, classes=1000)
+    reference_count = sum(p.numel() for p in reference.parameters())
+    model = getattr(kc, name)(input_shape=(32, 32, 3))
+    count = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    assert count == reference_count
+    # The official README's table, in millions.
+    assert round(count / 1e6) == official_millions
