@@ -1,11 +1,17 @@
 """Isotropic ConvNeXt against a PyTorch model of the official definition's structure."""
 
+import io
+
 import numpy as np
 import pytest
 
 import keras_convnext as kc
 from keras_convnext.layers import block as block_module
 from keras_convnext.models import isotropic as isotropic_module
+from keras_convnext.weights import cache as weights_cache
+from keras_convnext.weights import download, registry
+from keras_convnext.weights.shapes import variant_shapes
+from local_server import LocalServer
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -41,12 +47,22 @@ class ReferenceIsotropic(nn.Module):
         return self.head(self.norm(self.blocks(self.stem(x)).mean((-2, -1))))
 
 
-def test_official_isotropic_checkpoint_matches_reference(tmp_path):
-    torch.manual_seed(0)
-    reference = ReferenceIsotropic(depth=2, dim=32, classes=7).eval()
+def _random_reference(depth, dim, classes, seed=0):
+    torch.manual_seed(seed)
+    reference = ReferenceIsotropic(depth, dim, classes).eval()
     with torch.no_grad():
         for parameter in reference.parameters():
             parameter.copy_(torch.randn_like(parameter) * 0.1 + (0.5 if parameter.ndim == 1 else 0.0))
+    return reference
+
+
+def _reference_logits(reference, images):
+    with torch.no_grad():
+        return reference(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+
+
+def test_official_isotropic_checkpoint_matches_reference(tmp_path):
+    reference = _random_reference(depth=2, dim=32, classes=7)
     path = tmp_path / "convnext_iso_tiny_test.pth"
     torch.save({"model": reference.state_dict()}, path)
 
@@ -55,8 +71,7 @@ def test_official_isotropic_checkpoint_matches_reference(tmp_path):
         include_preprocessing=False, classifier_activation=None,
     )
     images = np.random.default_rng(1).normal(size=(2, 64, 64, 3)).astype("float32")
-    with torch.no_grad():
-        expected = reference(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+    expected = _reference_logits(reference, images)
     logits = np.asarray(model.predict(images, verbose=0))
     assert np.abs(expected).max() > 0.1
     assert np.abs(logits - expected).max() <= 1e-4
@@ -94,5 +109,49 @@ def test_parameter_count_matches_the_official_structure(name, official_millions,
     model = getattr(kc, name)(input_shape=(32, 32, 3))
     count = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
     assert count == reference_count
+    # The registry converts checkpoints against this table, without building a model.
+    assert {v.path: tuple(v.shape) for v in model.weights} == variant_shapes(name, 1000)
     # The official README's table, in millions.
     assert round(count / 1e6) == official_millions
+
+
+def test_readme_isotropic_table_matches_the_code():
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    rows = re.findall(r"^\| `(ConvNeXtIsotropic\w+)` \| (\d+) \| (\d+) \| 16 \| ([\d.]+) \| ([\d.]+) \|$", readme, re.M)
+    assert {row[0] for row in rows} == set(isotropic_module.ISOTROPIC_VARIANTS)
+    for name, depth, dim, params, gmacs in rows:
+        assert (int(depth), int(dim)) == isotropic_module.ISOTROPIC_VARIANTS[name]
+        with torch.device("meta"):
+            reference = ReferenceIsotropic(int(depth), int(dim), classes=1000)
+        assert params == f"{sum(p.numel() for p in reference.parameters()) / 1e6:.2f}"
+        gmacs_in_code = isotropic_module.isotropic_multiply_adds(int(depth), int(dim)) / 1e9
+        assert gmacs == f"{gmacs_in_code:.3f}"
+        # The official README's GFLOPs (multiply-adds) column: 4.3, 16.9, 59.7.
+        assert round(gmacs_in_code, 1) == {"384": 4.3, "768": 16.9, "1024": 59.7}[dim]
+
+
+def test_imagenet_tag_downloads_converts_and_loads_the_official_file(tmp_path, monkeypatch):
+    # The registry entry of Small, served locally, at a reduced size to stay fast.
+    monkeypatch.setenv(weights_cache.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(download.WEIGHTS_DIR_ENV, raising=False)
+    monkeypatch.setitem(isotropic_module.ISOTROPIC_VARIANTS, "ConvNeXtIsotropicSmall", (2, 16))
+    entry = registry.lookup("ConvNeXtIsotropicSmall", "imagenet")
+    assert (entry.filename, entry.license, entry.top1) == ("convnext_iso_small_1k_224_ema.pth", "MIT", 78.7)
+    reference = _random_reference(depth=2, dim=16, classes=1000, seed=4)
+    buffer = io.BytesIO()
+    torch.save({"model": reference.state_dict()}, buffer)
+    server = LocalServer()
+    try:
+        server.files[entry.filename] = buffer.getvalue()
+        monkeypatch.setitem(registry.REGISTRY, (entry.variant, entry.tag), entry._replace(url=server.url(entry.filename)))
+        model = kc.ConvNeXtIsotropic(
+            2, 16, weights="imagenet", variant_name="ConvNeXtIsotropicSmall", input_shape=(32, 32, 3),
+            include_preprocessing=False, classifier_activation=None,
+        )
+    finally:
+        server.close()
+    images = np.random.default_rng(5).normal(size=(1, 32, 32, 3)).astype("float32")
+    assert np.abs(np.asarray(model.predict(images, verbose=0)) - _reference_logits(reference, images)).max() <= 1e-4

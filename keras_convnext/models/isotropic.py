@@ -109,6 +109,18 @@ def ConvNeXtIsotropic(
     return model
 
 
+def isotropic_multiply_adds(depth, dim, image_size=(224, 224), classes=1000, kernel_size=7):
+    """Multiply-accumulate count of one forward pass (the papers' "FLOPs").
+
+    Counts the stem convolution, the blocks' convolutions and Linear layers
+    and the head; norms and GELU are left out, as in the papers' tables.
+    """
+    patches = (image_size[0] // PATCH_SIZE) * (image_size[1] // PATCH_SIZE)
+    stem = patches * PATCH_SIZE * PATCH_SIZE * 3 * dim
+    per_block = patches * dim * (kernel_size * kernel_size + 8 * dim)
+    return stem + depth * per_block + dim * classes
+
+
 def _named_constructor(variant_name):
     depth, dim = ISOTROPIC_VARIANTS[variant_name]
 
@@ -127,3 +139,5 @@ def _named_constructor(variant_name):
 ConvNeXtIsotropicSmall = _named_constructor("ConvNeXtIsotropicSmall")
 ConvNeXtIsotropicBase = _named_constructor("ConvNeXtIsotropicBase")
 ConvNeXtIsotropicLarge = _named_constructor("ConvNeXtIsotropicLarge")
+
+ISOTROPIC_CONSTRUCTORS = {name: globals()[name] for name in ISOTROPIC_VARIANTS}
