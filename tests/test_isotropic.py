@@ -155,3 +155,18 @@ def test_imagenet_tag_downloads_converts_and_loads_the_official_file(tmp_path, m
         server.close()
     images = np.random.default_rng(5).normal(size=(1, 32, 32, 3)).astype("float32")
     assert np.abs(np.asarray(model.predict(images, verbose=0)) - _reference_logits(reference, images)).max() <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(depth=0, dim=8), "depth must be a positive integer; got 0"),
+        (dict(depth=2, dim=True), "dim must be a positive integer; got True"),
+        (dict(depth=2, dim=8, classes="ten"), "classes must be a positive integer"),
+        (dict(depth=2, dim=8, drop_path_rate=1.0), r"drop_path_rate .* in \[0, 1\); got 1.0"),
+        (dict(depth=2, dim=8, input_shape=(16, 16, 3)), "at least 32x32"),
+    ],
+)
+def test_bad_arguments_are_refused_in_words(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        kc.ConvNeXtIsotropic(**kwargs)

@@ -7,13 +7,15 @@ ViT keeps its tokens. The head is the hierarchical models' head: global
 average pooling, LayerNorm, Dense.
 """
 
+import numbers
+
 import numpy as np
 import keras
 
 from keras_convnext.layers.block import ConvNeXtBlock, kernel_init, layer_norm
 from keras_convnext.layers.pointwise import PatchConv2D
 from keras_convnext.layers.preprocessing import ImageNormalization
-from keras_convnext.models.convnext import _image_input
+from keras_convnext.models.convnext import _image_input, _is_integer
 from keras_convnext.models.model import ConvNeXtModel
 
 PATCH_SIZE = 16
@@ -58,12 +60,18 @@ def ConvNeXtIsotropic(
         (channels_first: `(batch, dim, height // 16, width // 16)`).
     """
     for label, value in (("depth", depth), ("dim", dim)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        if not (_is_integer(value) and value >= 1):
             raise ValueError(f"{label} must be a positive integer; got {value!r}.")
     if pooling not in (None, "avg", "max"):
         raise ValueError(f'pooling must be None, "avg" or "max"; got {pooling!r}.')
-    if not (isinstance(drop_path_rate, (int, float)) and 0.0 <= drop_path_rate < 1.0):
-        raise ValueError(f"drop_path_rate must be a number in [0, 1); got {drop_path_rate!r}.")
+    if include_top and not (_is_integer(classes) and classes >= 1):
+        raise ValueError(f"classes must be a positive integer with include_top=True; got {classes!r}.")
+    is_number = isinstance(drop_path_rate, numbers.Real) and not isinstance(drop_path_rate, bool)
+    if not (is_number and 0.0 <= drop_path_rate < 1.0):
+        raise ValueError(
+            "drop_path_rate is the probability of dropping the last block's residual branch, "
+            f"a number in [0, 1); got {drop_path_rate!r}."
+        )
     data_format = keras.config.image_data_format()
 
     inputs, channels = _image_input(input_tensor, input_shape, data_format)
