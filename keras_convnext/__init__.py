@@ -31,6 +31,12 @@ from keras_convnext.models.convnext import (
     ConvNeXtXLarge,
     stage_features,
 )
+from keras_convnext.models.isotropic import (
+    ConvNeXtIsotropic,
+    ConvNeXtIsotropicBase,
+    ConvNeXtIsotropicLarge,
+    ConvNeXtIsotropicSmall,
+)
 from keras_convnext.models.model import ConvNeXtModel
 from keras_convnext.models.variants import VARIANTS
 from keras_convnext.process import reuse_freed_memory

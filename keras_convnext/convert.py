@@ -28,6 +28,7 @@ import sys
 import keras
 
 from keras_convnext.models.convnext import CONSTRUCTORS
+from keras_convnext.models.isotropic import ISOTROPIC_CONSTRUCTORS
 from keras_convnext.models.variants import find_variant
 from keras_convnext.weights import cache, download, registry
 from keras_convnext.weights.files import CheckpointError, read_checkpoint
@@ -52,9 +53,10 @@ def inspect_checkpoint(state_dict):
 
 
 def _build(variant, classes, **kwargs):
+    constructor = {**CONSTRUCTORS, **ISOTROPIC_CONSTRUCTORS}[variant]
     if classes is None:
-        return CONSTRUCTORS[variant](include_top=False, **kwargs)
-    return CONSTRUCTORS[variant](classes=classes, **kwargs)
+        return constructor(include_top=False, **kwargs)
+    return constructor(classes=classes, **kwargs)
 
 
 def convert_file(path, output_dir, variant=None, stem=None):

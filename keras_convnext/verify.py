@@ -79,6 +79,8 @@ def hf_reference(variant_name, state_dict, classes):
         raise ReferenceUnavailable(
             "Verification needs PyTorch and HF transformers: pip install torch transformers"
         ) from error
+    if variant_name not in VARIANTS:
+        raise ReferenceUnavailable(f"HF transformers has no model of {variant_name}'s structure to verify against.")
     variant = VARIANTS[variant_name]
     common = dict(
         depths=list(variant.stage_depths), hidden_sizes=list(variant.stage_dims),

@@ -15,6 +15,7 @@ import keras
 import keras_convnext as kc
 from conftest import random_images, torch_logits
 from keras_convnext.models.convnext import CONSTRUCTORS
+from keras_convnext.models.isotropic import ISOTROPIC_CONSTRUCTORS
 from keras_convnext.weights import cache as weights_cache
 from keras_convnext.weights import download, registry
 from keras_convnext.weights.files import CheckpointError
@@ -37,14 +38,15 @@ def _expected_from_tag(tag):
 
 
 def test_every_entry_is_consistent():
-    assert len(registry.ENTRIES) == len(registry.REGISTRY) == 47
+    assert len(registry.ENTRIES) == len(registry.REGISTRY) == 50
     for entry in registry.ENTRIES:
-        assert entry.variant in CONSTRUCTORS, entry
+        assert entry.variant in {**CONSTRUCTORS, **ISOTROPIC_CONSTRUCTORS}, entry
         classes, resolution = _expected_from_tag(entry.tag)
         assert (entry.classes, entry.resolution) == (classes, resolution), entry
         url = urlparse(entry.url)
         assert url.scheme == "https" and url.netloc == "dl.fbaipublicfiles.com", entry.url
         size = entry.variant.replace("ConvNeXtV2", "").replace("ConvNeXt", "").lower()
+        size = size.replace("isotropic", "iso_")
         family = "convnextv2" if entry.variant.startswith("ConvNeXtV2") else "convnext"
         assert re.fullmatch(rf"{family}_{size}_[0-9a-z_]+\.pth?", entry.filename), entry.url
         assert f"_{entry.resolution}" in entry.filename, entry.url

@@ -159,6 +159,20 @@ OFFICIAL = table(
     ("head.", "predictions/", LINEAR),
 )
 
+# Meta's official isotropic ConvNeXt (facebookresearch/ConvNeXt, models/convnext_isotropic.py):
+# a single patchify convolution, then a flat list of blocks without layer scale.
+_ISOTROPIC_BLOCK = "blocks.{block}."
+ISOTROPIC_BLOCK = "block{block}"
+OFFICIAL_ISOTROPIC = table(
+    ("stem.", "stem_conv/", CONV),
+    (_ISOTROPIC_BLOCK + "dwconv.", ISOTROPIC_BLOCK + "/dwconv/", DEPTHWISE),
+    (_ISOTROPIC_BLOCK + "norm.", ISOTROPIC_BLOCK + "/norm/", NORM),
+    (_ISOTROPIC_BLOCK + "pwconv1.", ISOTROPIC_BLOCK + "/pwconv1/", LINEAR),
+    (_ISOTROPIC_BLOCK + "pwconv2.", ISOTROPIC_BLOCK + "/pwconv2/", LINEAR),
+    ("norm.", "head_norm/", NORM),
+    ("head.", "predictions/", LINEAR),
+)
+
 # timm (timm/models/convnext.py), V1 and V2.
 _TIMM_BLOCK = "stages.{stage}.blocks.{block}."
 TIMM = table(
@@ -245,6 +259,7 @@ def checkpoint_key(rows, weight_path, placeholders):
 # Each naming: (name shown to users, marker pattern found in its keys, table).
 NAMINGS = {
     "official": ("official Meta ConvNeXt", re.compile(r"^downsample_layers\.0\."), OFFICIAL),
+    "official_isotropic": ("official Meta isotropic ConvNeXt", re.compile(r"^stem\.weight$"), OFFICIAL_ISOTROPIC),
     "timm": ("timm", re.compile(r"^stem\.0\."), TIMM),
     "hf": ("HF transformers", re.compile(r"^convnext(v2)?\.embeddings\."), HF),
     "fcmae": ("official FCMAE pre-training", re.compile(r"^encoder\.downsample_layers\.0\."), FCMAE),

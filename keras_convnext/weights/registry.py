@@ -8,7 +8,7 @@ lists the entries.
 Tags (the same meaning for every size that has them):
 
 - `imagenet`: trained on ImageNet-1k at 224 (V2: FCMAE pre-training, then
-  ImageNet-1k fine-tuning); `imagenet-384`: V1 ImageNet-1k at 384.
+  ImageNet-1k fine-tuning; also the isotropic V1 models); `imagenet-384`: V1 ImageNet-1k at 384.
 - `imagenet22k`: V1 trained on ImageNet-22k only (21841 classes).
 - `imagenet22k-ft-1k`, `imagenet22k-ft-1k-384`, `imagenet22k-ft-1k-512`:
   ImageNet-22k (pre-)training, then ImageNet-1k fine-tuning at that size.
@@ -27,6 +27,7 @@ import re
 import sys
 from typing import NamedTuple, Optional
 
+from keras_convnext.models.isotropic import ISOTROPIC_VARIANTS
 from keras_convnext.models.variants import VARIANTS
 from keras_convnext.weights import cache
 from keras_convnext.weights.files import CheckpointError
@@ -132,6 +133,20 @@ _V2 = [
     ("huge", "imagenet22k-ft-1k-512", "im22k", "22k_512_ema", V2_22K, 512, 1000, 88.9),
 ]
 
+# The isotropic V1 models (convnext_isotropic.py): size, top-1.
+_ISOTROPIC = [("small", 78.7), ("base", 82.0), ("large", 82.6)]
+
+
+def _isotropic(size, top1):
+    return Pretrained(
+        f"ConvNeXtIsotropic{size.capitalize()}", "imagenet",
+        f"{V1_BASE_URL}convnext_iso_{size}_1k_224_ema.pth", IN1K, 224, 1000, top1, V1_LICENSE,
+    )
+
+
+# Every constructor that has registry weights, in the order of the tables.
+MODEL_NAMES = (*VARIANTS, *ISOTROPIC_VARIANTS)
+
 TAG_ORDER = (
     "imagenet", "imagenet-384", "imagenet22k", "imagenet22k-ft-1k",
     "imagenet22k-ft-1k-384", "imagenet22k-ft-1k-512", "fcmae",
@@ -139,10 +154,13 @@ TAG_ORDER = (
 
 
 def _order(entry):
-    return (list(VARIANTS).index(entry.variant), TAG_ORDER.index(entry.tag))
+    return (MODEL_NAMES.index(entry.variant), TAG_ORDER.index(entry.tag))
 
 
-ENTRIES = sorted([_v2(*row) for row in _V2] + [_v1(*row) for row in _V1], key=_order)
+ENTRIES = sorted(
+    [_v2(*row) for row in _V2] + [_v1(*row) for row in _V1] + [_isotropic(*row) for row in _ISOTROPIC],
+    key=_order,
+)
 REGISTRY = {(entry.variant, entry.tag): entry for entry in ENTRIES}
 
 
@@ -173,8 +191,8 @@ def list_weights(variant=None):
     `license` (SPDX: MIT for V1, CC-BY-NC-4.0 for V2), and the official `url`
     and `filename`.
     """
-    if variant is not None and variant not in VARIANTS:
-        raise ValueError(f"variant {variant!r} is unknown; choose one of {', '.join(VARIANTS)}.")
+    if variant is not None and variant not in MODEL_NAMES:
+        raise ValueError(f"variant {variant!r} is unknown; choose one of {', '.join(MODEL_NAMES)}.")
     return [
         WeightsInfo(e.variant, e.tag, e.resolution, e.classes, e.top1, e.license, e.url, e.filename,
                     e.training_data)
@@ -273,7 +291,7 @@ def markdown_table(entries=None):
     lines += [
         "",
         "Top-1: the official ImageNet-1k validation accuracy (%) at that resolution, from the "
-        "ConvNeXt and ConvNeXt V2 repositories. A model with another number of `classes` gets a "
+        "ConvNeXt (isotropic models included) and ConvNeXt V2 repositories. A model with another number of `classes` gets a "
         "fresh classifier and every other weight (fine-tuning); any input size works. `fcmae` "
         "weights are an encoder: use them with `include_top=False`. Licenses as the official "
         "repositories state them: ConvNeXt (V1) weights MIT, ConvNeXt V2 weights CC-BY-NC 4.0 "

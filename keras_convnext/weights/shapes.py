@@ -5,6 +5,7 @@ the conversion needs no model; tests/test_cache.py proves the table equal to
 the weights of built models.
 """
 
+from keras_convnext.models.isotropic import ISOTROPIC_VARIANTS, PATCH_SIZE
 from keras_convnext.models.variants import VARIANTS
 
 MLP_RATIO = 4
@@ -37,6 +38,8 @@ def variant_shapes(variant_name, classes=None):
     `classes=None`: the backbone (`include_top=False`); otherwise the
     classifier with that many classes, head LayerNorm included.
     """
+    if variant_name in ISOTROPIC_VARIANTS:
+        return _isotropic_shapes(variant_name, classes)
     variant = VARIANTS[variant_name]
     dims = variant.stage_dims
     shapes = {
@@ -58,4 +61,20 @@ def variant_shapes(variant_name, classes=None):
         shapes["head_norm/beta"] = (dims[-1],)
         shapes["predictions/kernel"] = (dims[-1], classes)
         shapes["predictions/bias"] = (classes,)
+    return shapes
+
+
+def _isotropic_shapes(variant_name, classes):
+    """`variant_shapes` of an isotropic ConvNeXt: patchify stem, V1 blocks without layer scale."""
+    depth, dim = ISOTROPIC_VARIANTS[variant_name]
+    shapes = {"stem_conv/kernel": (PATCH_SIZE, PATCH_SIZE, 3, dim), "stem_conv/bias": (dim,)}
+    for block in range(depth):
+        block_shapes = _block_shapes(f"block{block}/", dim, "v1")
+        del block_shapes[f"block{block}/layer_scale/gamma"]
+        shapes.update(block_shapes)
+    if classes is not None:
+        shapes.update({
+            "head_norm/gamma": (dim,), "head_norm/beta": (dim,),
+            "predictions/kernel": (dim, classes), "predictions/bias": (classes,),
+        })
     return shapes
