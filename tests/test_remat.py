@@ -1,6 +1,7 @@
 """Gradient checkpointing (`remat=True`): the same loss and gradients, and `fit` runs with it."""
 
 import numpy as np
+import pytest
 
 import keras
 
@@ -92,6 +93,13 @@ def test_fit_with_remat_and_stochastic_depth():
     _fit_one_step(tiny_model(remat=True, drop_path_rate=0.1))
 
 
+@pytest.mark.xfail(
+    keras.backend.backend() == "tensorflow",
+    reason="Keras' remat of a whole model is tf.recompute_grad, which takes no keyword arguments "
+    "(the model's `training`) in a graph: every Keras model built in the scope fails so",
+    raises=ValueError,
+    strict=True,
+)
 def test_fit_inside_a_keras_remat_scope():
     # Keras' own remat wraps the model's call too, so its `training` flag
     # arrives as a traced value on JAX.
