@@ -118,3 +118,20 @@ def test_inference_is_the_same_with_remat():
     np.testing.assert_allclose(
         keras.ops.convert_to_numpy(model(images)), keras.ops.convert_to_numpy(plain(images)), rtol=1e-5, atol=1e-5
     )
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="reads the traced JAX program")
+def test_remat_puts_each_block_in_a_jax_checkpoint():
+    import jax
+
+    images, _ = images_and_labels()
+
+    def checkpoints(model):
+        trainable = [v.value for v in model.trainable_variables]
+        non_trainable = [v.value for v in model.non_trainable_variables]
+        program = jax.make_jaxpr(lambda t: model.stateless_call(t, non_trainable, images, training=True)[0])(trainable)
+        # jax.checkpoint's primitive, named "remat2" in the JAX versions we use.
+        return sum(equation.primitive.name in ("remat2", "checkpoint") for equation in program.jaxpr.eqns)
+
+    assert checkpoints(tiny_model(remat=True)) == sum(TINY["stage_depths"])
+    assert checkpoints(tiny_model(remat=False)) == 0
