@@ -78,6 +78,13 @@ def test_remat_is_kept_in_the_config_and_passed_by_the_named_constructors():
     assert not any(block.remat for block in _blocks(keras_convnext.ConvNeXtAtto(input_shape=(32, 32, 3))))
 
 
+def test_remat_survives_a_keras_file(tmp_path):
+    path = str(tmp_path / "model.keras")
+    tiny_model(remat=True).save(path)
+    blocks = _blocks(keras.saving.load_model(path))
+    assert len(blocks) == 4 and all(block.remat for block in blocks)
+
+
 def _blocks(model):
     return [layer for layer in model.layers if isinstance(layer, ConvNeXtBlock)]
 
