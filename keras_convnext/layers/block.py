@@ -46,6 +46,14 @@ class ConvNeXtBlock(keras.layers.Layer):
     (computed internally in channels_last; the weights are the same).
     Sublayers are public (`dwconv`, `norm`, `pwconv1`, `grn`, `pwconv2`,
     `layer_scale`, `drop_path`); absent ones are None.
+
+    `remat=True` (gradient checkpointing) keeps only the block's input for
+    the backward pass and computes the residual branch again there, through
+    `keras.remat`: `jax.checkpoint` on JAX, `tf.recompute_grad` on
+    TensorFlow, `torch.utils.checkpoint` on PyTorch. Less memory in training
+    for one more forward pass of each block; the same outputs and gradients.
+    Stochastic depth stays outside the recomputed part, so its random draw
+    is made once.
     """
 
     def __init__(
@@ -56,9 +64,11 @@ class ConvNeXtBlock(keras.layers.Layer):
         kernel_size=7,
         mlp_ratio=4,
         data_format=None,
+        remat=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.remat = bool(remat)
         self.use_grn = bool(use_grn)
         self.layer_scale_init_value = layer_scale_init_value
         self.drop_path_rate = float(drop_path_rate)
@@ -122,11 +132,31 @@ class ConvNeXtBlock(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         x = ops.transpose(inputs, (0, 2, 3, 1)) if self.data_format == "channels_first" else inputs
-        branch = self.spatial_part(x)
-        branch = self.pointwise_part(branch, training)
+        if self.remat:
+            branch = self.rematerialized_branch(x)
+            if self.drop_path is not None:
+                branch = self.drop_path.call(branch, training=training)
+        else:
+            branch = self.pointwise_part(self.spatial_part(x), training)
         if self.data_format == "channels_first":
             branch = ops.transpose(branch, (0, 3, 1, 2))
         return inputs + branch
+
+    def rematerialized_branch(self, x):
+        """The residual branch before stochastic depth, recomputed in the backward pass (`keras.remat`).
+
+        Channels last, `(batch, height, width, channels)` in and out.
+        """
+        scope = platform.current_autocast_scope()
+        dtype = None if scope is None else scope.dtype
+
+        def branch(x):
+            # TensorFlow and PyTorch run this again during the backward pass,
+            # outside the autocast scope of this call: enter the same one.
+            with platform.autocast_scope(dtype):
+                return self.pointwise_part(self.spatial_part(x))
+
+        return keras.remat(branch)(x)
 
     # The sublayers are built in `build` and share this block's dtype policy,
     # so their `call` runs directly: `Layer.__call__` would redo per sublayer
@@ -210,6 +240,7 @@ class ConvNeXtBlock(keras.layers.Layer):
                 "kernel_size": self.kernel_size,
                 "mlp_ratio": self.mlp_ratio,
                 "data_format": self.data_format,
+                "remat": self.remat,
             }
         )
         return config

@@ -121,6 +121,7 @@ def ConvNeXt(
     kernel_size=7,
     name=None,
     variant_name=None,
+    remat=False,
 ):
     """Builds a ConvNeXt V1 or V2 classifier or backbone.
 
@@ -161,6 +162,13 @@ def ConvNeXt(
         kernel_size: depthwise kernel size (7 in every official model).
         name: model name.
         variant_name: name of the constructor (for weight lookup and errors).
+        remat: gradient checkpointing. Each block keeps only its input for
+            the backward pass and computes its residual branch again there
+            (`keras.remat`: `jax.checkpoint` on JAX, `tf.recompute_grad` on
+            TensorFlow, `torch.utils.checkpoint` on PyTorch), trading about
+            one more forward pass for the memory of the blocks' activations
+            in training. Outputs and gradients are the same. Saved in each
+            block's config, so a `.keras` file keeps it.
 
     Returns:
         A `ConvNeXtModel` (a functional `keras.Model`). With
@@ -202,6 +210,7 @@ def ConvNeXt(
                 drop_path_rate=float(block_rates[block_index]),
                 kernel_size=kernel_size,
                 data_format="channels_last",
+                remat=remat,
                 name=f"stage{stage}_block{block}",
             )(x)
             block_index += 1
@@ -266,6 +275,7 @@ def _named_constructor(variant_name):
         include_preprocessing=True,
         drop_path_rate=0.0,
         name=None,
+        remat=False,
         **kwargs,
     ):
         return ConvNeXt(
@@ -283,6 +293,7 @@ def _named_constructor(variant_name):
             drop_path_rate=drop_path_rate,
             name=name,
             variant_name=variant_name,
+            remat=remat,
             **kwargs,
         )
 
@@ -291,7 +302,8 @@ def _named_constructor(variant_name):
     constructor.__name__ = constructor.__qualname__ = variant_name
     constructor.__doc__ = (
         f"{family}, stage depths {variant.stage_depths}, dims {variant.stage_dims}.\n\n"
-        f"Arguments as `keras_convnext.ConvNeXt` (keras.applications-compatible); "
+        f"Arguments as `keras_convnext.ConvNeXt` (keras.applications-compatible, "
+        "plus `remat=True` for gradient checkpointing); "
         f"also accepts {extra}.\n\n"
         "Note: `include_preprocessing=True` normalizes 3-channel (RGB) inputs only; "
         "images with 1, 4 or any other number of channels reach the stem as given, "

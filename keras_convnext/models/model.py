@@ -80,7 +80,10 @@ class ConvNeXtModel(keras.Model):
 
     def call(self, inputs, training=None, mask=None):
         symbolic = isinstance(inputs, keras.KerasTensor)
-        if training or mask is not None or symbolic:
+        # Under `keras.RematScope`, `training` can be a traced value, which
+        # has no Python truth value: only a plain None or False is inference.
+        inference = training is None or training is False
+        if not inference or mask is not None or symbolic:
             return super().call(inputs, training=training, mask=mask)
         compiled = _compiled_eager_call(self, inputs)
         if compiled == "jax":
