@@ -88,6 +88,11 @@ def _check_arguments(version, stage_depths, stage_dims, include_top, pooling, cl
         raise ValueError(f"stage_depths must be integers of at least 0; got {stage_depths}.")
     if not all(_is_integer(dim) and dim >= 1 for dim in stage_dims):
         raise ValueError(f"stage_dims must be positive integers; got {stage_dims}.")
+    check_head_arguments(include_top, pooling, classes, drop_path_rate)
+
+
+def check_head_arguments(include_top, pooling, classes, drop_path_rate):
+    """The checks every ConvNeXt builder shares: the head, the pooling and the drop-path rate."""
     if pooling not in (None, "avg", "max"):
         raise ValueError(f'pooling must be None, "avg" or "max"; got {pooling!r}.')
     if include_top and not (_is_integer(classes) and classes >= 1):
@@ -215,10 +220,17 @@ def ConvNeXt(
             )(x)
             block_index += 1
 
+    x = head(x, include_top, pooling, classes, classifier_activation, data_format)
+    return finish_model(inputs, x, input_tensor, name or (variant_name or "convnext").lower(), weights, variant_name)
+
+
+def head(x, include_top, pooling, classes, classifier_activation, data_format):
+    """The end of every ConvNeXt on channels_last features `x`: the classifier (pool,
+    LayerNorm, Dense), or the pooling, or the feature map back in `data_format`."""
     if include_top:
         x = keras.layers.GlobalAveragePooling2D(data_format="channels_last", name="avg_pool")(x)
         x = layer_norm("head_norm")(x)
-        x = keras.layers.Dense(classes, kernel_initializer=kernel_init(), name="predictions")(x)
+        x = keras.layers.Dense(int(classes), kernel_initializer=kernel_init(), name="predictions")(x)
         if classifier_activation is not None:
             x = keras.layers.Activation(classifier_activation, dtype="float32", name="activation")(x)
     elif pooling == "avg":
@@ -227,11 +239,15 @@ def ConvNeXt(
         x = keras.layers.GlobalMaxPooling2D(data_format="channels_last", name="max_pool")(x)
     elif data_format == "channels_first":
         x = keras.layers.Permute((3, 1, 2), name="to_channels_first")(x)
+    return x
 
+
+def finish_model(inputs, outputs, input_tensor, name, weights, variant_name):
+    """The `ConvNeXtModel` from `inputs` (or `input_tensor`'s sources) to `outputs`, with `weights` loaded."""
     if input_tensor is not None:
         inputs = keras.utils.get_source_inputs(input_tensor)
         inputs = inputs[0] if len(inputs) == 1 else inputs
-    model = ConvNeXtModel(inputs, x, name=name or (variant_name or "convnext").lower())
+    model = ConvNeXtModel(inputs, outputs, name=name)
     if weights is not None:
         from keras_convnext.weights import load_for_constructor
 

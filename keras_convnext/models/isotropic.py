@@ -7,16 +7,14 @@ ViT keeps its tokens. The head is the hierarchical models' head: global
 average pooling, LayerNorm, Dense.
 """
 
-import numbers
 
 import numpy as np
 import keras
 
-from keras_convnext.layers.block import ConvNeXtBlock, kernel_init, layer_norm
+from keras_convnext.layers.block import ConvNeXtBlock, kernel_init
 from keras_convnext.layers.pointwise import PatchConv2D
 from keras_convnext.layers.preprocessing import ImageNormalization
-from keras_convnext.models.convnext import _image_input, _is_integer
-from keras_convnext.models.model import ConvNeXtModel
+from keras_convnext.models.convnext import _image_input, _is_integer, check_head_arguments, finish_model, head
 
 PATCH_SIZE = 16
 
@@ -62,16 +60,7 @@ def ConvNeXtIsotropic(
     for label, value in (("depth", depth), ("dim", dim)):
         if not (_is_integer(value) and value >= 1):
             raise ValueError(f"{label} must be a positive integer; got {value!r}.")
-    if pooling not in (None, "avg", "max"):
-        raise ValueError(f'pooling must be None, "avg" or "max"; got {pooling!r}.')
-    if include_top and not (_is_integer(classes) and classes >= 1):
-        raise ValueError(f"classes must be a positive integer with include_top=True; got {classes!r}.")
-    is_number = isinstance(drop_path_rate, numbers.Real) and not isinstance(drop_path_rate, bool)
-    if not (is_number and 0.0 <= drop_path_rate < 1.0):
-        raise ValueError(
-            "drop_path_rate is the probability of dropping the last block's residual branch, "
-            f"a number in [0, 1); got {drop_path_rate!r}."
-        )
+    check_head_arguments(include_top, pooling, classes, drop_path_rate)
     data_format = keras.config.image_data_format()
 
     inputs, channels = _image_input(input_tensor, input_shape, data_format)
@@ -93,28 +82,10 @@ def ConvNeXtIsotropic(
             name=f"block{block}",
         )(x)
 
-    if include_top:
-        x = keras.layers.GlobalAveragePooling2D(data_format="channels_last", name="avg_pool")(x)
-        x = layer_norm("head_norm")(x)
-        x = keras.layers.Dense(int(classes), kernel_initializer=kernel_init(), name="predictions")(x)
-        if classifier_activation is not None:
-            x = keras.layers.Activation(classifier_activation, dtype="float32", name="activation")(x)
-    elif pooling == "avg":
-        x = keras.layers.GlobalAveragePooling2D(data_format="channels_last", name="avg_pool")(x)
-    elif pooling == "max":
-        x = keras.layers.GlobalMaxPooling2D(data_format="channels_last", name="max_pool")(x)
-    elif data_format == "channels_first":
-        x = keras.layers.Permute((3, 1, 2), name="to_channels_first")(x)
-
-    if input_tensor is not None:
-        inputs = keras.utils.get_source_inputs(input_tensor)
-        inputs = inputs[0] if len(inputs) == 1 else inputs
-    model = ConvNeXtModel(inputs, x, name=name or (variant_name or "convnext_isotropic").lower())
-    if weights is not None:
-        from keras_convnext.weights import load_for_constructor
-
-        load_for_constructor(model, weights, variant_name)
-    return model
+    x = head(x, include_top, pooling, classes, classifier_activation, data_format)
+    return finish_model(
+        inputs, x, input_tensor, name or (variant_name or "convnext_isotropic").lower(), weights, variant_name
+    )
 
 
 def isotropic_multiply_adds(depth, dim, image_size=(224, 224), classes=1000, kernel_size=7):
