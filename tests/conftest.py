@@ -116,3 +116,49 @@ def hf_v1_atto():
 
 def random_images(batch, height, width, seed=0, channels=3):
     return np.random.default_rng(seed).normal(size=(batch, height, width, channels)).astype("float32")
+
+
+# ---------------------------------------------------------------- a checkpoint server for download tests
+
+OFFICIAL_FILENAME = "convnextv2_atto_1k_224_ema.pt"
+
+
+def official_bytes(reference, scale=1.0):
+    """The bytes of a `torch.save` file of `reference` in the official naming, as released."""
+    import io
+
+    import torch
+
+    from naming_fixtures import hf_to_official
+
+    state_dict = hf_to_official({k: v.detach().clone() * scale for k, v in reference.state_dict().items()})
+    buffer = io.BytesIO()
+    torch.save({"model": state_dict}, buffer)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def official_checkpoint(hf_v2_atto):
+    return official_bytes(hf_v2_atto)
+
+
+@pytest.fixture
+def cache_root(tmp_path, monkeypatch):
+    """An empty weights cache for one test, without files supplied by hand or a download deadline."""
+    from keras_convnext.weights import cache, download
+
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(download.WEIGHTS_DIR_ENV, raising=False)
+    monkeypatch.delenv(download.DEADLINE_ENV, raising=False)
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def server(official_checkpoint):
+    """A local server (`tests/local_server.py`) with `official_checkpoint` as `OFFICIAL_FILENAME`."""
+    from local_server import LocalServer
+
+    server = LocalServer()
+    server.files[OFFICIAL_FILENAME] = official_checkpoint
+    yield server
+    server.close()

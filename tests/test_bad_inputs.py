@@ -334,7 +334,7 @@ CHECKPOINT_CASES = [
     Case("a list at the top", _load_saved(lambda: [_torch().ones(2)]), kc.CheckpointError, "holds a list of 1 items"),
     Case("a number at the top", _load_saved(3.5), kc.CheckpointError, "holds a float"),
     Case("a bare tensor at the top", _load_saved(lambda: _torch().ones(2)), kc.CheckpointError, "holds a ndarray"),
-    Case("only metadata", _load_saved({"epoch": 3, "args": "lr=0.1"}), kc.CheckpointError, r"no tensors \(its keys: 'epoch'"),
+    Case("only metadata", _load_saved({"epoch": 3, "args": "lr=0.1"}), kc.CheckpointError, r"no tensors \(its keys.*'epoch' \(int\)"),
     Case("wrapper with no tensors", _load_saved({"model_ema": {"epoch": 3}}), kc.CheckpointError, "no tensors"),
     Case("integer tensor names", _load_saved(lambda: {0: _torch().ones(2)}), kc.CheckpointError, "under the key 0"),
     Case("quantized tensor", _load_saved(_quantized), kc.CheckpointError, "quantized"),

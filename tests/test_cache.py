@@ -1,6 +1,5 @@
 """The pretrained cache: conversion without a model, trusted hashes, self-healing, locks, deadlines."""
 
-import io
 import os
 import subprocess
 import sys
@@ -11,42 +10,12 @@ import pytest
 import keras_convnext as kc
 from keras_convnext.weights import cache, download, registry, weights_file
 from keras_convnext.weights.files import CheckpointError
-from keras_convnext.weights.shapes import variant_shapes
+from keras_convnext.weights.shapes import pretraining_shapes, variant_shapes
+from conftest import OFFICIAL_FILENAME as FILENAME, official_bytes
 from local_server import LocalServer
-from naming_fixtures import hf_to_official
+from naming_fixtures import hf_to_fcmae, official_fcmae_decoder
 
-FILENAME = "convnextv2_atto_1k_224_ema.pt"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _official_bytes(reference, scale=1.0):
-    import torch
-
-    state_dict = hf_to_official({k: v.detach().clone() * scale for k, v in reference.state_dict().items()})
-    buffer = io.BytesIO()
-    torch.save({"model": state_dict}, buffer)
-    return buffer.getvalue()
-
-
-@pytest.fixture(scope="module")
-def official_checkpoint(hf_v2_atto):
-    return _official_bytes(hf_v2_atto)
-
-
-@pytest.fixture
-def cache_root(tmp_path, monkeypatch):
-    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.delenv(download.WEIGHTS_DIR_ENV, raising=False)
-    monkeypatch.delenv(download.DEADLINE_ENV, raising=False)
-    return tmp_path / "cache"
-
-
-@pytest.fixture
-def server(official_checkpoint):
-    server = LocalServer()
-    server.files[FILENAME] = official_checkpoint
-    yield server
-    server.close()
 
 
 def _entry(url, tag="test-imagenet"):
@@ -104,7 +73,7 @@ def test_a_different_file_at_the_url_is_refused_after_first_use(server, cache_ro
     entry = _entry(server.url(FILENAME))
     cache.converted_weights(entry, progress=False)
     os.remove(_converted_path(entry))
-    server.files[FILENAME] = _official_bytes(hf_v2_atto, scale=1.01)  # well formed, other weights
+    server.files[FILENAME] = official_bytes(hf_v2_atto, scale=1.01)  # well formed, other weights
     with pytest.raises(CheckpointError, match="SHA-256"):
         cache.converted_weights(entry, progress=False)
     assert sorted(os.listdir(cache_root / "converted")) == []
@@ -191,3 +160,81 @@ def test_a_complete_download_left_by_a_killed_run_is_converted(server, cache_roo
     leftover.write_bytes(official_checkpoint)
     assert set(cache.converted_weights(entry, progress=False)) == set(variant_shapes("ConvNeXtV2Atto", 1000))
     assert server.requests == [] and not leftover.exists()
+
+
+# ---------------------------------------------------------------- FCMAE releases: encoder and decoder
+
+FCMAE_FILENAME = "convnextv2_atto_1k_224_fcmae.pt"
+
+
+@pytest.fixture(scope="module")
+def fcmae_release(hf_v2_atto):
+    """`(bytes of an official-naming FCMAE checkpoint, its decoder tensors as numpy)`."""
+    import io
+
+    import torch
+
+    decoder = official_fcmae_decoder(320, seed=4)
+    encoder = hf_to_fcmae({k: v.detach().clone() for k, v in hf_v2_atto.state_dict().items()})
+    buffer = io.BytesIO()
+    torch.save({"model": {**encoder, **decoder}, "epoch": 1599}, buffer)
+    return buffer.getvalue(), {key: value.numpy() for key, value in decoder.items()}
+
+
+def test_decoder_shapes_match_a_built_fcmae():
+    model = kc.FCMAE("ConvNeXtV2Atto", input_shape=(64, 64, 3))  # the official decoder by default
+    built = {v.path: tuple(v.shape) for v in model.encoder.weights}
+    built.update({"decoder/" + name: tuple(v.shape) for name, v in model.decoder.named_weights().items()})
+    assert built == pretraining_shapes("ConvNeXtV2Atto")
+
+
+def test_fcmae_release_caches_and_loads_encoder_and_decoder(cache_root, monkeypatch, fcmae_release, hf_v2_atto, capsys):
+    checkpoint, official = fcmae_release
+    server = LocalServer()
+    server.files[FCMAE_FILENAME] = checkpoint
+    try:
+        entry = registry.REGISTRY[("ConvNeXtV2Atto", "fcmae")]._replace(url=server.url(FCMAE_FILENAME))
+        monkeypatch.setitem(registry.REGISTRY, (entry.variant, entry.tag), entry)
+        model = kc.FCMAE("ConvNeXtV2Atto", input_shape=(64, 64, 3), weights="fcmae")
+        decoder = model.decoder
+        # Each official layout undone here, independently of the naming table.
+        np.testing.assert_array_equal(decoder.mask_token.numpy(), official["mask_token"][0, :, 0, 0])
+        np.testing.assert_array_equal(decoder.proj.kernel.numpy()[0, 0], official["proj.weight"][:, :, 0, 0].T)
+        np.testing.assert_array_equal(decoder.pred.kernel.numpy()[0, 0], official["pred.weight"][:, :, 0, 0].T)
+        block = decoder.blocks[0]
+        np.testing.assert_array_equal(block.grn.gamma.numpy(), official["decoder.0.grn.gamma"].reshape(-1))
+        np.testing.assert_array_equal(block.pwconv2.kernel.numpy(), official["decoder.0.pwconv2.weight"].T)
+        np.testing.assert_array_equal(
+            block.dwconv.kernel.numpy(), official["decoder.0.dwconv.weight"].transpose(2, 3, 0, 1)
+        )
+        stem = hf_v2_atto.convnextv2.embeddings.patch_embeddings.weight.detach().numpy()
+        np.testing.assert_array_equal(model.encoder.get_layer("stem_conv").kernel.numpy(), stem.transpose(2, 3, 1, 0))
+
+        # One verified cache entry holds both parts; a backbone reads it without a download.
+        path = _converted_path(entry)
+        assert os.listdir(cache_root / "converted") == [os.path.basename(path)]
+        arrays, _ = weights_file.read_weights(path)
+        assert {name: a.shape for name, a in arrays.items()} == pretraining_shapes("ConvNeXtV2Atto")
+        backbone = kc.ConvNeXtV2Atto(weights="fcmae", include_top=False, input_shape=(64, 64, 3))
+        for mine, loaded in zip(backbone.weights, model.encoder.weights):
+            np.testing.assert_array_equal(mine.numpy(), loaded.numpy())
+        assert len(server.requests) == 1
+
+        # Another decoder: refused, nothing changed.
+        small = kc.FCMAE("ConvNeXtV2Atto", input_shape=(64, 64, 3), decoder_dim=8)
+        before = [v.numpy().copy() for v in small.weights]
+        with pytest.raises(CheckpointError, match=r"weights='fcmae'.*decoder_dim=8"):
+            small._load_weights_argument("fcmae")
+        for value, variable in zip(before, small.weights):
+            np.testing.assert_array_equal(value, variable.numpy())
+
+        # An entry cached without its decoder is rebuilt once, naming the file.
+        encoder_only = {name: a for name, a in arrays.items() if not name.startswith("decoder/")}
+        manifest = weights_file.read_manifest(path)
+        manifest.pop("data_sha256")
+        weights_file.write_weights(path, encoder_only, manifest)
+        capsys.readouterr()
+        assert set(cache.converted_weights(entry, progress=False)) == set(arrays)
+        assert path in capsys.readouterr().err and len(server.requests) == 2
+    finally:
+        server.close()

@@ -8,6 +8,7 @@ from keras import ops
 
 import keras_convnext as kc
 from conftest import randomize_torch_model
+from naming_fixtures import hf_to_fcmae
 from keras_convnext.fcmae import patchify, random_patch_mask, unpatchify, visible_count
 
 TINY = ((1, 1, 1, 1), (8, 16, 24, 32))
@@ -267,55 +268,6 @@ def test_transfer_encoder_into_a_classifier():
 
 
 # --- Official FCMAE checkpoints -------------------------------------------------------
-# The official encoder is a MinkowskiEngine network. The conversion below is
-# written from the layout's description, independently of the package's
-# naming table: sparse kernels list the k*k offsets with the column varying
-# slowest, so offset `col * k + row` holds the dense weight at (row, col).
-
-
-def _dense_to_sparse_kernel(weight):
-    """torch (out, in_or_1, k, k) -> Minkowski (k*k, in, out), or (k*k, C) for depthwise."""
-    out_channels, in_channels, k, _ = weight.shape
-    if in_channels == 1:  # depthwise: (C, 1, k, k)
-        return weight[:, 0].permute(2, 1, 0).reshape(k * k, out_channels).contiguous()
-    return weight.permute(3, 2, 1, 0).reshape(k * k, in_channels, out_channels).contiguous()
-
-
-def _hf_encoder_to_fcmae(state_dict):
-    import re
-
-    converted = {}
-    for key, value in state_dict.items():
-        if not key.startswith("convnextv2.") or key.startswith("convnextv2.layernorm"):
-            continue  # the classifier head is not part of the FCMAE encoder
-        match = re.match(r"convnextv2\.encoder\.stages\.(\d)\.layers\.(\d+)\.(\w+)\.(\w+)$", key)
-        if key.startswith("convnextv2.embeddings.patch_embeddings."):
-            converted["encoder.downsample_layers.0.0." + key.rsplit(".", 1)[1]] = value
-        elif key.startswith("convnextv2.embeddings.layernorm."):
-            converted["encoder.downsample_layers.0.1." + key.rsplit(".", 1)[1]] = value
-        elif "downsampling_layer" in key:
-            stage, index, leaf = re.match(r".*stages\.(\d)\.downsampling_layer\.(\d)\.(\w+)$", key).groups()
-            prefix = f"encoder.downsample_layers.{stage}.{index}."
-            if index == "0":
-                converted[prefix + "ln." + leaf] = value
-            elif leaf == "weight":
-                converted[prefix + "kernel"] = _dense_to_sparse_kernel(value)
-            else:
-                converted[prefix + "bias"] = value.reshape(1, -1)
-        else:
-            stage, block, layer, leaf = match.groups()
-            prefix = f"encoder.stages.{stage}.{block}."
-            if layer == "dwconv":
-                converted[prefix + ("dwconv.kernel" if leaf == "weight" else "dwconv.bias")] = (
-                    _dense_to_sparse_kernel(value) if leaf == "weight" else value.reshape(1, -1)
-                )
-            elif layer == "layernorm":
-                converted[prefix + "norm.ln." + leaf] = value
-            elif layer in ("pwconv1", "pwconv2"):
-                converted[prefix + layer + ".linear." + leaf] = value
-            elif layer == "grn":
-                converted[prefix + ("grn.gamma" if leaf == "weight" else "grn.beta")] = value.reshape(1, -1)
-    return converted
 
 
 def _torch_decoder(encoder_dim, decoder_dim, depth, seed):
@@ -372,7 +324,7 @@ def fcmae_checkpoint(hf_v2_atto, tmp_path_factory):
     assert torch.abs(kernel - kernel.T).max() > 0.1  # non-symmetric, so a transposition shows
     parts, mask_token, decoder_state = _torch_decoder(320, 24, 2, seed=11)
     path = tmp_path_factory.mktemp("fcmae") / "convnextv2_atto_1k_224_fcmae.pt"
-    torch.save({"model": {**_hf_encoder_to_fcmae(state), **decoder_state}, "epoch": 799}, str(path))
+    torch.save({"model": {**hf_to_fcmae(state), **decoder_state}, "epoch": 799}, str(path))
     return str(path), parts, mask_token
 
 
@@ -522,23 +474,26 @@ def test_gather_and_scatter_of_visible_cells_match_the_portable_formulation():
 
 
 def test_weights_fcmae_is_the_registry_tag_for_the_encoder(monkeypatch, tmp_path):
-    """`weights="fcmae"` loads the registry's pre-trained encoder, not a file named "fcmae"."""
+    """`weights="fcmae"` loads the registry's pre-trained encoder and decoder, not a file named "fcmae"."""
     from keras_convnext.weights import cache
 
     monkeypatch.chdir(tmp_path)  # no file named "fcmae" here
-    published = kc.ConvNeXtV2Atto(include_top=False, input_shape=(64, 64, 3))
+    published = kc.FCMAE("ConvNeXtV2Atto", input_shape=(64, 64, 3), decoder_dim=8)
     _randomize(published, seed=3)
     requested = []
 
     def converted_weights(entry, **kwargs):
         requested.append((entry.variant, entry.tag))
-        return {variable.path: variable.numpy() for variable in published.weights}
+        decoder = {"decoder/" + name: v.numpy() for name, v in published.decoder.named_weights().items()}
+        return {**{v.path: v.numpy() for v in published.encoder.weights}, **decoder}
 
     monkeypatch.setattr(cache, "converted_weights", converted_weights)
     model = kc.FCMAE("ConvNeXtV2Atto", input_shape=(64, 64, 3), decoder_dim=8, weights="fcmae")
     assert requested == [("ConvNeXtV2Atto", "fcmae")]
-    for mine, theirs in zip(model.encoder.weights, published.weights):
-        np.testing.assert_array_equal(_np(mine), _np(theirs))
+    mine = [*model.encoder.weights, *model.decoder.named_weights().values()]
+    theirs = [*published.encoder.weights, *published.decoder.named_weights().values()]
+    for ours, published_value in zip(mine, theirs):
+        np.testing.assert_array_equal(_np(ours), _np(published_value))
 
 
 def test_patch_masks_of_model_random_mask_pass_the_check():

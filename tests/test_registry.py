@@ -1,7 +1,6 @@
 """The pretrained registry: its data, and download -> convert -> cache against a local server."""
 
 import hashlib
-import io
 import os
 import re
 import socket
@@ -13,17 +12,14 @@ import pytest
 import keras
 
 import keras_convnext as kc
-from conftest import random_images, torch_logits
+from conftest import OFFICIAL_FILENAME as FILENAME, random_images, torch_logits
 from keras_convnext.models.convnext import CONSTRUCTORS
 from keras_convnext.models.isotropic import ISOTROPIC_CONSTRUCTORS
 from keras_convnext.weights import cache as weights_cache
 from keras_convnext.weights import download, registry
 from keras_convnext.weights.files import CheckpointError
-from local_server import LocalServer
-from naming_fixtures import hf_to_official
 
 README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
-FILENAME = "convnextv2_atto_1k_224_ema.pt"
 
 
 # ---------------------------------------------------------------- registry data
@@ -94,31 +90,6 @@ def test_fcmae_tag_gives_a_classifier_a_fresh_head(monkeypatch):
 # ---------------------------------------------------------------- local server
 
 
-@pytest.fixture(scope="module")
-def official_checkpoint(hf_v2_atto):
-    import torch
-
-    state_dict = hf_to_official({k: v.detach().clone() for k, v in hf_v2_atto.state_dict().items()})
-    buffer = io.BytesIO()
-    torch.save({"model": state_dict}, buffer)
-    return buffer.getvalue()
-
-
-@pytest.fixture
-def server(official_checkpoint):
-    server = LocalServer()
-    server.files[FILENAME] = official_checkpoint
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(weights_cache.CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.delenv(download.WEIGHTS_DIR_ENV, raising=False)
-    return tmp_path / "cache"
-
-
 def _register(monkeypatch, url, sha256=None, tag="test-imagenet"):
     entry = registry.Pretrained("ConvNeXtV2Atto", tag, url, "test", 224, 1000, None, "MIT", sha256)
     monkeypatch.setitem(registry.REGISTRY, (entry.variant, tag), entry)
@@ -151,14 +122,14 @@ def _hf_features(reference, pixels):
     return hidden.numpy().transpose(0, 2, 3, 1)
 
 
-def test_download_convert_cache_and_reuse(server, cache, monkeypatch, hf_v2_atto, official_checkpoint):
+def test_download_convert_cache_and_reuse(server, cache_root, monkeypatch, hf_v2_atto, official_checkpoint):
     sha256 = hashlib.sha256(official_checkpoint).hexdigest()
     _register(monkeypatch, server.url(FILENAME), sha256)
     logits_only = dict(include_preprocessing=False, classifier_activation=None)
 
     model = kc.ConvNeXtV2Atto(weights="test-imagenet", **logits_only)
     assert len(server.requests) == 1
-    assert _files_under(cache) == [os.path.join("converted", "ConvNeXtV2Atto-test-imagenet.safetensors")]
+    assert _files_under(cache_root) == [os.path.join("converted", "ConvNeXtV2Atto-test-imagenet.safetensors")]
     images = random_images(7, 64, 64, seed=3)  # 7 like --verify: same shapes, no new compilation
     assert np.abs(_logits(model, images) - torch_logits(hf_v2_atto, images)).max() <= 1e-4
 
@@ -177,39 +148,39 @@ def test_download_convert_cache_and_reuse(server, cache, monkeypatch, hf_v2_atto
     assert len(server.requests) == 1
 
 
-def test_wrong_hash_is_rejected_and_leaves_nothing(server, cache, monkeypatch):
+def test_wrong_hash_is_rejected_and_leaves_nothing(server, cache_root, monkeypatch):
     entry = _register(monkeypatch, server.url(FILENAME), sha256="0" * 64)
     with pytest.raises(CheckpointError, match="SHA-256"):
         weights_cache.converted_weights(entry, progress=False)
-    assert _files_under(cache) == []
+    assert _files_under(cache_root) == []
 
 
-def test_truncated_file_is_rejected_and_leaves_nothing(server, cache, monkeypatch, official_checkpoint):
+def test_truncated_file_is_rejected_and_leaves_nothing(server, cache_root, monkeypatch, official_checkpoint):
     server.files["truncated.pt"] = official_checkpoint[: len(official_checkpoint) // 2]
     entry = _register(monkeypatch, server.url("truncated.pt"))
     with pytest.raises(CheckpointError, match=r"(?s)could not be converted and was removed.*truncated"):
         weights_cache.converted_weights(entry, progress=False)
-    assert _files_under(cache) == []
+    assert _files_under(cache_root) == []
 
 
-def test_broken_transfer_is_rejected_and_leaves_nothing(server, cache, monkeypatch):
+def test_broken_transfer_is_rejected_and_leaves_nothing(server, cache_root, monkeypatch):
     entry = _register(monkeypatch, server.url(FILENAME, route="broken"))
     with pytest.raises(CheckpointError, match="broke off|incomplete"):
         weights_cache.converted_weights(entry, progress=False)
-    assert _files_under(cache) == []
+    assert _files_under(cache_root) == []
 
 
-def test_unreachable_server_names_the_url_and_the_manual_route(cache, monkeypatch):
+def test_unreachable_server_names_the_url_and_the_manual_route(cache_root, monkeypatch):
     url = f"http://127.0.0.1:{_closed_port()}/files/{FILENAME}"
     entry = _register(monkeypatch, url)
     with pytest.raises(download.WeightsUnavailableError) as info:
         weights_cache.converted_weights(entry, progress=False)
     message = str(info.value)
     assert url in message and download.WEIGHTS_DIR_ENV in message and FILENAME in message
-    assert _files_under(cache) == []
+    assert _files_under(cache_root) == []
 
 
-def test_file_supplied_by_hand(cache, monkeypatch, tmp_path, official_checkpoint, hf_v2_atto):
+def test_file_supplied_by_hand(cache_root, monkeypatch, tmp_path, official_checkpoint, hf_v2_atto):
     by_hand = tmp_path / "by_hand"
     by_hand.mkdir()
     (by_hand / FILENAME).write_bytes(official_checkpoint)

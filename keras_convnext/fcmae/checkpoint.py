@@ -1,22 +1,29 @@
-"""Loading official FCMAE pre-training checkpoints into `keras_convnext.FCMAE`."""
+"""Official FCMAE pre-training weights into `keras_convnext.FCMAE`: encoder, decoder and mask token.
+
+Both sources, an official checkpoint file (or its state dict) and the
+registry's `weights="fcmae"`, go through the package's one loader: every
+tensor is checked (layout, floating point, finite) and every weight planned
+(exact shape, nothing missing or left over) before the first assignment.
+"""
 
 import os
 from collections.abc import Mapping
 
-import numpy as np
-
+from keras_convnext.weights import cache
 from keras_convnext.weights.files import CheckpointError, flatten_state_dict, read_checkpoint
-from keras_convnext.weights.loader import apply_table, convert_state_dict, detect_naming, plan_assignments
-from keras_convnext.weights.naming import FCMAE_DECODER, NON_ENCODER_KEYS
-
-
-def _convert_decoder(state_dict):
-    """`{decoder weight name: (key, array)}` and the decoder keys no row maps."""
-    return apply_table(state_dict, FCMAE_DECODER)
+from keras_convnext.weights.loader import (
+    assign_all,
+    convert_decoder,
+    convert_state_dict,
+    detect_naming,
+    plan_assignments,
+)
+from keras_convnext.weights.naming import DECODER_PREFIX, NON_ENCODER_KEYS
 
 
 def _plan_decoder(decoder, converted, unmatched):
-    expected = decoder.named_weights()
+    """`[(variable, array)]` for the decoder, from `{"decoder/<name>": (key, array)}`, or raises."""
+    expected = {DECODER_PREFIX + name: variable for name, variable in decoder.named_weights().items()}
     problems = []
     missing = sorted(set(expected) - set(converted))
     unexpected = sorted(unmatched) + sorted(converted[p][0] for p in set(converted) - set(expected))
@@ -27,13 +34,27 @@ def _plan_decoder(decoder, converted, unmatched):
     for name in sorted(set(expected) & set(converted)):
         key, array = converted[name]
         if tuple(array.shape) != tuple(expected[name].shape):
-            problems.append(f"shape mismatch {key} -> {name}: checkpoint {array.shape}, model {tuple(expected[name].shape)}")
+            problems.append(
+                f"shape mismatch {key} -> {name}: checkpoint {tuple(array.shape)}, model {tuple(expected[name].shape)}"
+            )
     if problems:
         raise CheckpointError(
             "The FCMAE checkpoint's decoder does not fit this FCMAE model (check decoder_dim, "
-            "decoder_depth and patch_size); nothing was loaded. " + ". ".join(problems) + "."
+            f"decoder_depth and patch_size: decoder_dim={decoder.decoder_dim}, "
+            f"decoder_depth={decoder.decoder_depth}, patch_size={decoder.patch_size} here); nothing "
+            "was loaded. " + ". ".join(problems) + "."
         )
     return [(expected[name], array) for name, (_, array) in converted.items()]
+
+
+def _load(model, encoder, unmatched, decoder, decoder_unmatched):
+    """Plans the encoder and the decoder, then assigns both; nothing is assigned if either fails."""
+    assignments = plan_assignments(model.encoder, encoder, unmatched, fresh_head=False)
+    assignments += _plan_decoder(model.decoder, decoder, decoder_unmatched)
+    encoder.clear()
+    decoder.clear()
+    assign_all(assignments)
+    return model
 
 
 def load_fcmae_checkpoint(model, source):
@@ -54,29 +75,24 @@ def load_fcmae_checkpoint(model, source):
             f"{label} is not an FCMAE pre-training checkpoint (its keys follow the {naming} naming); "
             "load classifier checkpoints into a ConvNeXt V2 model instead."
         )
-    is_decoder = NON_ENCODER_KEYS[naming]
-    decoder_part = {k: v for k, v in state_dict.items() if is_decoder.match(k)}
-    encoder_part = {k: v for k, v in state_dict.items() if not is_decoder.match(k)}
-    converted, unmatched = convert_state_dict(encoder_part, naming)
-    assignments = plan_assignments(model.encoder, converted, unmatched, fresh_head=False)
-    assignments += _plan_decoder(model.decoder, *_convert_decoder(decoder_part))
-    values = [(variable, _checked_value(variable, array, label)) for variable, array in assignments]
-    for variable, value in values:
-        variable.assign(value)
-    return model
+    encoder, unmatched = convert_state_dict(state_dict, naming)
+    decoder, decoder_unmatched = convert_decoder(state_dict, naming)
+    state_dict.clear()
+    return _load(model, encoder, unmatched, decoder, decoder_unmatched)
 
 
-def _checked_value(variable, array, label):
-    """`array` cast to the variable's dtype, once it is known to hold finite real numbers."""
-    array = np.asarray(array)
-    if array.dtype.kind != "f":
-        raise CheckpointError(
-            f"{label}: the tensor for {variable.path} holds {array.dtype} values, not floating-point "
-            "weights; nothing was loaded."
-        )
-    if not np.all(np.isfinite(array)):
-        raise CheckpointError(
-            f"{label}: the tensor for {variable.path} holds NaN or infinite values; nothing was loaded. "
-            "The checkpoint is damaged or comes from a diverged run."
-        )
-    return array.astype(variable.dtype)
+def load_fcmae_pretrained(model, entry):
+    """Loads a registry FCMAE release (`weights="fcmae"`) into an `FCMAE` model: encoder and decoder.
+
+    The release holds the official decoder (`weights.shapes.OFFICIAL_DECODER`:
+    decoder_dim 512, decoder_depth 1, patch_size 32); a model built with
+    another decoder gets a `CheckpointError` and no weight changes.
+    """
+    arrays = cache.converted_weights(entry)
+    encoder = {name: (name, array) for name, array in arrays.items() if not name.startswith(DECODER_PREFIX)}
+    decoder = {name: (name, array) for name, array in arrays.items() if name.startswith(DECODER_PREFIX)}
+    arrays.clear()
+    try:
+        return _load(model, encoder, [], decoder, [])
+    except CheckpointError as error:
+        raise CheckpointError(f"weights={entry.tag!r} ({entry.filename}): {error}") from error

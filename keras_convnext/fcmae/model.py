@@ -133,10 +133,11 @@ class FCMAE(keras.Model):
         fast_path: run the pointwise layers on gathered visible positions
             only (same result as the dense masked path, faster).
         seed: seed of the mask generator, for reproducible runs.
-        weights: `"fcmae"`, the registry's official pre-trained encoder
-            (downloaded and cached; the decoder keeps its initialization), or
-            the path of an official FCMAE checkpoint
-            (`convnextv2_*_fcmae.pt`), which loads encoder and decoder.
+        weights: `"fcmae"`, the registry's official pre-training weights
+            (downloaded and cached), or the path of an official FCMAE
+            checkpoint (`convnextv2_*_fcmae.pt`); both load the encoder,
+            the decoder and the mask token (the official decoder has
+            decoder_dim 512 and decoder_depth 1).
 
     Calling the model returns a dict: `loss` `(batch,)`, the per-image masked
     loss; `pred` `(batch, gh, gw, patch_size**2 * 3)`, the predicted patches
@@ -190,7 +191,7 @@ class FCMAE(keras.Model):
             self._load_weights_argument(weights)
 
     def _load_weights_argument(self, weights):
-        """`weights=`: a registry tag (`"fcmae"`) for the encoder, else an official FCMAE checkpoint."""
+        """`weights=`: a registry tag (`"fcmae"`) or an official FCMAE checkpoint; encoder and decoder."""
         is_file = isinstance(weights, os.PathLike) or (isinstance(weights, str) and os.path.exists(weights))
         if not isinstance(weights, str) or is_file:
             return self.load_checkpoint(weights)
@@ -202,7 +203,9 @@ class FCMAE(keras.Model):
                 f"weights={weights!r} is a classifier release; FCMAE starts from the encoder-only "
                 "pre-training weights, weights='fcmae'."
             )
-        return registry.load_pretrained(self.encoder, entry)
+        from keras_convnext.fcmae.checkpoint import load_fcmae_pretrained
+
+        return load_fcmae_pretrained(self, entry)
 
     @property
     def num_visible(self):

@@ -4,7 +4,8 @@ Layout (under `KERAS_CONVNEXT_CACHE_DIR`, default
 `$KERAS_HOME/models/keras_convnext`, with `KERAS_HOME` defaulting to `~/.keras`):
 
 - `converted/<Constructor>-<tag>.safetensors`: the converted weights, keyed
-  by Keras weight path, with a manifest (`weights_file.MANIFEST_KEYS`) and
+  by Keras weight path (an FCMAE release's decoder as `decoder/<name>`,
+  see `expected_shapes`), with a manifest (`weights_file.MANIFEST_KEYS`) and
   the SHA-256 of its tensor data. Loads read only this file: no original,
   no PyTorch, no model but the caller's.
 - `hashes/<official file name>.sha256`: the SHA-256 and size of the first
@@ -19,8 +20,8 @@ Layout (under `KERAS_CONVNEXT_CACHE_DIR`, default
   downloads or converts that entry, so concurrent processes share one
   download and one conversion: the second waits and then finds the result.
 
-A converted file that cannot be read, or whose manifest or data hash does
-not match, is removed and rebuilt once, with a message naming it.
+A converted file that cannot be read, or whose manifest, data hash or
+tensors do not match, is removed and rebuilt once, with a message naming it.
 
 Files supplied by hand: put the official file (or a converted
 `<Constructor>-<tag>.safetensors`) in the directory named by
@@ -34,8 +35,14 @@ import sys
 from keras_convnext.weights import download
 from keras_convnext.weights import weights_file
 from keras_convnext.weights.files import CheckpointError, read_checkpoint
-from keras_convnext.weights.loader import checkpoint_names, check_tensors, convert_state_dict, detect_naming
-from keras_convnext.weights.shapes import variant_shapes
+from keras_convnext.weights.loader import (
+    check_tensors,
+    checkpoint_names,
+    convert_decoder,
+    convert_state_dict,
+    detect_naming,
+)
+from keras_convnext.weights.shapes import pretraining_shapes, variant_shapes
 
 try:
     import fcntl
@@ -115,9 +122,20 @@ def _record_hash(entry, sha256, size):
 # ---------------------------------------------------------------- conversion
 
 
+def expected_shapes(entry):
+    """`{weight path: shape}` of the entry's converted file.
+
+    The variant with the entry's head, or for an FCMAE pre-training release
+    (no classifier) the backbone and the official decoder (`decoder/...`).
+    """
+    if entry.encoder_only:
+        return pretraining_shapes(entry.variant)
+    return variant_shapes(entry.variant, entry.classes)
+
+
 def _check_against_variant(entry, converted, unmatched, naming):
-    """Raises unless the converted tensors are exactly the entry's variant and head."""
-    expected = variant_shapes(entry.variant, entry.classes)
+    """Raises unless the converted tensors are exactly the entry's variant and head (or decoder)."""
+    expected = expected_shapes(entry)
     missing = checkpoint_names(sorted(set(expected) - set(converted)), naming, converted)
     extra = sorted(unmatched) + sorted(converted[p][0] for p in set(converted) - set(expected))
     wrong = sorted(
@@ -142,8 +160,10 @@ def convert(entry, checkpoint_path, destination, source_sha256):
     state_dict = read_checkpoint(checkpoint_path)
     naming = detect_naming(state_dict)
     converted, unmatched = convert_state_dict(state_dict, naming)
+    decoder, decoder_unmatched = convert_decoder(state_dict, naming)
     state_dict.clear()
-    _check_against_variant(entry, converted, unmatched, naming)
+    converted.update(decoder)
+    _check_against_variant(entry, converted, unmatched + decoder_unmatched, naming)
     from keras_convnext import __version__
 
     manifest = {
@@ -221,6 +241,16 @@ def read_checked(entry, path):
     if manifest.get("data_sha256") != data_sha256:
         raise CheckpointError(f"{path} is damaged: its tensor data does not have the SHA-256 its manifest records.")
     check_tensors(arrays, what=f"weights in {path}")
+    expected_tensors = expected_shapes(entry)
+    found = {name: tuple(array.shape) for name, array in arrays.items()}
+    if found != expected_tensors:
+        differ = sorted(set(found) ^ set(expected_tensors)) or sorted(
+            name for name in found if found[name] != expected_tensors[name]
+        )
+        raise CheckpointError(
+            f"{path} does not hold the tensors of {entry.variant} weights={entry.tag!r} "
+            f"(these differ: {', '.join(differ[:6])}{' ...' if len(differ) > 6 else ''})."
+        )
     return arrays
 
 

@@ -198,9 +198,10 @@ def flatten_state_dict(state, source="the state dict"):
             raise CheckpointError(f"{source} holds the tensor {name!r} twice (with and without a prefix).")
         arrays[name] = _to_numpy(name, value, source)
     if not arrays:
-        keys = ", ".join(repr(key) for key in list(state)[:8]) or "none"
+        keys = ", ".join(f"{key!r} ({type(state[key]).__name__})" for key in list(state)[:8]) or "none"
         raise CheckpointError(
-            f"{source} contains no tensors (its keys: {keys}). Expected a dict of tensor names to "
-            f"tensors, possibly under one of {', '.join(WRAPPER_KEYS)}."
+            f"{source} contains no tensors (its keys, with the types of their values: {keys}). Expected "
+            f"a dict of tensor names to tensors (numpy, torch, JAX or TensorFlow arrays), possibly "
+            f"under one of {', '.join(WRAPPER_KEYS)}."
         )
     return arrays

@@ -11,6 +11,8 @@ from keras_convnext.models.variants import find_variant
 from keras_convnext.weights.files import KERAS_SUFFIX, CheckpointError, flatten_state_dict, read_checkpoint
 from keras_convnext.weights.naming import (
     CLASSIFIER_PREFIX,
+    DECODER_PREFIX,
+    FCMAE_DECODER,
     HEAD_PREFIXES,
     NAMINGS,
     NON_ENCODER_KEYS,
@@ -97,6 +99,22 @@ def convert_state_dict(state_dict, naming=None):
     return apply_table(state_dict, NAMINGS[naming][2])
 
 
+def convert_decoder(state_dict, naming):
+    """`(converted, unmatched)` of a pre-training checkpoint's decoder tensors.
+
+    `converted` is `{"decoder/<name>": (key, array)}`, `<name>` as
+    `keras_convnext.fcmae.FCMAEDecoder.named_weights()` names the weights
+    (`decoder/proj/kernel`, `decoder/mask_token`); both are empty for a
+    naming without a decoder. The tensors are checked as in `convert_state_dict`.
+    """
+    is_decoder = NON_ENCODER_KEYS.get(naming)
+    if is_decoder is None:
+        return {}, []
+    part = {key: array for key, array in state_dict.items() if is_decoder.match(key)}
+    converted, unmatched = apply_table(part, FCMAE_DECODER)
+    return {DECODER_PREFIX + name: value for name, value in converted.items()}, unmatched
+
+
 def apply_table(state_dict, rows):
     """`(converted, unmatched)` for one naming table's rows (see `convert_state_dict`)."""
     converted, unmatched, matched, layouts, targets = {}, [], {}, [], defaultdict(list)
@@ -160,7 +178,10 @@ def checkpoint_names(paths, naming, converted):
     placeholders = {"hf": first_key.split(".", 1)[0]}
     names = []
     for path in paths:
-        key = checkpoint_key(NAMINGS[naming][2], path, placeholders)
+        if path.startswith(DECODER_PREFIX):
+            key = checkpoint_key(FCMAE_DECODER, path[len(DECODER_PREFIX):], placeholders)
+        else:
+            key = checkpoint_key(NAMINGS[naming][2], path, placeholders)
         names.append(f"{key} (-> {path})" if key else path)
     return names
 
@@ -274,7 +295,26 @@ def load_state_dict(model, state_dict, *, fresh_head=False, source="the state di
     its encoder; its decoder is skipped and a model with `include_top=True`
     keeps its fresh head.
     """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(
+            f"load_state_dict takes a mapping of tensor names to arrays (a state dict); got a "
+            f"{type(state_dict).__name__}. For a checkpoint file, use keras_convnext.load_weights(model, path)."
+        )
     return _load_arrays(model, flatten_state_dict(dict(state_dict), source=source), fresh_head, source)
+
+
+def checkpoint_path(source):
+    """`source` as a path string, or a TypeError naming what a checkpoint source may be."""
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if isinstance(path, str):
+            return path
+    kind = "bytes" if isinstance(source, (bytes, bytearray)) else f"a {type(source).__name__}"
+    hint = " (for a file's contents, save them to a file and pass its path)" if kind == "bytes" else ""
+    raise TypeError(
+        f"A checkpoint must be given as a file path (a str or os.PathLike) or as a mapping of tensor "
+        f"names to arrays (a state dict); got {kind}{hint}."
+    )
 
 
 def load_weights(model, source, *, fresh_head=False):
@@ -283,8 +323,8 @@ def load_weights(model, source, *, fresh_head=False):
     Args:
         model: a model built by a keras_convnext constructor.
         source: a path (`.pt`, `.pth`, `.bin`, `.safetensors` in the official,
-            timm or HF naming, or a Keras `.weights.h5`), or a mapping of
-            name to array.
+            timm or HF naming, or a Keras `.weights.h5`) as a str or
+            os.PathLike, or a mapping of name to array.
         fresh_head: keep the model's own classifier instead of loading the
             checkpoint's (for fine-tuning to another number of classes).
             For a `.weights.h5` file this also loads a backbone saved with
@@ -293,10 +333,11 @@ def load_weights(model, source, *, fresh_head=False):
     Raises:
         CheckpointError: the file cannot be read or does not fit the model;
             the model is then unchanged.
+        TypeError: `source` is neither a path nor a mapping.
     """
     if isinstance(source, Mapping):
         return load_state_dict(model, source, fresh_head=fresh_head)
-    path = os.fspath(source)
+    path = checkpoint_path(source)
     if path.endswith(KERAS_SUFFIX):
         from keras_convnext.weights.keras_file import load_keras_weights
 

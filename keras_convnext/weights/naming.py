@@ -270,6 +270,11 @@ NAMINGS = {
 # classification head, so a model with include_top=True keeps its fresh one.
 NON_ENCODER_KEYS = {"fcmae": re.compile(r"^(proj\.|mask_token$|decoder\.|pred\.)")}
 
+# Converted pre-training weights name the decoder's tensors `decoder/<name>`,
+# `<name>` as `FCMAEDecoder.named_weights()` gives it; no encoder weight path
+# starts so.
+DECODER_PREFIX = "decoder/"
+
 # Model weights that belong to the classification head.
 HEAD_PREFIXES = ("head_norm/", "predictions/")
 CLASSIFIER_PREFIX = "predictions/"

@@ -13,7 +13,8 @@ Tags (the same meaning for every size that has them):
 - `imagenet22k-ft-1k`, `imagenet22k-ft-1k-384`, `imagenet22k-ft-1k-512`:
   ImageNet-22k (pre-)training, then ImageNet-1k fine-tuning at that size.
 - `fcmae`: V2 FCMAE self-supervised pre-training on ImageNet-1k; the
-  encoder only (no classifier), for `include_top=False` or fine-tuning.
+  encoder (no classifier), for `include_top=False` or fine-tuning, and the
+  FCMAE decoder, which `keras_convnext.FCMAE(weights="fcmae")` loads too.
 
 Licenses, as the official repositories state them: the ConvNeXt (V1)
 weights are MIT; the ConvNeXt V2 weights, FCMAE pre-trained and fine-tuned,
@@ -32,7 +33,7 @@ from keras_convnext.models.variants import VARIANTS
 from keras_convnext.weights import cache
 from keras_convnext.weights.files import CheckpointError
 from keras_convnext.weights.loader import assign_all, model_weights, plan_assignments
-from keras_convnext.weights.naming import CLASSIFIER_PREFIX, HEAD_PREFIXES
+from keras_convnext.weights.naming import CLASSIFIER_PREFIX, DECODER_PREFIX, HEAD_PREFIXES
 
 V1_BASE_URL = "https://dl.fbaipublicfiles.com/convnext/"
 V2_BASE_URL = "https://dl.fbaipublicfiles.com/convnext/convnextv2/"
@@ -61,6 +62,7 @@ class Pretrained(NamedTuple):
 
     @property
     def encoder_only(self):
+        """No classifier: an FCMAE pre-training release (its file also holds the FCMAE decoder)."""
         return self.classes is None
 
     @property
@@ -241,7 +243,8 @@ def load_pretrained(model, entry):
     """
     model_classes = _classifier_units(model)
     arrays = cache.converted_weights(entry)
-    converted = {name: (name, array) for name, array in arrays.items()}
+    # The FCMAE decoder of a pre-training release is for `keras_convnext.FCMAE` only.
+    converted = {name: (name, array) for name, array in arrays.items() if not name.startswith(DECODER_PREFIX)}
     arrays.clear()
     # An FCMAE encoder has no head at all: a classifier keeps its fresh head and head norm
     # (the official fine-tuning start); otherwise only a classifier of another size is fresh.
@@ -293,7 +296,9 @@ def markdown_table(entries=None):
         "Top-1: the official ImageNet-1k validation accuracy (%) at that resolution, from the "
         "ConvNeXt (isotropic models included) and ConvNeXt V2 repositories. A model with another number of `classes` gets a "
         "fresh classifier and every other weight (fine-tuning); any input size works. `fcmae` "
-        "weights are an encoder: use them with `include_top=False`. Licenses as the official "
+        "weights are an encoder: use them with `include_top=False`, or continue the pre-training "
+        "with `keras_convnext.FCMAE(\"ConvNeXtV2Atto\", weights=\"fcmae\")`, which also loads the "
+        "official decoder. Licenses as the official "
         "repositories state them: ConvNeXt (V1) weights MIT, ConvNeXt V2 weights CC-BY-NC 4.0 "
         "(non-commercial).",
     ]

@@ -7,9 +7,13 @@ the weights of built models.
 
 from keras_convnext.models.isotropic import ISOTROPIC_VARIANTS, PATCH_SIZE
 from keras_convnext.models.variants import VARIANTS
+from keras_convnext.weights.naming import DECODER_PREFIX
 
 MLP_RATIO = 4
 KERNEL_SIZE = 7
+# The decoder of the official FCMAE pre-training (the defaults of the official
+# FCMAE model and pre-training script): every released checkpoint has it.
+OFFICIAL_DECODER = {"decoder_dim": 512, "decoder_depth": 1, "patch_size": 32, "channels": 3}
 
 
 def _block_shapes(prefix, dim, version):
@@ -61,6 +65,28 @@ def variant_shapes(variant_name, classes=None):
         shapes["head_norm/beta"] = (dims[-1],)
         shapes["predictions/kernel"] = (dims[-1], classes)
         shapes["predictions/bias"] = (classes,)
+    return shapes
+
+
+def decoder_shapes(encoder_dim, decoder_dim, decoder_depth, patch_size, channels):
+    """`{"decoder/<name>": shape}` of an FCMAE decoder (`FCMAEDecoder.named_weights()` names)."""
+    shapes = {
+        "mask_token": (decoder_dim,),
+        "proj/kernel": (1, 1, encoder_dim, decoder_dim),
+        "proj/bias": (decoder_dim,),
+        "pred/kernel": (1, 1, decoder_dim, patch_size * patch_size * channels),
+        "pred/bias": (patch_size * patch_size * channels,),
+    }
+    for block in range(decoder_depth):
+        block_shapes = _block_shapes(f"block{block}/", decoder_dim, "v2")
+        shapes.update(block_shapes)
+    return {DECODER_PREFIX + name: shape for name, shape in shapes.items()}
+
+
+def pretraining_shapes(variant_name):
+    """`{weight path: shape}` of an official FCMAE checkpoint: the backbone and the official decoder."""
+    shapes = variant_shapes(variant_name)
+    shapes.update(decoder_shapes(VARIANTS[variant_name].stage_dims[-1], **OFFICIAL_DECODER))
     return shapes
 
 
