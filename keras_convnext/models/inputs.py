@@ -8,6 +8,7 @@ leaves the model without its weights (see `kept_on_failure`).
 """
 
 import contextlib
+import types
 
 import keras
 
@@ -79,11 +80,14 @@ def check_images(model, images):
     `images`: an array or tensor `(batch, height, width, channels)`
     (channels_last) or `(batch, channels, height, width)` (channels_first),
     as the model was built, or a `tf.data.Dataset` of them. Unknown sizes
-    pass; what cannot be known in advance (a generator's batches) is not
-    checked.
+    pass; `checked_images` checks them batch by batch.
     """
+    check_image_shape(model, static_shape(images))
+
+
+def check_image_shape(model, shape):
+    """`check_images` for a batch of images of `shape` (None or None sizes: unknown)."""
     expected = model_image_shape(model)
-    shape = static_shape(images)
     if expected is None or shape is None:
         return
     data_format, height, width, channels, min_size = expected
@@ -122,6 +126,82 @@ def check_images(model, images):
             )
 
 
+def checked_images(model, data):
+    """`data` for `predict`, `evaluate` or `fit`, checked now and, where sizes are unknown, per batch.
+
+    What the static shape tells is checked at once (`check_images`). A
+    `tf.data.Dataset` whose images have unknown sizes (for example
+    `(None, None, None, 3)`) gets a step that checks each batch's shape
+    before the model sees it, and a Python generator each batch it yields;
+    the first bad batch then fails with the same ValueError as an array of
+    that shape would, once `kept_on_failure` sees the call fail (a dataset's
+    check runs inside TensorFlow, which reports its own error type). Other
+    inputs are returned as they are.
+    """
+    check_images(model, data)
+    if model_image_shape(model) is None:
+        return data
+    if isinstance(data, types.GeneratorType):
+        return _checked_batches(model, data)
+    if _is_dataset(data) and _sizes_unknown(data):
+        return _checked_dataset(model, data)
+    return data
+
+
+# Failures of per-batch checks, by model id, until `kept_on_failure` raises them.
+# A dataset's check runs in a TensorFlow thread, so this is shared, not thread-local.
+_FAILED_BATCH_CHECKS = {}
+
+
+def _check_batch(model, shape):
+    try:
+        check_image_shape(model, shape)
+    except ValueError as error:
+        _FAILED_BATCH_CHECKS[id(model)] = error
+        raise
+
+
+def _first_item(element):
+    return element[0] if isinstance(element, tuple) and element else element
+
+
+def _checked_batches(model, batches):
+    for batch in batches:
+        _check_batch(model, static_shape(_first_item(batch)))
+        yield batch
+
+
+def _is_dataset(data):
+    return type(data).__module__.startswith("tensorflow") and hasattr(data, "element_spec")
+
+
+def _sizes_unknown(dataset):
+    spec = _first_item(dataset.element_spec)
+    shape = getattr(spec, "shape", None)
+    if shape is None:
+        return False  # a dict or nested structure of inputs: not a batch of images
+    return shape.rank is None or None in shape.as_list()[1:]
+
+
+def _checked_dataset(model, dataset):
+    import tensorflow as tf
+
+    is_tuple = isinstance(dataset.element_spec, tuple)
+
+    def check(shape):
+        _check_batch(model, tuple(int(size) for size in shape))
+        return shape
+
+    def checked(*element):
+        images = element[0]
+        shape = tf.numpy_function(check, [tf.shape(images)], Tout=tf.int32, name="check_image_shape")
+        with tf.control_dependencies([shape]):
+            images = tf.identity(images)
+        return (images, *element[1:]) if is_tuple else images
+
+    return dataset.map(checked)
+
+
 def _channels(count):
     return f"{count} channel" if count == 1 else f"{count} channels"
 
@@ -156,6 +236,9 @@ def kept_on_failure(model, training=False):
     (TensorFlow's `tf.function`) refuses to create variables when traced
     again; the step functions are dropped, so the next call builds new ones.
 
+    A batch whose check failed (`checked_images`) is reported with the
+    check's ValueError, whatever error type the data pipeline raised.
+
     With `training=True` (for `fit`) on JAX, a compiled model's optimizer is
     built first, so that its variables have values to give back too.
     """
@@ -164,12 +247,17 @@ def kept_on_failure(model, training=False):
     if jax and training and optimizer is not None and not optimizer.built:
         optimizer.build(model.trainable_variables)
     saved = {id(variable): variable.value for variable in _trainer_variables(model)} if jax else {}
+    _FAILED_BATCH_CHECKS.pop(id(model), None)
     try:
         yield
     except BaseException:
         if jax:
             _reattach_jax_values(model, saved)
         model.train_function = model.test_function = model.predict_function = None
+        failed_check = _FAILED_BATCH_CHECKS.pop(id(model), None)
+        if failed_check is not None:
+            # The batch check's own error, not the framework's report of it.
+            raise ValueError(str(failed_check)) from None
         raise
 
 

@@ -6,7 +6,7 @@ from keras_convnext.layers.block import ConvNeXtBlock
 from keras_convnext.layers.layer_norm import LayerNorm
 from keras_convnext.layers.pointwise import PatchConv2D
 from keras_convnext.layers.preprocessing import ImageNormalization
-from keras_convnext.models.inputs import check_images, kept_on_failure
+from keras_convnext.models.inputs import check_images, checked_images, kept_on_failure
 from keras_convnext.models.pyramid import build_pyramid_outputs
 from keras_convnext.ops import platform
 
@@ -195,17 +195,17 @@ class ConvNeXtModel(keras.Model):
         return super().__call__(*args, **kwargs)
 
     def predict(self, x, *args, **kwargs):
-        check_images(self, x)
+        x = checked_images(self, x)
         with kept_on_failure(self):
             return super().predict(x, *args, **kwargs)
 
     def evaluate(self, x=None, *args, **kwargs):
-        check_images(self, x)
+        x = checked_images(self, x)
         with kept_on_failure(self):
             return super().evaluate(x, *args, **kwargs)
 
     def fit(self, x=None, *args, **kwargs):
-        check_images(self, x)
+        x = checked_images(self, x)
         with kept_on_failure(self, training=True):
             return super().fit(x, *args, **kwargs)
 
