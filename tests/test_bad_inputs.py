@@ -1,7 +1,8 @@
 """Bad inputs, one table row each: the error type, a phrase of its message, and nothing changed.
 
 Rows cover export destinations, checkpoint files (hostile, damaged and oddly
-shaped) and FCMAE arguments. After each row the test checks that the files
+shaped) and other checkpoint sources, images a data pipeline delivers, and
+FCMAE arguments. After each row the test checks that the files
 next to the destination and the model's weights are exactly as before.
 """
 
@@ -346,6 +347,59 @@ CHECKPOINT_CASES = [
     Case("in-memory list", _in_memory(lambda: {"model": [np.ones(2)]}), kc.CheckpointError, "no tensors"),
     Case("in-memory quantized tensor", _in_memory(_quantized), kc.CheckpointError, "quantized"),
     Case("in-memory integer names", _in_memory({1: np.ones(2)}), kc.CheckpointError, "under the key 1"),
+    Case("in-memory dict of lists", _in_memory({"stem.0.weight": [1.0, 2.0]}), kc.CheckpointError, r"'stem\.0\.weight' \(list\)"),
+    *[
+        Case(f"a {label} as the source", _in_memory(source), TypeError, f"file path .*or as a mapping.*got {got}")
+        for label, source, got in (
+            ("list", lambda: [np.ones(2)], "a list"), ("number", 3, "a int"), ("None", None, "a NoneType"),
+            ("bytes", b"checkpoint.pt", "bytes"), ("array", lambda: np.ones(3), "a ndarray"),
+        )
+    ],
+    Case("load_state_dict of a list", lambda s: lambda: kc.load_state_dict(s.model, [np.ones(2)]), TypeError, "load_state_dict takes a mapping"),
+]
+
+
+# ---------------------------------------------------------------- images a pipeline delivers
+
+
+def _unknown_size_dataset(size, labels=False):
+    """A tf.data pipeline of `size`x`size` images whose element spec says (None, None, 3)."""
+    import tensorflow as tf
+
+    def images():
+        for _ in range(2):
+            image = np.zeros((size, size, 3), "float32")
+            yield (image, np.int64(1)) if labels else image
+
+    spec = tf.TensorSpec((None, None, 3), tf.float32)
+    signature = (spec, tf.TensorSpec((), tf.int64)) if labels else spec
+    return tf.data.Dataset.from_generator(images, output_signature=signature).batch(2)
+
+
+def _compiled_model_on(method, data_fn):
+    """A row calling `method` ("fit", "evaluate") of a fresh compiled classifier on `data_fn()`."""
+
+    def prepare(setup):
+        model = kc.ConvNeXt(*TINY, version="v2", classes=4, input_shape=(None, None, 3))
+        model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+        steps = {"fit": {"steps_per_epoch": 2}, "evaluate": {"steps": 2}}[method]
+        return lambda: getattr(model, method)(data_fn(), verbose=0, **steps)
+
+    return prepare
+
+
+def _small_batches():
+    while True:
+        yield np.zeros((2, 16, 16, 3), "float32"), np.ones((2,), "int64")
+
+
+SMALL = r"at least 32x32 pixels; got 16x16 \(images of shape \(2, 16, 16, 3\), channels_last\)"
+
+PIPELINE_CASES = [
+    Case("predict on tf.data of unknown size", _call(lambda s: s.model.predict(_unknown_size_dataset(16), verbose=0)), ValueError, SMALL),
+    Case("evaluate on tf.data of unknown size", _compiled_model_on("evaluate", lambda: _unknown_size_dataset(16, labels=True)), ValueError, SMALL),
+    Case("fit on tf.data of unknown size", _compiled_model_on("fit", lambda: _unknown_size_dataset(16, labels=True)), ValueError, SMALL),
+    Case("fit on a generator of small batches", _compiled_model_on("fit", _small_batches), ValueError, SMALL),
 ]
 
 
@@ -407,7 +461,7 @@ FCMAE_CASES = [
     Case("patch_mask for another batch size", _call_with_batch_mismatch, ValueError, "masks for 2 images, but 3"),
 ]
 
-CASES = EXPORT_CASES + CHECKPOINT_CASES + FCMAE_CASES
+CASES = EXPORT_CASES + CHECKPOINT_CASES + PIPELINE_CASES + FCMAE_CASES
 
 
 @pytest.fixture(scope="module")
@@ -434,3 +488,12 @@ def test_bad_input(case, models, tmp_path, monkeypatch):
     assert _tree(tmp_path) == files_before
     for before, after in zip(weights_before, _weights(classifier) + _weights(fcmae)):
         np.testing.assert_array_equal(before, after)
+
+
+def test_the_model_works_after_a_bad_batch_from_a_pipeline(models):
+    classifier, _ = models
+    before = classifier.predict(np.zeros((2, 32, 32, 3), "float32"), verbose=0)
+    with pytest.raises(ValueError, match=SMALL):
+        classifier.predict(_unknown_size_dataset(16), verbose=0)
+    # Then a pipeline of unknown size with good images passes its checks, same weights.
+    np.testing.assert_allclose(classifier.predict(_unknown_size_dataset(32), verbose=0), before, rtol=1e-5, atol=1e-6)
