@@ -351,8 +351,8 @@ CHECKPOINT_CASES = [
     *[
         Case(f"a {label} as the source", _in_memory(source), TypeError, f"file path .*or as a mapping.*got {got}")
         for label, source, got in (
-            ("list", lambda: [np.ones(2)], "a list"), ("number", 3, "a int"), ("None", None, "a NoneType"),
-            ("bytes", b"checkpoint.pt", "bytes"), ("array", lambda: np.ones(3), "a ndarray"),
+            ("list", lambda: [np.ones(2)], "type list"), ("number", 3, "type int"), ("None", None, "type NoneType"),
+            ("bytes", b"checkpoint.pt", "bytes"), ("array", lambda: np.ones(3), "type ndarray"),
         )
     ],
     Case("load_state_dict of a list", lambda s: lambda: kc.load_state_dict(s.model, [np.ones(2)]), TypeError, "load_state_dict takes a mapping"),

@@ -6,13 +6,13 @@ tensor is checked (layout, floating point, finite) and every weight planned
 (exact shape, nothing missing or left over) before the first assignment.
 """
 
-import os
 from collections.abc import Mapping
 
 from keras_convnext.weights import cache
 from keras_convnext.weights.files import CheckpointError, flatten_state_dict, read_checkpoint
 from keras_convnext.weights.loader import (
     assign_all,
+    checkpoint_path,
     convert_decoder,
     convert_state_dict,
     detect_naming,
@@ -67,7 +67,7 @@ def load_fcmae_checkpoint(model, source):
         state_dict = flatten_state_dict(dict(source))
         label = "the state dict"
     else:
-        label = os.fspath(source)
+        label = checkpoint_path(source)
         state_dict = read_checkpoint(label)
     naming = detect_naming(state_dict)
     if naming not in NON_ENCODER_KEYS:

@@ -1,5 +1,7 @@
 """The FCMAE decoder: a light ConvNeXt V2 head that predicts masked patches."""
 
+import numbers
+
 import keras
 from keras import ops
 
@@ -21,6 +23,12 @@ class FCMAEDecoder(keras.layers.Layer):
     """
 
     def __init__(self, decoder_dim=512, decoder_depth=1, patch_size=32, channels=3, **kwargs):
+        for name, value, least in (
+            ("decoder_dim", decoder_dim, 1), ("decoder_depth", decoder_depth, 0),
+            ("patch_size", patch_size, 1), ("channels", channels, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+                raise ValueError(f"{name} must be an integer of at least {least}; got {value!r}.")
         super().__init__(**kwargs)
         self.decoder_dim = int(decoder_dim)
         self.decoder_depth = int(decoder_depth)

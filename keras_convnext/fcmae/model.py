@@ -18,6 +18,7 @@ from keras_convnext.fcmae.loss import (
 )
 from keras_convnext.fcmae.masking import VisiblePositions, random_patch_mask, visible_count
 from keras_convnext.models.convnext import CONSTRUCTORS
+from keras_convnext.models.inputs import check_images
 
 
 def _build_encoder(encoder, input_shape, drop_path_rate):
@@ -302,6 +303,7 @@ class FCMAE(keras.Model):
         }
 
     def call(self, images, training=None, patch_mask=None, fast_path=None):
+        check_images(self, images, self._expected_images())
         if patch_mask is None:
             patch_mask = self.random_mask(ops.shape(images)[0])
         else:
@@ -327,6 +329,14 @@ class FCMAE(keras.Model):
         loss = gathered_patch_loss(tokens, masked.gather(targets))
         pred = ops.stop_gradient(masked.scatter(tokens))
         return {"loss": loss, "pred": pred, "mask": patch_mask}
+
+    def _expected_images(self):
+        """`(data_format, height, width, channels, min_size)` of the images `call` takes."""
+        if self.encoder_layers.channels_first:
+            channels, height, width = self.image_shape
+            return "channels_first", height, width, channels, self.patch_size
+        height, width, channels = self.image_shape
+        return "channels_last", height, width, channels, self.patch_size
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         """The mean masked reconstruction loss (labels `y` are not used)."""

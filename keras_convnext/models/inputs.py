@@ -8,6 +8,7 @@ leaves the model without its weights (see `kept_on_failure`).
 """
 
 import contextlib
+import os
 import types
 
 import keras
@@ -74,24 +75,63 @@ def static_shape(data):
         return None
 
 
-def check_images(model, images):
+def check_images(model, images, expected=None):
     """Raises a ValueError naming the problem if `images` cannot go through `model`.
 
     `images`: an array or tensor `(batch, height, width, channels)`
     (channels_last) or `(batch, channels, height, width)` (channels_first),
     as the model was built, or a `tf.data.Dataset` of them. Unknown sizes
-    pass; `checked_images` checks them batch by batch.
+    pass; `checked_images` checks them batch by batch. `expected` is what
+    `model_image_shape` gives, for a model that it cannot tell (FCMAE).
     """
-    check_image_shape(model, static_shape(images))
+    expected = expected or model_image_shape(model)
+    if expected is not None:
+        _check_kind(model, images, BATCH_LAYOUTS[expected[0]])
+    check_image_shape(model, static_shape(images), expected)
 
 
-def check_image_shape(model, shape):
+# dtypes of images a model can take: real numbers (bool and integers are cast).
+_IMAGE_DTYPE_PREFIXES = ("float", "bfloat", "int", "uint", "bool")
+
+
+def _check_kind(model, images, layout):
+    """Raises a ValueError for what is not one batch of real-valued images (a path, a list, text)."""
+    if images is None or isinstance(images, (str, bytes, os.PathLike)):
+        got = "None" if images is None else f"the path {images!r}"
+        raise ValueError(
+            f"{model.name} takes a batch of images as one array or tensor, {layout}; got {got}. "
+            "Load image files first (keras.utils.load_img and keras.utils.img_to_array) and stack "
+            "them into one array."
+        )
+    if isinstance(images, list) and len(images) > 1 and all(hasattr(item, "shape") for item in images):
+        raise ValueError(
+            f"{model.name} takes a batch of images as one array or tensor, {layout}; got a list of "
+            f"{len(images)} arrays. Stack them into one batch first: np.stack(images)."
+        )
+    dtype = getattr(images, "dtype", None)
+    if dtype is None or _is_dataset(images):
+        return
+    try:
+        name = keras.backend.standardize_dtype(dtype)
+    except (TypeError, ValueError):  # numpy text and object arrays
+        name = str(dtype)
+    if not name.startswith(_IMAGE_DTYPE_PREFIXES):
+        raise ValueError(
+            f"{model.name} takes images of real numbers (pixel values); got an array of dtype {name}. "
+            "Decode text or objects into numbers first; of complex values, pass the part you mean."
+        )
+
+
+def check_image_shape(model, shape, expected=None):
     """`check_images` for a batch of images of `shape` (None or None sizes: unknown)."""
-    expected = model_image_shape(model)
+    any_size_possible = expected is None  # a ConvNeXt can be rebuilt for any size; FCMAE cannot
+    expected = expected or model_image_shape(model)
     if expected is None or shape is None:
         return
     data_format, height, width, channels, min_size = expected
     layout = BATCH_LAYOUTS[data_format]
+    if shape and shape[0] == 0:
+        raise ValueError(f"{model.name} got an empty batch (images of shape {shape}); give it at least one image.")
     if len(shape) != 4:
         hint = " For a single image, add a batch axis: images[None]." if len(shape) == 3 else ""
         raise ValueError(
@@ -110,12 +150,12 @@ def check_image_shape(model, shape):
             f"{layout} ({data_format}); got images of shape {shape}, with {_channels(got_channels)}."
             f"{_channel_hint(data_format, channels, got_channels, other_channels)}"
         )
+    rebuild = ", or build the model with None for height and width to take any size" if any_size_possible else ""
     for size, got in ((height, got_height), (width, got_width)):
         if None not in (size, got) and size != got:
             raise ValueError(
                 f"{model.name} was built for {height}x{width} images (its input_shape); got "
-                f"{got_height}x{got_width} (images of shape {shape}). Resize the images, or build "
-                "the model with None for height and width to take any size."
+                f"{got_height}x{got_width} (images of shape {shape}). Resize the images{rebuild}."
             )
     for got in (got_height, got_width):
         if got is not None and got < min_size:

@@ -18,6 +18,12 @@ def load_for_constructor(model, weights, variant_name):
     """`weights=` of the constructors: a file path, or a registry tag."""
     if isinstance(weights, os.PathLike) or (isinstance(weights, str) and os.path.exists(weights)):
         return load_weights(model, weights)
+    if not isinstance(weights, str):
+        raise TypeError(
+            f"weights must be None, a registry tag such as 'imagenet', or a checkpoint file path "
+            f"(a str or os.PathLike); got a {type(weights).__name__}. For an in-memory state dict, "
+            "build the model, then call keras_convnext.load_weights(model, state_dict)."
+        )
     return registry.resolve(model, weights, variant_name)
 
 

@@ -70,11 +70,25 @@ def _path(kind, name):
     return os.path.join(cache_dir(), kind, name)
 
 
+class CacheUnusableError(OSError):
+    """The weights cache directory cannot be created or written."""
+
+
+def _open_lock(path):
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return open(path, "a+b")
+    except OSError as error:
+        raise CacheUnusableError(
+            f"The weights cache {cache_dir()} cannot be used ({error.strerror or error}: "
+            f"{error.filename or path}). Set {CACHE_ENV} to a writable directory."
+        ) from error
+
+
 @contextlib.contextmanager
 def file_lock(path):
     """Holds an exclusive advisory lock on `path` (created if needed) for the block."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "a+b") as handle:
+    with _open_lock(path) as handle:
         if fcntl is not None:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:

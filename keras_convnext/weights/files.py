@@ -88,6 +88,8 @@ def read_checkpoint(path):
     Nested containers are unwrapped (see `flatten_state_dict`).
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory; pass the path of a checkpoint file in it.")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No checkpoint file at {path}.")
     if path.endswith(SAFETENSORS_SUFFIX):

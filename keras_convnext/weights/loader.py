@@ -5,6 +5,7 @@ import re
 from collections import defaultdict
 from collections.abc import Mapping
 
+import keras
 import numpy as np
 
 from keras_convnext.models.variants import find_variant
@@ -203,6 +204,12 @@ def plan_assignments(
     converted = {p: v for p, v in converted.items() if not p.startswith(dropped)}
     expected = {p: v for p, v in variables.items() if not (fresh_head and p.startswith(fresh_prefixes))}
 
+    if not converted and unmatched:
+        raise CheckpointError(
+            f"No tensor of the checkpoint has a name of its {NAMINGS[naming][0] if naming else 'ConvNeXt'} "
+            f"naming (first keys: {_listed(sorted(map(repr, unmatched)), 5)}); nothing was loaded. "
+            "The keys may carry an extra prefix, suffix or spacing."
+        )
     checkpoint_text, checkpoint_arch = describe({p: a.shape for p, (_, a) in converted.items()})
     model_text, model_arch = describe({p: tuple(v.shape) for p, v in expected.items()})
     if checkpoint_arch != model_arch:
@@ -261,6 +268,21 @@ def assign_all(assignments):
         del array
 
 
+def check_target(model, fresh_head):
+    """Raises a TypeError unless `model` is a keras_convnext model and `fresh_head` a bool."""
+    paths = [getattr(variable, "path", "") for variable in getattr(model, "weights", None) or ()]
+    if not isinstance(model, keras.Model) or "stem_conv/kernel" not in paths:
+        name = getattr(model, "name", None)
+        what = f"the model '{name}'" if isinstance(model, keras.Model) else f"an object of type {type(model).__name__}"
+        raise TypeError(
+            f"Checkpoints load into models built by keras_convnext constructors (for example "
+            f"keras_convnext.ConvNeXtV2Tiny()); got {what}, which has no ConvNeXt stem. For an FCMAE "
+            "model, use model.load_checkpoint(path)."
+        )
+    if not isinstance(fresh_head, (bool, np.bool_)):
+        raise TypeError(f"fresh_head must be True or False; got {fresh_head!r}.")
+
+
 def _load_arrays(model, state_dict, fresh_head, source):
     """Loads `{key: array}`, which this function owns and empties (see `assign_all`)."""
     naming = detect_naming(state_dict)
@@ -295,6 +317,7 @@ def load_state_dict(model, state_dict, *, fresh_head=False, source="the state di
     its encoder; its decoder is skipped and a model with `include_top=True`
     keeps its fresh head.
     """
+    check_target(model, fresh_head)
     if not isinstance(state_dict, Mapping):
         raise TypeError(
             f"load_state_dict takes a mapping of tensor names to arrays (a state dict); got a "
@@ -309,7 +332,7 @@ def checkpoint_path(source):
         path = os.fspath(source)
         if isinstance(path, str):
             return path
-    kind = "bytes" if isinstance(source, (bytes, bytearray)) else f"a {type(source).__name__}"
+    kind = "bytes" if isinstance(source, (bytes, bytearray)) else f"an object of type {type(source).__name__}"
     hint = " (for a file's contents, save them to a file and pass its path)" if kind == "bytes" else ""
     raise TypeError(
         f"A checkpoint must be given as a file path (a str or os.PathLike) or as a mapping of tensor "
@@ -335,10 +358,13 @@ def load_weights(model, source, *, fresh_head=False):
             the model is then unchanged.
         TypeError: `source` is neither a path nor a mapping.
     """
+    check_target(model, fresh_head)
     if isinstance(source, Mapping):
         return load_state_dict(model, source, fresh_head=fresh_head)
     path = checkpoint_path(source)
     if path.endswith(KERAS_SUFFIX):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No checkpoint file at {path}.")
         from keras_convnext.weights.keras_file import load_keras_weights
 
         return load_keras_weights(model, path, fresh_head=fresh_head)
