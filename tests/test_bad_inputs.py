@@ -356,6 +356,39 @@ CHECKPOINT_CASES = [
         )
     ],
     Case("load_state_dict of a list", lambda s: lambda: kc.load_state_dict(s.model, [np.ones(2)]), TypeError, "load_state_dict takes a mapping"),
+    Case("keys that match no row", _in_memory(lambda: {"downsample_layers.0.0.weight ": np.ones((8, 3, 4, 4), "float32")}), kc.CheckpointError, "No tensor of the checkpoint has a name of its official"),
+    Case("fresh_head as text", lambda s: lambda: kc.load_weights(s.model, {"w": np.ones(2)}, fresh_head="yes"), TypeError, "fresh_head must be True or False"),
+    Case("no model to load into", lambda s: lambda: kc.load_weights(None, {"w": np.ones(2)}), TypeError, "built by keras_convnext constructors"),
+    Case("a model that is not a ConvNeXt", lambda s: lambda: kc.load_weights(keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]), {"w": np.ones(2)}), TypeError, "has no ConvNeXt stem"),
+    Case("a directory as the checkpoint", lambda s: _load(s, s.folder), IsADirectoryError, "is a directory"),
+    Case("missing .weights.h5 file", lambda s: _load(s, _in(s, "none.weights.h5")), FileNotFoundError, "No checkpoint file"),
+    Case("weights= of the wrong type", _call(lambda s: kc.ConvNeXt(*TINY, input_shape=(32, 32, 3), weights=["imagenet"])), TypeError, "weights must be None, a registry tag"),
+    Case("an unusable cache directory", lambda s: _registry_load_with_cache_in(s, _user_file(s, "cache_is_a_file")), OSError, "cannot be used.*KERAS_CONVNEXT_CACHE_DIR"),
+]
+
+
+def _registry_load_with_cache_in(setup, directory):
+    from keras_convnext.weights import cache
+
+    setup.monkeypatch.setenv(cache.CACHE_ENV, directory)
+    # A cheap network under a registry name: the registry path without a large model.
+    return lambda: kc.ConvNeXt(*TINY, variant_name="ConvNeXtV2Atto", weights="imagenet", input_shape=(32, 32, 3))
+
+
+# ---------------------------------------------------------------- images given to a model
+
+
+def _predict(images):
+    return _call(lambda s: s.model.predict(images() if callable(images) else images, verbose=0))
+
+
+IMAGE_CASES = [
+    Case("predict on None", _predict(None), ValueError, "takes a batch of images as one array or tensor.*got None"),
+    Case("predict on a file name", _predict("cat.png"), ValueError, r"got the path 'cat\.png'\. Load image files first"),
+    Case("predict on a list of images", _predict(lambda: [np.zeros((32, 32, 3), "float32")] * 2), ValueError, r"a list of 2 arrays.*np\.stack"),
+    Case("predict on text", _predict(lambda: np.full((1, 32, 32, 3), "a")), ValueError, "real numbers .* dtype <U1"),
+    Case("call on complex images", _call(lambda s: s.model(np.zeros((1, 32, 32, 3), np.complex64))), ValueError, "dtype complex64"),
+    Case("predict on an empty batch", _predict(lambda: np.zeros((0, 32, 32, 3), "float32")), ValueError, "an empty batch"),
 ]
 
 
@@ -459,9 +492,17 @@ FCMAE_CASES = [
     Case("patch_mask of the wrong grid", _call_with_mask(np.zeros((2, 4, 4), "float32")), ValueError, r"shape \(batch, 2, 2\)"),
     Case("patch_mask not 0/1", _call_with_mask(np.full((2, 2, 2), 0.5, "float32")), ValueError, "only 0 .visible. and 1"),
     Case("patch_mask for another batch size", _call_with_batch_mismatch, ValueError, "masks for 2 images, but 3"),
+    Case("decoder_dim 0", _fcmae(decoder_dim=0), ValueError, "decoder_dim must be an integer of at least 1; got 0"),
+    Case("decoder_dim 8.5", _fcmae(decoder_dim=8.5), ValueError, "decoder_dim must be an integer"),
+    Case("decoder_dim as text", _fcmae(decoder_dim="8"), ValueError, "decoder_dim must be an integer"),
+    Case("negative decoder_depth", _fcmae(decoder_depth=-1), ValueError, "decoder_depth must be an integer of at least 0"),
+    Case("weights as a number", _fcmae(weights=123), TypeError, "file path .*or as a mapping"),
+    Case("load_checkpoint of None", _call(lambda s: s.fcmae.load_checkpoint(None)), TypeError, "file path .*or as a mapping"),
+    Case("images of another size", _call(lambda s: s.fcmae(np.zeros((1, 32, 32, 3), "float32"))), ValueError, r"built for 64x64 images.*Resize the images\."),
+    Case("a single image", _call(lambda s: s.fcmae(np.zeros((64, 64, 3), "float32"))), ValueError, r"add a batch axis"),
 ]
 
-CASES = EXPORT_CASES + CHECKPOINT_CASES + PIPELINE_CASES + FCMAE_CASES
+CASES = EXPORT_CASES + CHECKPOINT_CASES + IMAGE_CASES + PIPELINE_CASES + FCMAE_CASES
 
 
 @pytest.fixture(scope="module")
@@ -473,7 +514,7 @@ def models():
 
 
 def test_the_table_is_large_enough():
-    assert len(CASES) >= 70 and len({case.name for case in CASES}) == len(CASES)
+    assert len(CASES) >= 100 and len({case.name for case in CASES}) == len(CASES)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
