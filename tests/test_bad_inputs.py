@@ -349,7 +349,7 @@ CHECKPOINT_CASES = [
     Case("in-memory integer names", _in_memory({1: np.ones(2)}), kc.CheckpointError, "under the key 1"),
     Case("in-memory dict of lists", _in_memory({"stem.0.weight": [1.0, 2.0]}), kc.CheckpointError, r"'stem\.0\.weight' \(list\)"),
     *[
-        Case(f"a {label} as the source", _in_memory(source), TypeError, f"file path .*or as a mapping.*got {got}")
+        Case(f"a {label} as the source", _in_memory(source), TypeError, f"file path .*or as a mapping.*got .*{got}")
         for label, source, got in (
             ("list", lambda: [np.ones(2)], "type list"), ("number", 3, "type int"), ("None", None, "type NoneType"),
             ("bytes", b"checkpoint.pt", "bytes"), ("array", lambda: np.ones(3), "type ndarray"),
@@ -533,8 +533,12 @@ def test_bad_input(case, models, tmp_path, monkeypatch):
 
 def test_the_model_works_after_a_bad_batch_from_a_pipeline(models):
     classifier, _ = models
-    before = classifier.predict(np.zeros((2, 32, 32, 3), "float32"), verbose=0)
+    weights_before = _weights(classifier)
     with pytest.raises(ValueError, match=SMALL):
         classifier.predict(_unknown_size_dataset(16), verbose=0)
-    # Then a pipeline of unknown size with good images passes its checks, same weights.
-    np.testing.assert_allclose(classifier.predict(_unknown_size_dataset(32), verbose=0), before, rtol=1e-5, atol=1e-6)
+    # Then a pipeline of unknown size with good images passes its checks (on JAX, a
+    # failed predict used to leave every variable without its value).
+    predictions = classifier.predict(_unknown_size_dataset(32), verbose=0)
+    assert predictions.shape == (2, 4) and np.allclose(predictions.sum(axis=-1), 1.0)
+    for before, after in zip(weights_before, _weights(classifier)):
+        np.testing.assert_array_equal(before, after)
