@@ -212,7 +212,12 @@ def _checked_batches(model, batches):
 
 
 def _is_dataset(data):
-    return type(data).__module__.startswith("tensorflow") and hasattr(data, "element_spec")
+    """Whether `data` is a `tf.data.Dataset` (without importing TensorFlow for other data)."""
+    if not type(data).__module__.startswith("tensorflow"):
+        return False
+    import tensorflow as tf
+
+    return isinstance(data, tf.data.Dataset)
 
 
 def _sizes_unknown(dataset):
