@@ -72,6 +72,12 @@ def test_evaluate_example_reloads_and_agrees(digits_run, tmp_path):
     assert os.path.exists(report["plot"])
 
 
+# The data sources (tensorflow-datasets, an image folder) are read by tf.data whatever the
+# backend: checked in the PyTorch run, where these tiny models train the quickest.
+data_source = pytest.mark.skipif(BACKEND != "torch", reason="data sources are checked in the PyTorch run")
+
+
+@data_source
 def test_fit_evaluate_on_mock_tf_flowers(tmp_path):
     with _mock_tfds(24):
         result = fit_evaluate.main([
@@ -84,6 +90,7 @@ def test_fit_evaluate_on_mock_tf_flowers(tmp_path):
     assert result["evaluation"]["confusion_matrix"].shape == (5, 5)
 
 
+@data_source
 def test_fit_evaluate_on_an_image_folder(tmp_path):
     """`--data <folder>`: one sub-directory per class, read by image_dataset_from_directory."""
     from PIL import Image
