@@ -166,18 +166,18 @@ def test_finetune_recipe_on_digits_with_mixing(tmp_path):
 
 @pytest.mark.slow
 def test_learns_digits_from_scratch(tmp_path):
-    """Real-data learning: ConvNeXt V2 Atto from scratch on 8x8 digits upscaled to 32x32.
+    """Real-data learning: a small ConvNeXt V2 from scratch on 8x8 digits upscaled to 32x32.
 
-    Stated bar: held-out top-1 >= 0.9 after 3 epochs (66 steps of 64) on the
-    20% held-out split (359 images). Measured with seeds 0 and 1: 0.94-0.97
-    on TensorFlow, 0.92-0.95 on JAX, 0.93-0.95 on PyTorch (2 epochs left JAX
-    at 0.90, too close to the bar).
+    Stated bar: held-out top-1 >= 0.9 after 3 epochs (69 steps of 64) on the
+    20% held-out split (359 images). Measured with seeds 0 and 1: 0.958 and
+    0.930 on JAX, 0.958 on PyTorch (seed 0). The small network (the examples'
+    --depths/--dims) learns as the named variants do at a fifteenth of
+    V2 Atto's multiply-adds at this size.
     """
     result = fit_evaluate.main([
-        "--data", "digits", "--model", "ConvNeXtV2Atto", "--epochs", "3", "--batch-size", "64",
-        "--image-size", "32", "--learning-rate", "1e-3", "--quiet", "--output-dir", str(tmp_path),
+        "--data", "digits", "--epochs", "3", "--batch-size", "64", "--image-size", "32",
+        "--learning-rate", "2e-3", "--quiet", "--output-dir", str(tmp_path), *TINY,
     ])
-    assert result["model"].count_params() == 3_708_400 - 320 * (1000 - 10) - (1000 - 10)  # Atto, 10 classes
     assert result["evaluation"]["examples"] == 359
     assert result["evaluation"]["top1"] >= 0.9, result["history"]
 
