@@ -1,7 +1,7 @@
-"""Print the pretrained weights table, or rewrite it in the README.
+"""Print the pretrained weights table, or rewrite the tables in README.md and docs/weights.md.
 
-    python conversion/weights_table.py                # print the Markdown table
-    python conversion/weights_table.py --update-readme README.md
+    python conversion/weights_table.py                # print the full Markdown table
+    python conversion/weights_table.py --update-docs .
 """
 
 import sys

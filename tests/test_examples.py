@@ -72,6 +72,12 @@ def test_evaluate_example_reloads_and_agrees(digits_run, tmp_path):
     assert os.path.exists(report["plot"])
 
 
+# The data sources (tensorflow-datasets, an image folder) are read by tf.data whatever the
+# backend: checked in the PyTorch run, where these tiny models train the quickest.
+data_source = pytest.mark.skipif(BACKEND != "torch", reason="data sources are checked in the PyTorch run")
+
+
+@data_source
 def test_fit_evaluate_on_mock_tf_flowers(tmp_path):
     with _mock_tfds(24):
         result = fit_evaluate.main([
@@ -84,6 +90,7 @@ def test_fit_evaluate_on_mock_tf_flowers(tmp_path):
     assert result["evaluation"]["confusion_matrix"].shape == (5, 5)
 
 
+@data_source
 def test_fit_evaluate_on_an_image_folder(tmp_path):
     """`--data <folder>`: one sub-directory per class, read by image_dataset_from_directory."""
     from PIL import Image
@@ -159,18 +166,18 @@ def test_finetune_recipe_on_digits_with_mixing(tmp_path):
 
 @pytest.mark.slow
 def test_learns_digits_from_scratch(tmp_path):
-    """Real-data learning: ConvNeXt V2 Atto from scratch on 8x8 digits upscaled to 32x32.
+    """Real-data learning: a small ConvNeXt V2 from scratch on 8x8 digits upscaled to 32x32.
 
-    Stated bar: held-out top-1 >= 0.9 after 3 epochs (66 steps of 64) on the
-    20% held-out split (359 images). Measured with seeds 0 and 1: 0.94-0.97
-    on TensorFlow, 0.92-0.95 on JAX, 0.93-0.95 on PyTorch (2 epochs left JAX
-    at 0.90, too close to the bar).
+    Stated bar: held-out top-1 >= 0.9 after 3 epochs (69 steps of 64) on the
+    20% held-out split (359 images). Measured with seeds 0 and 1: 0.958 and
+    0.930 on JAX and PyTorch, 0.964 and 0.925 on TensorFlow. The small network (the examples'
+    --depths/--dims) learns as the named variants do at a fifteenth of
+    V2 Atto's multiply-adds at this size.
     """
     result = fit_evaluate.main([
-        "--data", "digits", "--model", "ConvNeXtV2Atto", "--epochs", "3", "--batch-size", "64",
-        "--image-size", "32", "--learning-rate", "1e-3", "--quiet", "--output-dir", str(tmp_path),
+        "--data", "digits", "--epochs", "3", "--batch-size", "64", "--image-size", "32",
+        "--learning-rate", "2e-3", "--quiet", "--output-dir", str(tmp_path), *TINY,
     ])
-    assert result["model"].count_params() == 3_708_400 - 320 * (1000 - 10) - (1000 - 10)  # Atto, 10 classes
     assert result["evaluation"]["examples"] == 359
     assert result["evaluation"]["top1"] >= 0.9, result["history"]
 
@@ -264,7 +271,8 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
     np.testing.assert_allclose(result["multi_val"], result["single_val"], rtol=1e-4)
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's settings")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or BACKEND != "jax",
+                    reason="glibc's settings; only JAX starts threads that make a late call warn")
 def test_fit_evaluate_script_reuses_freed_memory_before_the_model(tmp_path):
     """`--reuse-freed-memory` is applied before the backend runs anything (else it warns)."""
     output = tmp_path / "run"

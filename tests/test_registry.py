@@ -52,15 +52,19 @@ def test_every_entry_is_consistent():
         assert entry.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", entry.sha256), entry
 
 
-def test_readme_table_is_generated_from_the_registry():
-    with open(README, encoding="utf-8") as handle:
+@pytest.mark.parametrize("relative_path", sorted(registry.GENERATED_TABLES))
+def test_weights_tables_are_generated_from_the_registry(relative_path):
+    path = os.path.join(os.path.dirname(README), relative_path)
+    with open(path, encoding="utf-8") as handle:
         text = handle.read()
-    assert registry.readme_with_table(text) == text, (
-        "README weights table is out of date: run "
-        "python -m keras_convnext.weights.registry --update-readme README.md"
+    table = registry.GENERATED_TABLES[relative_path]()
+    assert registry.with_table(text, table) == text, (
+        f"The weights table in {relative_path} is out of date: run "
+        "python -m keras_convnext.weights.registry --update-docs ."
     )
-    table = text[text.index(registry.README_START):text.index(registry.README_END)]
-    assert table.count("\n| ConvNeXt") == len(registry.ENTRIES)
+    rows = text[text.index(registry.TABLE_START):text.index(registry.TABLE_END)].count("\n| ConvNeXt")
+    variants = {entry.variant for entry in registry.ENTRIES}
+    assert rows == (len(variants) if relative_path == "README.md" else len(registry.ENTRIES))
 
 
 def _small_model(variant_name, **kwargs):

@@ -20,10 +20,12 @@ Licenses, as the official repositories state them: the ConvNeXt (V1)
 weights are MIT; the ConvNeXt V2 weights, FCMAE pre-trained and fine-tuned,
 are CC-BY-NC 4.0 (non-commercial use).
 
-Run `python -m keras_convnext.weights.registry --markdown` for the README table.
+Run `python -m keras_convnext.weights.registry --update-docs .` to regenerate the README's
+and docs/weights.md's tables.
 """
 
 import argparse
+import os
 import re
 import sys
 from typing import NamedTuple, Optional
@@ -264,16 +266,21 @@ def resolve(model, weights, variant_name):
     return load_pretrained(model, lookup(variant_name, weights))
 
 
+DOWNLOAD_NOTE = (
+    "`keras_convnext.ConvNeXtV2Tiny(weights=\"imagenet\")` downloads the official checkpoint once "
+    "(into `~/.keras/models/keras_convnext`, or `$KERAS_CONVNEXT_CACHE_DIR`), converts it once "
+    "to a checked `.safetensors` file and from then on loads only that file (no PyTorch needed). "
+    "No hash of the official files is published: the first download that converts cleanly "
+    "records its SHA-256, and later downloads and loads must match it. "
+    "Without network access, download the file elsewhere and pass its "
+    "path as `weights=`, or put it in a directory named by `KERAS_CONVNEXT_WEIGHTS_DIR`."
+)
+
+
 def markdown_table(entries=None):
-    """The README weights table, one row per entry."""
+    """The full weights table (docs/weights.md), one row per release."""
     lines = [
-        "`keras_convnext.ConvNeXtV2Tiny(weights=\"imagenet\")` downloads the official checkpoint once "
-        "(into `~/.keras/models/keras_convnext`, or `$KERAS_CONVNEXT_CACHE_DIR`), converts it once "
-        "to a checked `.safetensors` file and from then on loads only that file (no PyTorch needed). "
-        "No hash of the official files is published: the first download that converts cleanly "
-        "records its SHA-256, and later downloads and loads must match it. "
-        "Without network access, download the file in the last column elsewhere and pass its "
-        "path as `weights=`, or put it in a directory named by `KERAS_CONVNEXT_WEIGHTS_DIR`. "
+        DOWNLOAD_NOTE,
         "`python -m keras_convnext.convert FILE_OR_TAG [--variant NAME] --verify` writes "
         "`.weights.h5` and `.keras` files and checks them against the PyTorch reference; "
         "`--all` converts every release below.",
@@ -305,32 +312,63 @@ def markdown_table(entries=None):
     return "\n".join(lines) + "\n"
 
 
-README_START = "<!-- weights-table:start -->"
-README_END = "<!-- weights-table:end -->"
+def summary_table(entries=None):
+    """The README's weights table: one row per constructor, its tags and license."""
+    tags = {}
+    for entry in entries or ENTRIES:
+        tags.setdefault((entry.variant, entry.license), []).append(f"`{entry.tag}`")
+    lines = [
+        DOWNLOAD_NOTE,
+        "",
+        "| Constructor | `weights=` | License |",
+        "|---|---|---|",
+    ]
+    for (variant, license_id), variant_tags in tags.items():
+        lines.append(f"| {variant} | {', '.join(variant_tags)} | [{license_id}]({LICENSE_URLS[license_id]}) |")
+    lines += [
+        "",
+        "Every release with its resolution, classes, official top-1 and file: "
+        "[docs/weights.md](docs/weights.md), or `keras_convnext.list_weights()` in code. "
+        "ConvNeXt (V1) weights are MIT; ConvNeXt V2 weights are CC-BY-NC 4.0 (non-commercial), "
+        "as the official repositories state.",
+    ]
+    return "\n".join(lines) + "\n"
 
 
-def readme_with_table(readme_text):
-    """`readme_text` with the generated table between the weights-table markers."""
-    pattern = re.compile(re.escape(README_START) + r".*?" + re.escape(README_END), re.DOTALL)
-    if not pattern.search(readme_text):
-        raise ValueError(f"The README has no {README_START} ... {README_END} markers.")
-    block = f"{README_START}\n{markdown_table()}{README_END}"
-    return pattern.sub(lambda _: block, readme_text, count=1)
+TABLE_START = "<!-- weights-table:start -->"
+TABLE_END = "<!-- weights-table:end -->"
+# The documents that hold a generated table, relative to the repository root, and their table.
+GENERATED_TABLES = {"README.md": summary_table, "docs/weights.md": markdown_table}
+
+
+def with_table(text, table):
+    """`text` with `table` between the weights-table markers."""
+    pattern = re.compile(re.escape(TABLE_START) + r".*?" + re.escape(TABLE_END), re.DOTALL)
+    if not pattern.search(text):
+        raise ValueError(f"The document has no {TABLE_START} ... {TABLE_END} markers.")
+    block = f"{TABLE_START}\n{table}{TABLE_END}"
+    return pattern.sub(lambda _: block, text, count=1)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m keras_convnext.weights.registry",
-        description="Print the pretrained weights table, or write it into the README.",
+        description="Print the pretrained weights table, or write the tables into the docs.",
     )
-    parser.add_argument("--markdown", action="store_true", help="print the Markdown table")
-    parser.add_argument("--update-readme", metavar="README", help="rewrite the table in this README")
+    parser.add_argument("--markdown", action="store_true", help="print the full Markdown table")
+    parser.add_argument(
+        "--update-docs", metavar="ROOT",
+        help="rewrite the tables in ROOT/README.md and ROOT/docs/weights.md",
+    )
     args = parser.parse_args(argv)
-    if args.update_readme:
-        with open(args.update_readme, encoding="utf-8") as handle:
-            text = handle.read()
-        with open(args.update_readme, "w", encoding="utf-8") as handle:
-            handle.write(readme_with_table(text))
+    if args.update_docs:
+        for relative_path, table in GENERATED_TABLES.items():
+            path = os.path.join(args.update_docs, relative_path)
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+            with open(path + ".partial", "w", encoding="utf-8") as handle:
+                handle.write(with_table(text, table()))
+            os.replace(path + ".partial", path)
         return 0
     sys.stdout.write(markdown_table())
     return 0
