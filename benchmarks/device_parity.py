@@ -119,6 +119,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    parser.add_argument("--output-dir", default=os.path.join(HERE, "results"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -133,8 +134,7 @@ def main(argv=None):
         "machine": machine(args.device),
         "versions": _versions(), "results": results,
     }
-    write_report(f"device_parity_{args.device}", report, markdown(report),
-                 os.path.join(HERE, "results"))
+    write_report(f"device_parity_{args.device}", report, markdown(report), args.output_dir)
     return 0
 
 

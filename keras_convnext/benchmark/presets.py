@@ -211,7 +211,7 @@ def markdown(report):
         lines.append(
             "Matrix-multiply peaks, GFLOP/s (PyTorch, best square product of "
             f"{'/'.join(map(str, report['matmul_sizes']))}): "
-            + ", ".join(f"{name} {value:.0f}" for name, value in peaks.items())
+            + ", ".join(f"{name} {value:.4g}" for name, value in peaks.items())
             + ". A float32 row's share is of the TF32 peak; training counts 3x the forward pass's products."
         )
     settings = {}
