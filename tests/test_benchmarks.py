@@ -2,6 +2,7 @@
 
 import json
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -419,3 +420,36 @@ def test_gpu_presets_take_turns_per_cell_and_stop_at_the_budget(monkeypatch, tmp
     text = (tmp_path / "gpu_inference_cuda.md").read_text()
     assert "Matrix-multiply peak: failed: not measured." in text and "ConvNeXtV2Base mixed_float16" in text
     assert json.loads((tmp_path / "gpu_train_cuda.json").read_text())["cells"][0]["model"] == "ConvNeXtV2Tiny"
+
+
+@pytest.mark.skipif(os.environ.get("KERAS_BACKEND") != "torch",
+                    reason="the script starts its own process per backend; the PyTorch run covers it")
+def test_gpu_script_runs_every_step_on_the_cpu_at_toy_sizes(tmp_path):
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # The host-overhead step writes where its preset does; it is run here only to see it skipped.
+    has_host_overhead = importlib.util.find_spec("keras_convnext.benchmark.host_overhead") is not None
+    steps = ["parity", "presets"] + ([] if has_host_overhead else ["host-overhead"])
+    command = [sys.executable, os.path.join(root, "benchmarks", "gpu.py"), "--device", "cpu", "--tiny",
+               "--backends", "torch", "--output-dir", str(tmp_path), "--steps", *steps]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+    summary = (tmp_path / "gpu_summary.md").read_text()
+    assert "| parity | ran | device_parity_cpu.md |" in summary
+    assert "| presets | ran | gpu_train_cpu.md, gpu_inference_cpu.md |" in summary
+    if not has_host_overhead:
+        assert "| host-overhead | skipped | this checkout has no keras_convnext.benchmark.host_overhead" in summary
+    parity = json.loads((tmp_path / "device_parity_cpu.json").read_text())["results"]["torch"]
+    assert parity["ConvNeXtV2Atto"]["full_float32"]["max_abs"] < 1e-3
+    train = json.loads((tmp_path / "gpu_train_cpu.json").read_text())
+    inference = json.loads((tmp_path / "gpu_inference_cpu.json").read_text())
+    for report, key in ((train, "train_steps_per_s"), (inference, "inference_images_per_s")):
+        assert report["skipped"] == [] and report["matmul_peaks"]["float32"] > 0
+        (cell,) = report["cells"]
+        assert (cell["model"], cell["precision"]) == ("ConvNeXtV2Atto", "float32")
+        assert set(cell["results"]) == {"pytorch-reference/eager", "keras_convnext/torch"}
+        assert all(row[key] > 0 for row in cell["results"].values()), cell["results"]
+    assert "| ConvNeXtV2Atto | float32 | keras_convnext/torch |" in summary
