@@ -1,4 +1,4 @@
-"""The benchmark scripts' own arithmetic: ratios, peaks and memory measurement (no model is timed)."""
+"""The benchmark scripts: their arithmetic (ratios, peaks, memory measurement) and benchmarks/gpu.py end to end at toy sizes."""
 
 import json
 import os
