@@ -21,6 +21,7 @@ tables), 1 when a step could not run.
 import argparse
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -32,9 +33,9 @@ sys.path.insert(0, ROOT)
 from keras_convnext.benchmark import presets, throughput  # noqa: E402
 
 DEFAULT_BUDGET_S = 600.0
-# Seconds each step may take at most, out of the budget; the presets get the rest.
-PARITY_SECONDS = 120.0
-HOST_OVERHEAD_SECONDS = 90.0
+# The share of the budget each step may take at most; the presets get the rest.
+PARITY_SHARE = 0.2
+HOST_OVERHEAD_SHARE = 0.15
 # The toy run: the smallest model, at the smallest size it takes, float32 and eager only.
 TINY = ["--models", "ConvNeXtV2Atto", "--precisions", "float32", "--resolution", "32", "--batch-size", "2",
         "--repeats", "2", "--references", "eager", "--matmul-sizes", "128"]
@@ -54,13 +55,21 @@ def build_parser():
 
 
 def _run(command, seconds):
-    """(exit status or None when stopped after `seconds`, the output's last lines)."""
+    """(exit status or None when stopped after `seconds`, the output's last lines).
+
+    The command runs in its own process group, so that stopping it stops the
+    workers it started too.
+    """
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               cwd=ROOT, start_new_session=True)
     try:
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=seconds, cwd=ROOT)
+        output, _ = process.communicate(timeout=seconds)
     except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
         return None, [f"stopped after {seconds:.0f} s"]
-    return done.returncode, (done.stdout + done.stderr).strip().splitlines()[-3:]
+    return process.returncode, output.strip().splitlines()[-3:]
 
 
 def parity(options, seconds):
@@ -99,9 +108,9 @@ def main(argv=None):
     for step in options.steps:
         left = deadline - time.monotonic()
         if step == "parity":
-            outcomes.append((step, *parity(options, min(PARITY_SECONDS, left))))
+            outcomes.append((step, *parity(options, min(PARITY_SHARE * options.budget_s, left))))
         elif step == "host-overhead":
-            outcomes.append((step, *host_overhead(options, min(HOST_OVERHEAD_SECONDS, left))))
+            outcomes.append((step, *host_overhead(options, min(HOST_OVERHEAD_SHARE * options.budget_s, left))))
         else:
             outcomes.append((step, *gpu_presets(options, deadline)))
     lines = [f"# GPU run on {throughput.machine(options.device)}", "",

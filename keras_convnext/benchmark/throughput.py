@@ -32,6 +32,7 @@ import platform
 import queue
 import re
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -822,10 +823,17 @@ def run_in_backend(command, backend, device="cpu", malloc="default", timeout=Non
     A worker still running after `timeout` seconds is stopped and reported as such.
     """
     environment = backend_environment(backend, device, malloc)
+    # With a time limit the worker gets its own process group, so that
+    # stopping it also stops what it started (torch.compile's compile workers).
+    process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=timeout is not None)
     try:
-        completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=timeout)
+        stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
         return {"error": [f"stopped after {timeout:.0f} s, the time left to this run"]}
+    completed = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
     if completed.returncode != 0 or not lines:
         return {"error": _error_lines(completed.stderr or completed.stdout)}
