@@ -432,9 +432,9 @@ def test_gpu_script_runs_every_step_on_the_cpu_at_toy_sizes(tmp_path):
     has_host_overhead = importlib.util.find_spec("keras_convnext.benchmark.host_overhead") is not None
     steps = ["parity", "presets"] + ([] if has_host_overhead else ["host-overhead"])
     command = [sys.executable, os.path.join(root, "benchmarks", "gpu.py"), "--device", "cpu", "--tiny",
-               "--backends", "torch", "--output-dir", str(tmp_path), "--budget-s", "1800", "--steps", *steps]
+               "--backends", "torch", "--output-dir", str(tmp_path), "--budget-s", "900", "--steps", *steps]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1000)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
     summary = (tmp_path / "gpu_summary.md").read_text()
