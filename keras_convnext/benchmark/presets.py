@@ -229,7 +229,8 @@ def markdown(report):
            "built (JAX: since the process started)." if report["device"] == "cuda"
            else "Peak MB: resident host memory above the process's memory before the model was built.")
         + (" Training: the fine-tuning recipe's AdamW (layer decay, weight decay 0.05) in Keras; in the reference "
-           "AdamW with its learning rate and weight decay; mixed_float16 with loss scaling."
+           "AdamW with its learning rate and weight decay; mixed_float16 with loss scaling. First call: the first "
+           "training step, the first two under torch.compile (it compiles the second again)."
            if PRESETS[preset]["train"] else "")
     )
     if report["skipped"]:
