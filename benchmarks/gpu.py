@@ -47,7 +47,8 @@ def build_parser():
     parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
                         help=f"the whole run's seconds (default: {DEFAULT_BUDGET_S:.0f})")
     parser.add_argument("--backends", nargs="+", default=list(throughput.BACKENDS), choices=throughput.BACKENDS)
-    parser.add_argument("--tiny", action="store_true", help="toy sizes: V2 Atto at 32x32, batch 2, float32, eager")
+    parser.add_argument("--tiny", action="store_true",
+                        help="toy sizes: V2 Atto at 32x32, batch 2, float32, eager; parity on 32x32 images")
     parser.add_argument("--steps", nargs="+", default=["parity", "host-overhead", "presets"],
                         choices=["parity", "host-overhead", "presets"])
     parser.add_argument("--output-dir", default=os.path.join(HERE, "results"))
@@ -74,7 +75,7 @@ def _run(command, seconds):
 
 def parity(options, seconds):
     command = [sys.executable, os.path.join(HERE, "device_parity.py"), "--device", options.device,
-               "--backends", *options.backends, "--output-dir", options.output_dir]
+               "--backends", *options.backends, "--output-dir", options.output_dir] + (["--tiny"] if options.tiny else [])
     status, tail = _run(command, seconds)
     if status == 0:
         return "ran", f"device_parity_{options.device}.md"
