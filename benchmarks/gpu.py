@@ -75,7 +75,8 @@ def _run(command, seconds):
 
 def parity(options, seconds):
     command = [sys.executable, os.path.join(HERE, "device_parity.py"), "--device", options.device,
-               "--backends", *options.backends, "--output-dir", options.output_dir] + (["--tiny"] if options.tiny else [])
+               "--backends", *options.backends, "--output-dir", options.output_dir]
+    command += ["--tiny"] if options.tiny else []
     status, tail = _run(command, seconds)
     if status == 0:
         return "ran", f"device_parity_{options.device}.md"

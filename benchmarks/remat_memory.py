@@ -112,7 +112,8 @@ def markdown(report):
         )
     lines += [
         "",
-        "Held between steps MB: memory added by the model, AdamW's slots and what the first step left (gradients, compiled programs). Training MB: the high-water mark of the "
+        "Held between steps MB: memory added by the model, AdamW's slots and what the first step left "
+        "(gradients, compiled programs). Training MB: the high-water mark of the "
         "training steps after the first, above that. Total MB: the same high-water mark above the memory "
         "before the model was built. Memory is "
         + ("resident host memory (Linux /proc VmHWM)." if report["device"] == "cpu"

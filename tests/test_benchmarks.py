@@ -414,7 +414,8 @@ def test_gpu_presets_take_turns_per_cell_and_stop_at_the_budget(monkeypatch, tmp
     options = presets.build_parser().parse_args(
         ["--preset", "gpu-train", "gpu-inference", "--output-dir", str(tmp_path), "--budget-s", "150"])
     reports = presets.run_presets(options, deadline=150.0)
-    assert ran == [("gpu-train", "ConvNeXtV2Tiny", "mixed_bfloat16"), ("gpu-inference", "ConvNeXtV2Tiny", "mixed_bfloat16")]
+    assert ran == [("gpu-train", "ConvNeXtV2Tiny", "mixed_bfloat16"),
+                   ("gpu-inference", "ConvNeXtV2Tiny", "mixed_bfloat16")]
     assert reports["gpu-train"]["skipped"][0] == ("ConvNeXtV2Base", "mixed_bfloat16")
     assert len(reports["gpu-inference"]["skipped"]) == 5
     text = (tmp_path / "gpu_inference_cuda.md").read_text()

@@ -61,7 +61,8 @@ def build_parser(prog="benchmarks/run.py --preset", output_dir=throughput.DEFAUL
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--budget-s", type=float, help="stop starting cells after this many seconds (default: none)")
     parser.add_argument("--matmul-sizes", type=int, nargs="+",
-                        help="square product sizes of the peak (default: 2048 4096 8192 on a GPU, 256 512 on the CPU, where the presets only check themselves)")
+                        help="square product sizes of the peak (default: 2048 4096 8192 on a GPU; 256 512 on "
+                             "the CPU, where the presets only check themselves)")
     parser.add_argument("--output-dir", default=output_dir)
     parser.add_argument("--matmul-peaks", action="store_true", help=argparse.SUPPRESS)  # the worker's role
     return parser
@@ -76,7 +77,8 @@ def implementations(options, precision):
     """[(row name, Keras backend of its process, throughput worker)], the references first."""
     rows = []
     if "eager" in options.references:
-        rows.append((REFERENCE_PREFIX + "eager", "torch", "reference" if precision == "float32" else "reference_autocast"))
+        eager = "reference" if precision == "float32" else "reference_autocast"
+        rows.append((REFERENCE_PREFIX + "eager", "torch", eager))
     if "tuned" in options.references:
         rows.append((REFERENCE_PREFIX + "tuned", "torch", "reference_tuned"))
     for backend in options.backends:
