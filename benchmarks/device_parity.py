@@ -39,6 +39,7 @@ from keras_convnext.benchmark.throughput import (  # noqa: E402
 BACKENDS = ("tensorflow", "jax", "torch")
 ATTO = ((2, 2, 6, 2), (40, 80, 160, 320))
 SHAPES = ((4, 224, 224), (2, 45, 70))
+TINY_SHAPES = ((2, 32, 32),)  # --tiny: a check of the script itself
 
 
 def _errors(logits, expected):
@@ -74,7 +75,7 @@ def worker(args):
                 keras.config.set_dtype_policy("mixed_bfloat16" if setting == "mixed_bfloat16" else "float32")
                 model = constructor(weights=path, include_preprocessing=False, classifier_activation=None)
                 worst = {"max_abs": 0.0, "relative": 0.0}
-                for batch, height, width in SHAPES:
+                for batch, height, width in TINY_SHAPES if args.tiny else SHAPES:
                     rng = np.random.default_rng(height)
                     images = rng.normal(size=(batch, height, width, 3)).astype("float32")
                     with torch.no_grad():
@@ -96,7 +97,7 @@ def markdown(report):
         f"{report['date']}, {report['machine']}, " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
         "",
         "Atto with random non-trivial weights; images "
-        + ", ".join(f"{b}x{h}x{w}" for b, h, w in SHAPES)
+        + ", ".join(f"{b}x{h}x{w}" for b, h, w in report.get("shapes", SHAPES))
         + "; the worst of them. Each cell: max |keras - ref| / ||keras - ref|| over ||ref||.",
         "",
         "| backend | model | full float32 | framework defaults (TF32) | mixed_bfloat16 vs float32 ref |",
@@ -119,6 +120,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    parser.add_argument("--output-dir", default=os.path.join(HERE, "results"))
+    parser.add_argument("--tiny", action="store_true", help=f"only {TINY_SHAPES[0][0]} images of 32x32")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -126,15 +129,15 @@ def main(argv=None):
         return 0
     results = {}
     for backend in args.backends:
-        command = [sys.executable, os.path.abspath(__file__), "--worker", "--device", args.device]
+        command = [sys.executable, os.path.abspath(__file__), "--worker", "--device", args.device] + (
+            ["--tiny"] if args.tiny else [])
         results[backend] = run_in_backend(command, backend, args.device)
     report = {
         "device": args.device, "date": datetime.date.today().isoformat(),
         "machine": machine(args.device),
-        "versions": _versions(), "results": results,
+        "versions": _versions(), "results": results, "shapes": TINY_SHAPES if args.tiny else SHAPES,
     }
-    write_report(f"device_parity_{args.device}", report, markdown(report),
-                 os.path.join(HERE, "results"))
+    write_report(f"device_parity_{args.device}", report, markdown(report), args.output_dir)
     return 0
 
 

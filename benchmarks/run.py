@@ -5,6 +5,7 @@ this script runs it from the source repository and keeps its results in
 `benchmarks/results/`:
 
     python benchmarks/run.py --model ConvNeXtV2Tiny --batch-size 8 --resolution 224
+    python benchmarks/run.py --preset gpu-inference      # or gpu-train: keras_convnext.benchmark.presets
 """
 
 import os
@@ -13,9 +14,16 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from keras_convnext.benchmark import throughput  # noqa: E402
+from keras_convnext.benchmark import presets, throughput  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
 
+
+def main(argv):
+    if "--preset" in argv:
+        return presets.main(argv, output_dir=RESULTS)
+    return throughput.main(argv, output_dir=RESULTS)
+
+
 if __name__ == "__main__":
-    sys.exit(throughput.main(output_dir=RESULTS))
+    sys.exit(main(sys.argv[1:]))

@@ -6,6 +6,7 @@ from keras_convnext import _startup
 _startup.choose_command_line_backend()
 
 from keras_convnext import analysis, config, layers, roadmap
+from keras_convnext.distribution import model_parallel_layout_map
 from keras_convnext.export import export, export_formats
 from keras_convnext.fcmae import FCMAE, FCMAEDecoder, transfer_encoder
 from keras_convnext.imagenet import decode_predictions, imagenet_classes, normalize_imagenet, preprocess_input

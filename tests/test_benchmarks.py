@@ -1,7 +1,8 @@
-"""The benchmark scripts' own arithmetic: ratios, peaks and memory measurement (no model is timed)."""
+"""The benchmark scripts: their arithmetic (ratios, peaks, memory measurement) and benchmarks/gpu.py end to end at toy sizes."""
 
 import json
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -326,3 +327,130 @@ def test_workers_import_the_same_package_and_leave_out_what_is_not_asked_for():
     assert run.build_parser().parse_args([]).output_dir == "benchmark_results"
     with pytest.raises(ValueError, match="ConvNeXtGiant"):
         run.main(["--model", "ConvNeXtGiant"])
+
+
+def _preset_cell(model, precision, results):
+    return {"model": model, "precision": precision, "multiply_adds": 1_000_000_000, "results": results}
+
+
+def test_gpu_preset_tables_rank_against_the_best_reference_and_list_what_was_not_reached():
+    from keras_convnext.benchmark import presets
+
+    def trained(steps_per_s, memory_mb, **extra):
+        return {"train_steps_per_s": steps_per_s, "train_peak_memory_mb": memory_mb, "train_first_call_s": 2.0,
+                **extra}
+
+    report = {
+        "preset": "gpu-train", "batch_size": 128, "resolution": 224, "date": "2026-12-07", "device": "cuda",
+        "machine": "Some GPU", "versions": {"keras": "3"}, "budget_s": 600.0, "matmul_sizes": [8192],
+        "matmul_peaks": {"float32": 50_000.0, "tf32": 400_000.0, "bfloat16": 768_000.0, "float16": 800_000.0},
+        "cells": [
+            _preset_cell("ConvNeXtV2Tiny", "mixed_bfloat16", {
+                "pytorch-reference/eager": trained(2.0, 9000.0),
+                "pytorch-reference/tuned": trained(4.0, 6000.0),
+                "keras_convnext/jax": trained(5.0, 4500.0),
+                "keras_convnext/torch": {"error": ["RuntimeError: out of memory"]},
+            }),
+            _preset_cell("ConvNeXtV2Tiny", "float32", {
+                "pytorch-reference/eager": trained(1.0, 9000.0, torch_cudnn_tf32=True, torch_matmul_tf32=False),
+                "keras_convnext/jax": trained(1.0, 9000.0, jax_default_matmul_precision="default"),
+            }),
+        ],
+        "skipped": [("ConvNeXtV2Base", "mixed_float16")],
+    }
+    lines = presets.markdown(report).splitlines()
+    tuned = next(line for line in lines if "pytorch-reference/tuned" in line and "bfloat16" in line)
+    jax = next(line for line in lines if "keras_convnext/jax" in line and "bfloat16" in line)
+    # 5 steps/s of 128 images = 640 images/s, 1.25x the tuned reference's 512; memory 4500 / 6000;
+    # 640 images x 2 x 3 x 1e9 multiply-adds = 3.84 TFLOP/s, 0.5% of the bfloat16 peak's 768
+    assert "(best ref) | 512.0 | 1.00x | 6000 | 1.00x | 2.0 |" in tuned
+    assert jax.endswith("| keras_convnext/jax | 640.0 | 1.25x | 4500 | 0.75x | 2.0 | 0% |")
+    assert next(line for line in lines if "pytorch-reference/eager" in line and "bfloat16" in line).startswith(
+        "| ConvNeXtV2Tiny | mixed_bfloat16 | pytorch-reference/eager | 256.0 | 0.50x | 9000 | 1.50x |")
+    assert "| keras_convnext/torch | failed: RuntimeError: out of memory |" in "\n".join(lines)
+    text = "\n".join(lines)
+    assert "float32, as each framework runs it by default: jax_default_matmul_precision default, " \
+           "torch_cudnn_tf32 True, torch_matmul_tf32 False." in text
+    assert "Not reached within the time budget (600 s): ConvNeXtV2Base mixed_float16." in text
+    assert "tf32 4e+05" in text and "loss scaling" in text
+
+
+def test_gpu_preset_workers_get_the_presets_batch_optimizer_and_references():
+    from keras_convnext.benchmark import presets
+
+    options = presets.build_parser().parse_args(["--preset", "gpu-train", "--backends", "jax", "--torch-compile"])
+    train = presets.worker_arguments(options, "gpu-train", "ConvNeXtV2Base", "mixed_float16")
+    assert (train.batch_size, train.train_batch_size, train.inference, train.optimizer) == (128, 128, False, "finetune")
+    assert not train.matmul_peak and not train.batch1_latency
+    inference = presets.worker_arguments(options, "gpu-inference", "ConvNeXtV2Tiny", "float32")
+    assert (inference.batch_size, inference.train_batch_size, inference.inference) == (256, 0, True)
+    assert presets.implementations(options, "float32") == [
+        ("pytorch-reference/eager", "torch", "reference"), ("pytorch-reference/tuned", "torch", "reference_tuned"),
+        ("keras_convnext/jax", "jax", "keras_convnext"),
+    ]
+    assert presets.implementations(options, "mixed_bfloat16")[0] == (
+        "pytorch-reference/eager", "torch", "reference_autocast")
+    # the worker's command line carries the settings over
+    command = run._worker_command(train, ["--worker", "reference_tuned"])
+    assert "--no-inference" in command and command[command.index("--optimizer") + 1] == "finetune"
+
+
+def test_gpu_presets_take_turns_per_cell_and_stop_at_the_budget(monkeypatch, tmp_path):
+    from keras_convnext.benchmark import presets
+
+    clock = [0.0]
+    ran = []
+
+    def run_cell(options, preset, model, precision, deadline):
+        ran.append((preset, model, precision))
+        clock[0] += 100.0
+        return {"pytorch-reference/eager": {"inference_images_per_s": 10.0, "peak_memory_mb": 1.0,
+                                            "first_call_s": 1.0, "train_steps_per_s": 1.0,
+                                            "train_peak_memory_mb": 1.0, "train_first_call_s": 1.0}}
+
+    monkeypatch.setattr(presets, "run_cell", run_cell)
+    monkeypatch.setattr(presets, "measure_matmul_peaks", lambda options, deadline: {"error": ["not measured"]})
+    monkeypatch.setattr(presets.time, "monotonic", lambda: clock[0])
+    options = presets.build_parser().parse_args(
+        ["--preset", "gpu-train", "gpu-inference", "--output-dir", str(tmp_path), "--budget-s", "150"])
+    reports = presets.run_presets(options, deadline=150.0)
+    assert ran == [("gpu-train", "ConvNeXtV2Tiny", "mixed_bfloat16"),
+                   ("gpu-inference", "ConvNeXtV2Tiny", "mixed_bfloat16")]
+    assert reports["gpu-train"]["skipped"][0] == ("ConvNeXtV2Base", "mixed_bfloat16")
+    assert len(reports["gpu-inference"]["skipped"]) == 5
+    text = (tmp_path / "gpu_inference_cuda.md").read_text()
+    assert "Matrix-multiply peak: failed: not measured." in text and "ConvNeXtV2Base mixed_float16" in text
+    assert json.loads((tmp_path / "gpu_train_cuda.json").read_text())["cells"][0]["model"] == "ConvNeXtV2Tiny"
+
+
+@pytest.mark.skipif(os.environ.get("KERAS_BACKEND") != "torch",
+                    reason="the script starts its own process per backend; the PyTorch run covers it")
+def test_gpu_script_runs_every_step_on_the_cpu_at_toy_sizes(tmp_path):
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # The host-overhead step writes where its preset does; it is run here only to see it skipped.
+    has_host_overhead = importlib.util.find_spec("keras_convnext.benchmark.host_overhead") is not None
+    steps = ["parity", "presets"] + ([] if has_host_overhead else ["host-overhead"])
+    command = [sys.executable, os.path.join(root, "benchmarks", "gpu.py"), "--device", "cpu", "--tiny",
+               "--backends", "torch", "--output-dir", str(tmp_path), "--budget-s", "900", "--steps", *steps]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1000)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+    summary = (tmp_path / "gpu_summary.md").read_text()
+    assert "| parity | ran | device_parity_cpu.md |" in summary
+    assert "| presets | ran | gpu_train_cpu.md, gpu_inference_cpu.md |" in summary
+    if not has_host_overhead:
+        assert "| host-overhead | skipped | this checkout has no keras_convnext.benchmark.host_overhead" in summary
+    parity = json.loads((tmp_path / "device_parity_cpu.json").read_text())["results"]["torch"]
+    assert parity["ConvNeXtV2Atto"]["full_float32"]["max_abs"] < 1e-3
+    train = json.loads((tmp_path / "gpu_train_cpu.json").read_text())
+    inference = json.loads((tmp_path / "gpu_inference_cpu.json").read_text())
+    for report, key in ((train, "train_steps_per_s"), (inference, "inference_images_per_s")):
+        assert report["skipped"] == [] and report["matmul_peaks"]["float32"] > 0
+        (cell,) = report["cells"]
+        assert (cell["model"], cell["precision"]) == ("ConvNeXtV2Atto", "float32")
+        assert set(cell["results"]) == {"pytorch-reference/eager", "keras_convnext/torch"}
+        assert all(row[key] > 0 for row in cell["results"].values()), cell["results"]
+    assert "| ConvNeXtV2Atto | float32 | keras_convnext/torch |" in summary

@@ -7,6 +7,7 @@ import keras
 
 import keras_convnext
 from keras_convnext.layers.block import ConvNeXtBlock
+from keras_convnext.models.convnext import remat_per_stage
 
 TINY = dict(stage_depths=(1, 1, 1, 1), stage_dims=(8, 16, 24, 32), version="v2", classes=5)
 
@@ -69,6 +70,41 @@ def test_remat_gives_the_same_loss_and_gradients():
         np.testing.assert_allclose(remat_gradient, plain_gradient, rtol=1e-5, atol=1e-5, err_msg=variable.path)
 
 
+def test_remat_of_some_stages_gives_the_same_loss_and_gradients():
+    plain = tiny_model(remat=False, stage_depths=(1, 1, 2, 1))
+    rematerialized = tiny_model(remat=(2, 3), stage_depths=(1, 1, 2, 1))
+    assert [block.remat for block in _blocks(rematerialized)] == [False, False, True, True, True]
+    rematerialized.set_weights(plain.get_weights())
+    images, labels = images_and_labels()
+
+    plain_loss, plain_gradients = loss_and_gradients(plain, images, labels)
+    remat_loss, remat_gradients = loss_and_gradients(rematerialized, images, labels)
+
+    np.testing.assert_allclose(remat_loss, plain_loss, rtol=1e-5, atol=1e-5)
+    for variable, remat_gradient, plain_gradient in zip(plain.trainable_variables, remat_gradients, plain_gradients):
+        np.testing.assert_allclose(remat_gradient, plain_gradient, rtol=1e-5, atol=1e-5, err_msg=variable.path)
+
+
+@pytest.mark.parametrize(
+    "remat, stages",
+    [
+        (True, (True,) * 4),
+        ((), (False,) * 4),
+        ([0, 3], (True, False, False, True)),
+        ((False, True, True, False), (False, True, True, False)),
+        ((1,), (False, True, False, False)),
+    ],
+)
+def test_remat_per_stage_reads_indices_or_booleans(remat, stages):
+    assert remat_per_stage(remat) == stages
+
+
+@pytest.mark.parametrize("remat", [(4,), (-1,), (True, False), "all", 2, (1, True)])
+def test_remat_that_names_no_stage_is_refused_in_words(remat):
+    with pytest.raises(ValueError, match="remat must be True or False .* stage indices from 0 to 3"):
+        tiny_model(remat=remat)
+
+
 def test_remat_is_kept_in_the_config_and_passed_by_the_named_constructors():
     model = keras_convnext.ConvNeXtV2Atto(input_shape=(32, 32, 3), classes=3, remat=True)
     blocks = _blocks(model)
@@ -76,6 +112,10 @@ def test_remat_is_kept_in_the_config_and_passed_by_the_named_constructors():
     rebuilt_blocks = _blocks(type(model).from_config(model.get_config()))
     assert len(rebuilt_blocks) == 12 and all(block.remat for block in rebuilt_blocks)
     assert not any(block.remat for block in _blocks(keras_convnext.ConvNeXtAtto(input_shape=(32, 32, 3))))
+    # Atto's stages hold 2, 2, 6 and 2 blocks
+    per_stage = keras_convnext.ConvNeXtV2Atto(input_shape=(32, 32, 3), classes=3, remat=(False, False, True, False))
+    rebuilt = _blocks(type(per_stage).from_config(per_stage.get_config()))
+    assert [block.remat for block in rebuilt] == [False] * 4 + [True] * 6 + [False] * 2
 
 
 def test_remat_survives_a_keras_file(tmp_path):

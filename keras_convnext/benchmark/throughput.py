@@ -32,6 +32,7 @@ import platform
 import queue
 import re
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -250,14 +251,86 @@ def _page_faults_per_call(fn, repeats=3):
 
 
 def _inference_result(args, first, seconds, seconds_b1, first_peak, steady_peak):
-    return {
+    result = {
         "inference_images_per_s": args.batch_size / seconds,
-        "batch1_latency_ms": seconds_b1 * 1000,
         "first_call_s": first,
         "first_call_peak_memory_mb": first_peak,
         "peak_memory_mb": steady_peak if steady_peak is not None else first_peak,
         "peak_memory_includes_first_call": steady_peak is None,
     }
+    if seconds_b1 is not None:
+        result["batch1_latency_ms"] = seconds_b1 * 1000
+    return result
+
+
+def _measure_inference(args, infer, baseline, memory):
+    """Inference at `args.batch_size` (and batch 1 with `args.batch1_latency`): the result's numbers."""
+    first, seconds, first_peak, steady_peak = _steady_inference(
+        lambda: infer(args.batch_size), args.repeats, baseline, memory
+    )
+    seconds_b1 = _timed(lambda: infer(1), args.repeats)[1] if args.batch1_latency else None
+    result = _inference_result(args, first, seconds, seconds_b1, first_peak, steady_peak)
+    result["page_faults_per_call"] = _page_faults_per_call(lambda: infer(args.batch_size))
+    return result
+
+
+def _measure_training(step, args, baseline, memory, warm_steps=1):
+    """Training steps/s of `step()`, the first `warm_steps` steps' seconds and the peak memory of training.
+
+    The peak is memory above `baseline`, over the steps (compilation
+    included), restarted before them where `memory` allows (not on JAX's GPU
+    allocator, whose peak then includes what ran before).
+    """
+    memory.reset()
+    start = time.perf_counter()
+    for _ in range(warm_steps):
+        step()
+    train_first = time.perf_counter() - start
+    _, train_seconds = _timed(step, max(2, args.repeats // 2), warm=True)
+    return {"train_steps_per_s": 1.0 / train_seconds, "train_first_call_s": train_first,
+            "train_peak_memory_mb": memory.high_water() - baseline}
+
+
+# The fine-tuning recipe's peak learning rate at batch 256 (keras_convnext.training's default);
+# it is scaled by batch size / 256, as the official recipe does.
+FINETUNE_LEARNING_RATE = 5e-4
+FINETUNE_WEIGHT_DECAY = 0.05
+
+
+def _keras_optimizer(args, model):
+    """AdamW at 1e-4 ("adamw"), or the fine-tuning recipe's ("finetune": layer decay, weight decay
+    0.05, warm-up and cosine schedule); wrapped in loss scaling under mixed_float16."""
+    import keras
+
+    if args.optimizer == "finetune":
+        from keras_convnext.training import finetune_optimizer
+
+        optimizer = finetune_optimizer(
+            model, learning_rate=FINETUNE_LEARNING_RATE * args.train_batch_size / 256,
+            weight_decay=FINETUNE_WEIGHT_DECAY,
+        )
+    else:
+        optimizer = keras.optimizers.AdamW(1e-4)
+    if args.precision == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def _keras_training(args, model, jit_compile, baseline, memory):
+    import keras
+
+    rng = np.random.default_rng(1)
+    shape = (args.resolution, args.resolution, 3)
+    train_images = rng.uniform(0, 255, size=(args.train_batch_size,) + shape).astype("float32")
+    labels = rng.integers(0, 1000, size=(args.train_batch_size,))
+    model.compile(
+        optimizer=_keras_optimizer(args, model),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=jit_compile or "auto",
+    )
+    # torch.compile compiles the second step again
+    return _measure_training(lambda: model.train_on_batch(train_images, labels), args, baseline, memory,
+                             warm_steps=2 if jit_compile else 1)
 
 
 def _keras_device(args):
@@ -375,32 +448,13 @@ def keras_worker(args):
     baseline = memory.baseline()
     model, infer = _keras_inference(args)
     jit_compile = args.implementation == "keras_convnext_jit"
-    first, seconds, first_peak, steady_peak = _steady_inference(
-        lambda: infer(args.batch_size), args.repeats, baseline, memory
-    )
-    _, seconds_b1 = _timed(lambda: infer(1), args.repeats)
-    result = _inference_result(args, first, seconds, seconds_b1, first_peak, steady_peak)
-    result["page_faults_per_call"] = _page_faults_per_call(lambda: infer(args.batch_size))
-    result["device"] = device
+    result = {"device": device}
+    if args.inference:
+        result.update(_measure_inference(args, infer, baseline, memory))
     if args.device != "cpu":
         result.update(_precision_settings(keras.backend.backend()))
     if args.train_batch_size:
-        rng = np.random.default_rng(1)
-        shape = (args.resolution, args.resolution, 3)
-        train_images = rng.uniform(0, 255, size=(args.train_batch_size,) + shape).astype("float32")
-        labels = rng.integers(0, 1000, size=(args.train_batch_size,))
-        model.compile(
-            optimizer=keras.optimizers.AdamW(1e-4),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            jit_compile=jit_compile or "auto",
-        )
-        step = lambda: model.train_on_batch(train_images, labels)
-        start = time.perf_counter()
-        for _ in range(2 if jit_compile else 1):  # torch.compile compiles the second step again
-            step()
-        train_first = time.perf_counter() - start
-        _, train_seconds = _timed(step, max(2, args.repeats // 2), warm=True)
-        result.update({"train_steps_per_s": 1.0 / train_seconds, "train_first_call_s": train_first})
+        result.update(_keras_training(args, model, jit_compile, baseline, memory))
     if args.implementation != "keras_applications" and args.matmul_peak:
         on_gpu = args.device != "cpu"
         result["matmul_peak_gflops"] = _keras_matmul_peak("float32", on_gpu)
@@ -409,14 +463,31 @@ def keras_worker(args):
     return result
 
 
-def _reference_inference(args):
-    """(model, infer, precision) for HF transformers' ConvNeXt of `args.model`'s shape, random weights.
+# The reference implementations: HF transformers' model in eager mode (float32,
+# or under autocast), and as a tuned user runs it: channels_last memory,
+# autocast in the run's mixed precision, torch.compile.
+REFERENCE_AUTOCAST = ("reference_autocast", "reference_tuned")
 
-    `infer(batch)` runs the first `batch` of `args.batch_size` images in [0, 1)
-    without gradients and copies the logits to the host; `precision()` is the
-    autocast context (bfloat16 for the `reference_autocast` implementation,
-    otherwise disabled), which the training step uses too. Sets the run's
-    float32 setting on a GPU (`--tf32`) first.
+
+def _autocast_dtype(args):
+    """The reference's autocast dtype for `args` (a torch dtype), or None where it runs in float32."""
+    import torch
+
+    if args.implementation not in REFERENCE_AUTOCAST or args.precision == "float32":
+        return None
+    return torch.float16 if args.precision == "mixed_float16" else torch.bfloat16
+
+
+def _reference_inference(args):
+    """(forward, infer, precision, memory_format) for HF transformers' ConvNeXt of `args.model`'s shape.
+
+    Random weights. `forward` is the model (torch.compile'd for
+    `reference_tuned`); `infer(batch)` runs the first `batch` of
+    `args.batch_size` images in [0, 1) through it without gradients and
+    copies the logits to the host; `precision()` is the autocast context
+    (`_autocast_dtype`; disabled where that is None), which the training
+    step uses too; `memory_format` is the images' layout (channels_last for
+    `reference_tuned`). Sets the run's float32 setting on a GPU (`--tf32`) first.
     """
     import torch
     import transformers
@@ -432,17 +503,64 @@ def _reference_inference(args):
         set_tf32(args.tf32, "torch")
     config = config_class(depths=list(variant.stage_depths), hidden_sizes=list(variant.stage_dims), num_labels=1000)
     model = model_class(config).eval().to(device)
+    tuned = args.implementation == "reference_tuned"
+    memory_format = torch.channels_last if tuned else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    forward = torch.compile(model) if tuned else model
     images = torch.rand(args.batch_size, 3, args.resolution, args.resolution, device=device)
-    autocast = args.implementation == "reference_autocast"
+    images = images.contiguous(memory_format=memory_format)
+    autocast_dtype = _autocast_dtype(args)
 
     def precision():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast)
+        return torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None)
 
     def infer(batch):
         with torch.no_grad(), precision():
-            return model(pixel_values=images[:batch]).logits.cpu()
+            return forward(pixel_values=images[:batch]).logits.cpu()
 
-    return model, infer, precision
+    return forward, infer, precision, memory_format
+
+
+def _reference_optimizer(args, model):
+    """AdamW at 1e-4, or the fine-tuning recipe's settings (`--optimizer finetune`): the scaled
+    learning rate and weight decay 0.05 on weights of two or more dimensions (biases and norms
+    without), the groups the official recipe makes; its per-layer rate multipliers are left out."""
+    import torch
+
+    if args.optimizer != "finetune":
+        return torch.optim.AdamW(model.parameters(), lr=1e-4)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in parameters if p.ndim > 1], "weight_decay": FINETUNE_WEIGHT_DECAY},
+        {"params": [p for p in parameters if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=FINETUNE_LEARNING_RATE * args.train_batch_size / 256)
+
+
+def _reference_training(args, forward, precision, memory_format, baseline, memory):
+    import torch
+
+    device = torch.device(args.device)
+    forward.train()
+    optimizer = _reference_optimizer(args, forward)
+    # Loss scaling where autocast computes in float16, as PyTorch's AMP recipe does.
+    scaler = torch.amp.GradScaler(device.type, enabled=_autocast_dtype(args) == torch.float16)
+    train_images = torch.rand(args.train_batch_size, 3, args.resolution, args.resolution, device=device)
+    train_images = train_images.contiguous(memory_format=memory_format)
+    labels = torch.randint(0, 1000, (args.train_batch_size,), device=device)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with precision():
+            logits = forward(pixel_values=train_images).logits
+        scaler.scale(torch.nn.functional.cross_entropy(logits.float(), labels)).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        _synchronize(device)
+
+    # torch.compile compiles the training graph on the first step and may again on the second
+    warm_steps = 2 if args.implementation == "reference_tuned" else 1
+    return _measure_training(step, args, baseline, memory, warm_steps=warm_steps)
 
 
 def reference_worker(args):
@@ -453,33 +571,15 @@ def reference_worker(args):
     torch.mm(torch.ones(64, 64, device=device), torch.ones(64, 64, device=device)).cpu()
     memory = ResidentMemory() if args.device == "cpu" else TorchDeviceMemory()
     baseline = memory.baseline()
-    model, infer, precision = _reference_inference(args)
-    first, seconds, first_peak, steady_peak = _steady_inference(
-        lambda: infer(args.batch_size), args.repeats, baseline, memory
-    )
-    _, seconds_b1 = _timed(lambda: infer(1), args.repeats)
-    result = _inference_result(args, first, seconds, seconds_b1, first_peak, steady_peak)
-    result["page_faults_per_call"] = _page_faults_per_call(lambda: infer(args.batch_size))
-    result["device"] = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    forward, infer, precision, memory_format = _reference_inference(args)
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+    if args.inference:
+        result.update(_measure_inference(args, infer, baseline, memory))
     if device.type == "cuda":
         result.update(_precision_settings("torch"))
     if args.train_batch_size:
-        model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        train_images = torch.rand(args.train_batch_size, 3, args.resolution, args.resolution, device=device)
-        labels = torch.randint(0, 1000, (args.train_batch_size,), device=device)
-
-        def step():
-            optimizer.zero_grad()
-            with precision():
-                logits = model(pixel_values=train_images).logits
-            torch.nn.functional.cross_entropy(logits.float(), labels).backward()
-            optimizer.step()
-            _synchronize(device)
-
-        train_first, train_seconds = _timed(step, max(2, args.repeats // 2))
-        result.update({"train_steps_per_s": 1.0 / train_seconds, "train_first_call_s": train_first})
-    if args.implementation != "reference_autocast" and args.matmul_peak:
+        result.update(_reference_training(args, forward, precision, memory_format, baseline, memory))
+    if args.implementation == "reference" and args.matmul_peak:
         result["matmul_peak_gflops"] = _matmul_peak("float32", device)
         if args.precision == "mixed_bfloat16":
             result["bfloat16_matmul_peak_gflops"] = _matmul_peak("bfloat16", device)
@@ -717,10 +817,23 @@ def backend_environment(backend, device="cpu", malloc="default"):
                 **device_environment(device), **malloc_environment(malloc))
 
 
-def run_in_backend(command, backend, device="cpu", malloc="default"):
-    """Runs a worker command under `backend` on `device`; its last `RESULT <json>` line, or `{"error": [...]}`."""
+def run_in_backend(command, backend, device="cpu", malloc="default", timeout=None):
+    """Runs a worker command under `backend` on `device`; its last `RESULT <json>` line, or `{"error": [...]}`.
+
+    A worker still running after `timeout` seconds is stopped and reported as such.
+    """
     environment = backend_environment(backend, device, malloc)
-    completed = subprocess.run(command, env=environment, capture_output=True, text=True)
+    # With a time limit the worker gets its own process group, so that
+    # stopping it also stops what it started (torch.compile's compile workers).
+    process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=timeout is not None)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        return {"error": [f"stopped after {timeout:.0f} s, the time left to this run"]}
+    completed = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
     if completed.returncode != 0 or not lines:
         return {"error": _error_lines(completed.stderr or completed.stdout)}
@@ -744,6 +857,8 @@ def _forward(args):
         "--precision", args.precision, "--repeats", str(args.repeats),
         "--train-batch-size", str(args.train_batch_size), "--device", args.device, "--tf32", args.tf32,
         "--matmul-peak" if args.matmul_peak else "--no-matmul-peak",
+        "--inference" if args.inference else "--no-inference",
+        "--batch1-latency" if args.batch1_latency else "--no-batch1-latency", "--optimizer", args.optimizer,
     ]
 
 
@@ -987,6 +1102,14 @@ def build_parser(prog="keras-convnext benchmark", output_dir=DEFAULT_OUTPUT_DIR)
                         help="time the PyTorch reference (HF transformers) too (default: yes)")
     parser.add_argument("--matmul-peak", action=argparse.BooleanOptionalAction, default=True,
                         help="measure the machine's matrix-multiply peak in every process (default: yes)")
+    parser.add_argument("--inference", action=argparse.BooleanOptionalAction, default=True,
+                        help="time inference at --batch-size (default: yes)")
+    parser.add_argument("--batch1-latency", action=argparse.BooleanOptionalAction, default=True,
+                        help="time inference at batch 1 too (default: yes)")
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "finetune"],
+                        help="the training step's optimizer: AdamW at 1e-4, or the fine-tuning recipe's AdamW "
+                             "(keras_convnext.training.finetune_optimizer; its learning rate and weight decay "
+                             "in the reference)")
     parser.add_argument("--output-dir", default=output_dir,
                         help=f"where <name>.json and <name>.md go (default: {output_dir})")
     parser.add_argument("--backend", choices=BACKENDS, help=argparse.SUPPRESS)  # the command line's own

@@ -105,6 +105,28 @@ def check_head_arguments(include_top, pooling, classes, drop_path_rate):
         )
 
 
+STAGES = 4
+
+
+def remat_per_stage(remat):
+    """Four booleans, one per stage, from `remat`: a boolean (every stage),
+    stage indices (`(2,)`, `[0, 1]`) or four booleans (`(False, False, True, True)`)."""
+    if isinstance(remat, (bool, np.bool_)):
+        return (bool(remat),) * STAGES
+    try:
+        entries = tuple(remat)
+    except TypeError:
+        entries = None
+    if entries is not None and len(entries) == STAGES and all(isinstance(e, (bool, np.bool_)) for e in entries):
+        return tuple(bool(e) for e in entries)
+    if entries is not None and all(_is_integer(e) and 0 <= e < STAGES for e in entries):
+        return tuple(stage in entries for stage in range(STAGES))
+    raise ValueError(
+        "remat must be True or False (every stage), a tuple of stage indices from 0 to 3 such as (2, 3), "
+        f"or four booleans, one per stage; got {remat!r}."
+    )
+
+
 def _is_integer(value):
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -167,13 +189,16 @@ def ConvNeXt(
         kernel_size: depthwise kernel size (7 in every official model).
         name: model name.
         variant_name: name of the constructor (for weight lookup and errors).
-        remat: gradient checkpointing. Each block keeps only its input for
-            the backward pass and computes its residual branch again there
-            (`keras.remat`: `jax.checkpoint` on JAX, `tf.recompute_grad` on
-            TensorFlow, `torch.utils.checkpoint` on PyTorch), trading about
-            one more forward pass for the memory of the blocks' activations
-            in training. Outputs and gradients are the same. Saved in each
-            block's config, so a `.keras` file keeps it.
+        remat: gradient checkpointing, for every stage (`True`) or some:
+            a tuple of stage indices (`(2,)`: the third stage, which holds
+            most blocks) or four booleans, one per stage. Each such block
+            keeps only its input for the backward pass and computes its
+            residual branch again there (`keras.remat`: `jax.checkpoint` on
+            JAX, `tf.recompute_grad` on TensorFlow, `torch.utils.checkpoint`
+            on PyTorch), trading about one more forward pass for the memory
+            of the blocks' activations in training. Outputs and gradients
+            are the same. Saved in each block's config, so a `.keras` file
+            keeps it.
 
     Returns:
         A `ConvNeXtModel` (a functional `keras.Model`). With
@@ -187,6 +212,7 @@ def ConvNeXt(
         layer_scale_init_value = 1e-6
     if version == "v2" and layer_scale_init_value is not None:
         raise ValueError("ConvNeXt V2 blocks have no layer scale; leave layer_scale_init_value=None.")
+    stage_remat = remat_per_stage(remat)
     data_format = keras.config.image_data_format()
 
     inputs, channels = _image_input(input_tensor, input_shape, data_format)
@@ -215,7 +241,7 @@ def ConvNeXt(
                 drop_path_rate=float(block_rates[block_index]),
                 kernel_size=kernel_size,
                 data_format="channels_last",
-                remat=remat,
+                remat=stage_remat[stage],
                 name=f"stage{stage}_block{block}",
             )(x)
             block_index += 1
@@ -319,7 +345,7 @@ def _named_constructor(variant_name):
     constructor.__doc__ = (
         f"{family}, stage depths {variant.stage_depths}, dims {variant.stage_dims}.\n\n"
         f"Arguments as `keras_convnext.ConvNeXt` (keras.applications-compatible, "
-        "plus `remat=True` for gradient checkpointing); "
+        "plus `remat` for gradient checkpointing, `True` or per stage); "
         f"also accepts {extra}.\n\n"
         "Note: `include_preprocessing=True` normalizes 3-channel (RGB) inputs only; "
         "images with 1, 4 or any other number of channels reach the stem as given, "
