@@ -12,7 +12,7 @@ imports it only when one of its models is asked for, and
 """
 
 from keras_convnext.hub.dependency import import_keras_hub
-from keras_convnext.hub.presets import preset_name, presets
+from keras_convnext.hub.registry_presets import preset_name, presets
 from keras_convnext.hub.tasks import deeplabv3_segmenter, retinanet_detector
 
 _MODELS = ("ConvNeXtBackbone", "ConvNeXtImageClassifier")

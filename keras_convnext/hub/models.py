@@ -5,7 +5,7 @@
     backbone = ConvNeXtBackbone.from_preset("convnext_tiny_imagenet22k", image_shape=(512, 512, 3))
 
 `from_preset` takes a preset name of keras_convnext's registry
-(`keras_convnext.hub.presets`), which downloads the official checkpoint
+(`keras_convnext.hub.presets()`), which downloads the official checkpoint
 once into the verified cache (`keras_convnext.weights.cache`), as
 `weights="imagenet"` does, or anything keras-hub's own `from_preset` takes
 (a folder written by `save_to_preset`, a Kaggle or Hugging Face handle).
@@ -18,7 +18,7 @@ import contextlib
 
 import keras
 
-from keras_convnext.hub import presets as preset_table
+from keras_convnext.hub import registry_presets as preset_table
 from keras_convnext.hub.dependency import import_keras_hub
 from keras_convnext.layers.block import LAYER_NORM_EPSILON, kernel_init
 from keras_convnext.layers.layer_norm import LayerNorm
