@@ -375,6 +375,16 @@ def _outputs_as_list(outputs):
     return [np.asarray(keras.ops.convert_to_numpy(output)) for output in keras.tree.flatten(outputs)]
 
 
+def _model_outputs(model, images):
+    """What the artifacts compute: the model's call, as a list (`_outputs_as_list`).
+
+    The call, not `predict`: a task's `predict` may post-process (keras-hub's
+    detectors decode boxes and run non-max suppression there), which is
+    not part of the exported graph.
+    """
+    return _outputs_as_list(model(images, training=False))
+
+
 def _by_sorted_name(named):
     return [np.asarray(named[name]) for name in sorted(named)]
 
@@ -462,7 +472,7 @@ def verify(model, format, path, atol=1e-4, min_top1_agreement=1.0, images=None, 
     if images is None:
         images = sample_images(height, width, data_format)
     images = np.asarray(images, "float32")
-    expected = _outputs_as_list(model.predict(images, verbose=0))
+    expected = _model_outputs(model, images)
     run = _runner(format, path)
     got = run(images)
     got_shapes, expected_shapes = [a.shape for a in got], [a.shape for a in expected]
@@ -488,7 +498,7 @@ def verify(model, format, path, atol=1e-4, min_top1_agreement=1.0, images=None, 
         # fully convolutional up to the global pooling).
         other = sample_images(height + 32, width + 32, data_format)[:2]
         model_is_dynamic = None in tuple(model.input_shape)[1:]
-        reference = _outputs_as_list(model.predict(other, verbose=0)) if model_is_dynamic else None
+        reference = _model_outputs(model, other) if model_is_dynamic else None
         result = run(other)
         if any(output.shape[0] != 2 for output in result):
             raise ExportError(f"{format} artifact did not accept a batch of 2 at {height + 32}x{width + 32}.")
