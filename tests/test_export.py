@@ -383,7 +383,7 @@ def segmenter_exported(tmp_path_factory):
 def test_segmenter_exports_match_the_keras_model(segmenter_exported):
     segmenter, reports = segmenter_exported
     images = sample_images(SIZE, SIZE)
-    # training=False: keras-hub's tasks run their batch norms as in training when it is left unset.
+    # training=False: keras-hub's DeepLabV3 computes otherwise when `training` is left unset.
     expected = keras.ops.convert_to_numpy(segmenter(images, training=False))
     assert expected.shape == (4, SIZE, SIZE, 3)
     for format in ("saved_model", "tflite", "onnx"):
