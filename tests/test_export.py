@@ -396,15 +396,19 @@ def test_segmenter_exports_match_the_keras_model(segmenter_exported):
 
 @pytest.fixture(scope="module")
 def detector_exported(tmp_path_factory):
-    """RetinaNet on ConvNeXt: SavedModel and float32 TFLite, one conversion run."""
+    """RetinaNet on ConvNeXt: SavedModel, float32 and full-integer TFLite, ONNX, one conversion run."""
     pytest.importorskip("keras_hub", reason='needs keras-hub: pip install "keras-convnext[hub]"')
     from keras_convnext import hub
 
     keras.utils.set_random_seed(2)
     detector = hub.retinanet_detector(_tiny_encoder(), num_classes=3)
     directory = tmp_path_factory.mktemp("detector")
-    targets = {"saved_model": str(directory / "detector"), "tflite": str(directory / "detector.tflite")}
-    return detector, export_formats(detector, targets, image_size=SIZE, verbose=False)
+    targets = {format: str(directory / f"detector{_SUFFIX[format]}")
+               for format in ("saved_model", "tflite", "onnx", FULL_INTEGER)}
+    # Full-integer: the top class of at least 80% of the anchors in each output, checked by export.
+    reports = export_formats(detector, targets, image_size=SIZE, calibration_images=sample_images(SIZE, SIZE),
+                             min_top1_agreement=0.8, verbose=False)
+    return detector, reports
 
 
 def test_detector_exports_keep_both_dict_outputs(detector_exported):
@@ -419,7 +423,17 @@ def test_detector_exports_keep_both_dict_outputs(detector_exported):
     from_saved_model = {name: value.numpy() for name, value in serve(images=tf.constant(images)).items()}
     runner = Interpreter(model_path=reports["tflite"].path).get_signature_runner()
     from_tflite = runner(**{next(iter(runner.get_input_details())): images})
-    for outputs in (from_saved_model, from_tflite):
+    # ONNX keeps the outputs in the order of their sorted names.
+    from_onnx = dict(zip(sorted(expected), _run_onnx_outputs(reports["onnx"].path, images)))
+    for outputs in (from_saved_model, from_tflite, from_onnx):
         assert sorted(outputs) == sorted(expected)
         for name in expected:
             assert np.max(np.abs(outputs[name] - expected[name])) <= 1e-4, name
+    assert reports[FULL_INTEGER].top1_agreement >= 0.8
+
+
+def _run_onnx_outputs(path, images):
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: images})
