@@ -2,7 +2,14 @@
 
     keras_convnext.export(model, "convnext_savedmodel", format="saved_model")
     keras_convnext.export(model, "convnext.tflite", format="tflite-int8")
-    keras_convnext.export_formats(model, "exported/")   # every format, one conversion run
+    keras_convnext.export(model, "convnext_int8_full.tflite", format="tflite-int8-full",
+                          calibration_images=training_images[:100])
+    keras_convnext.export_formats(model, "exported/")   # every format of FORMATS, one conversion run
+
+`model` is any Keras model with one image input: a keras_convnext
+classifier or backbone, or a keras-hub task on one (RetinaNet, DeepLabV3,
+`keras_convnext.hub.ConvNeXtImageClassifier`), with one output, a list or
+a dict of outputs.
 
 The artifacts are written by TensorFlow. On the TensorFlow backend that
 happens in this process; on JAX and PyTorch the model is saved as `.keras`,
@@ -14,8 +21,9 @@ dynamic shapes).
 Each artifact is then checked against the Keras model in this process, on
 real photographs (scikit-image's sample images): the SavedModel reloaded
 in TensorFlow, TFLite through the LiteRT (or TF Lite) interpreter, ONNX
-through onnxruntime. Float32 formats must agree to `atol` (1e-4) in every
-output, quantized ones in top-1 class; size and latency are printed. Only
+through onnxruntime, against the model's call with `training=False`.
+Float32 formats must agree to `atol` (1e-4) in every output, quantized ones
+in top-1 class; size and latency are printed. Only
 a verified artifact is moved into place (atomic `os.replace`); a failed
 check leaves the destination untouched, and an existing destination is
 replaced only with `overwrite=True`.
