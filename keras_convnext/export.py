@@ -34,7 +34,8 @@ instead of the mean/variance/scale ops TensorFlow traces it into.
 
 Inputs of every artifact: float32 images `(batch, height, width, 3)` with
 pixels in [0, 255] (channels_last models; channels_first models take
-`(batch, 3, height, width)`). Batch size is dynamic in every format; the
+`(batch, 3, height, width)`); "tflite-int8-full" files take them as int8,
+quantized with the input tensor's scale and zero point. Batch size is dynamic in every format; the
 SavedModel and ONNX artifacts also take any resolution when the model was
 built with `input_shape=None`-style dynamic sizes or is fully convolutional.
 """

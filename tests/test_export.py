@@ -119,7 +119,7 @@ def test_failed_verification_leaves_nothing_behind(tmp_path, monkeypatch):
     # The package attribute `keras_convnext.export` is the function; the module is this.
     export_module = importlib.import_module("keras_convnext.export")
 
-    def fake_writer(model, targets, image_size=224):
+    def fake_writer(model, targets, image_size=224, calibration_images=None):
         for path in targets.values():
             with open(path, "wb") as f:
                 f.write(b"artifact")
@@ -196,7 +196,7 @@ def _export_module():
     return importlib.import_module("keras_convnext.export")
 
 
-def _fake_writer(model, targets, image_size=224):
+def _fake_writer(model, targets, image_size=224, calibration_images=None):
     for format, path in targets.items():
         if format == "saved_model":
             os.makedirs(os.path.join(path, "variables"))
