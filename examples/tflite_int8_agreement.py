@@ -2,7 +2,7 @@
 
 Trains ConvNeXt V2 Atto briefly on scikit-learn's digits (real scanned
 handwriting, upscaled to 32x32 RGB), converts it to TFLite as float32 and in
-four int8 recipes, and runs every file on the held-out 20% of the digits:
+five int8 recipes, and runs every file on the held-out 20% of the digits:
 
     dynamic-range        int8 weights, float activations (export's "tflite-int8")
     int8 per-channel     int8 weights and activations, one weight scale per output channel
