@@ -2,7 +2,14 @@
 
     keras_convnext.export(model, "convnext_savedmodel", format="saved_model")
     keras_convnext.export(model, "convnext.tflite", format="tflite-int8")
-    keras_convnext.export_formats(model, "exported/")   # every format, one conversion run
+    keras_convnext.export(model, "convnext_int8_full.tflite", format="tflite-int8-full",
+                          calibration_images=training_images[:100])
+    keras_convnext.export_formats(model, "exported/")   # every format of FORMATS, one conversion run
+
+`model` is any Keras model with one image input: a keras_convnext
+classifier or backbone, or a keras-hub task on one (RetinaNet, DeepLabV3,
+`keras_convnext.hub.ConvNeXtImageClassifier`), with one output, a list or
+a dict of outputs.
 
 The artifacts are written by TensorFlow. On the TensorFlow backend that
 happens in this process; on JAX and PyTorch the model is saved as `.keras`,
@@ -14,8 +21,9 @@ dynamic shapes).
 Each artifact is then checked against the Keras model in this process, on
 real photographs (scikit-image's sample images): the SavedModel reloaded
 in TensorFlow, TFLite through the LiteRT (or TF Lite) interpreter, ONNX
-through onnxruntime. Float32 formats must agree to `atol` (1e-4) in every
-output, quantized ones in top-1 class; size and latency are printed. Only
+through onnxruntime, against the model's call with `training=False`.
+Float32 formats must agree to `atol` (1e-4) in every output, quantized ones
+in top-1 class; size and latency are printed. Only
 a verified artifact is moved into place (atomic `os.replace`); a failed
 check leaves the destination untouched, and an existing destination is
 replaced only with `overwrite=True`.
@@ -26,7 +34,8 @@ instead of the mean/variance/scale ops TensorFlow traces it into.
 
 Inputs of every artifact: float32 images `(batch, height, width, 3)` with
 pixels in [0, 255] (channels_last models; channels_first models take
-`(batch, 3, height, width)`). Batch size is dynamic in every format; the
+`(batch, 3, height, width)`); "tflite-int8-full" files take them as int8,
+quantized with the input tensor's scale and zero point. Batch size is dynamic in every format; the
 SavedModel and ONNX artifacts also take any resolution when the model was
 built with `input_shape=None`-style dynamic sizes or is fully convolutional.
 """
@@ -48,9 +57,13 @@ from keras_convnext import config
 from keras_convnext.onnx_layer_norm import LAYER_NORM_OPSET, rewrite_layer_norm
 
 FORMATS = ("saved_model", "tflite", "tflite-fp16", "tflite-int8", "onnx")
+"""The formats `export_formats` writes into a folder, and the command line's default."""
+FULL_INTEGER = "tflite-int8-full"
+"""Full-integer TFLite: int8 weights, activations, inputs and outputs; needs `calibration_images`."""
+ALL_FORMATS = FORMATS + (FULL_INTEGER,)
 _SUFFIX = {"saved_model": "", "tflite": ".tflite", "tflite-fp16": "_fp16.tflite",
-           "tflite-int8": "_int8.tflite", "onnx": ".onnx"}
-_QUANTIZED = ("tflite-fp16", "tflite-int8")
+           "tflite-int8": "_int8.tflite", "onnx": ".onnx", FULL_INTEGER: "_int8_full.tflite"}
+_QUANTIZED = ("tflite-fp16", "tflite-int8", FULL_INTEGER)
 _ONNX_OPSET = LAYER_NORM_OPSET  # 17: the first with LayerNormalization, so LayerNorm stays one node
 
 
@@ -83,8 +96,26 @@ class ExportReport:
 
 
 def _check_format(format):
-    if format not in FORMATS:
-        raise ValueError(f"Unknown export format {format!r}; choose one of {', '.join(FORMATS)}.")
+    if format not in ALL_FORMATS:
+        raise ValueError(f"Unknown export format {format!r}; choose one of {', '.join(ALL_FORMATS)}.")
+
+
+def _check_calibration(targets, calibration_images):
+    """Full-integer files need calibration images; returns them as float32 or None."""
+    if FULL_INTEGER not in targets:
+        return None
+    if calibration_images is None:
+        raise ValueError(
+            f"The {FULL_INTEGER} format quantizes activations, inputs and outputs to int8, and needs "
+            "calibration_images: about 100 of your own training images, float32 pixels in [0, 255] "
+            "in the model's input shape."
+        )
+    images = np.asarray(calibration_images, "float32")
+    if images.ndim != 4 or len(images) == 0:
+        raise ValueError(
+            f"calibration_images must be a batch of images (n, height, width, channels); got shape {images.shape}."
+        )
+    return images
 
 
 def _layout(model):
@@ -171,23 +202,45 @@ def _write_keras_archive(model, directory):
     archive.write_out(directory, verbose=False)
 
 
-def _write_tflite_files(model, targets, shape):
-    """Writes `{tflite format: path}`, all converted from one archive of the fixed-size model."""
+def tflite_converter(archive, format, calibration_images=None):
+    """A `tf.lite.TFLiteConverter` of the SavedModel `archive`, configured for a TFLite `format`.
+
+    "tflite": float32. "tflite-fp16": float16 weights. "tflite-int8":
+    dynamic-range quantization, int8 weights and float activations, no
+    calibration. "tflite-int8-full": int8 weights and activations and int8
+    inputs and outputs (what integer-only accelerators and microcontrollers
+    run), every op an int8 builtin, with activation ranges calibrated on
+    `calibration_images` (float32 `(n, height, width, channels)`, one
+    image per calibration step).
+    """
     import tensorflow as tf
 
+    converter = tf.lite.TFLiteConverter.from_saved_model(archive)
+    if format in _QUANTIZED:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if format == "tflite-fp16":
+        converter.target_spec.supported_types = [tf.float16]
+    if format == FULL_INTEGER:
+        def representative_dataset():
+            for image in calibration_images:
+                yield [image[None]]
+
+        converter.representative_dataset = representative_dataset
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.int8
+        converter.inference_output_type = tf.int8
+    return converter
+
+
+def _write_tflite_files(model, targets, shape, calibration_images=None):
+    """Writes `{tflite format: path}`, all converted from one archive of the fixed-size model."""
     with tempfile.TemporaryDirectory() as scratch:
         archive = os.path.join(scratch, "saved_model")
         _write_keras_archive(_fixed_size_model(model, shape), archive)
         for format, path in targets.items():
-            converter = tf.lite.TFLiteConverter.from_saved_model(archive)
-            if format in _QUANTIZED:
-                converter.optimizations = [tf.lite.Optimize.DEFAULT]
-            if format == "tflite-fp16":
-                converter.target_spec.supported_types = [tf.float16]
-            # tflite-int8 with no representative data is dynamic-range quantization:
-            # int8 weights, float activations.
+            content = tflite_converter(archive, format, calibration_images).convert()
             with open(path, "wb") as f:
-                f.write(converter.convert())
+                f.write(content)
 
 
 _ERFC_REGISTERED = []
@@ -232,10 +285,11 @@ def _write_onnx(model, path, shape):
     )
 
 
-def write_artifacts(model, targets, image_size=224):
+def write_artifacts(model, targets, image_size=224, calibration_images=None):
     """Writes `{format: path}` with TensorFlow; the TensorFlow backend must be active.
 
-    `image_size` is the TFLite input side for models built without a fixed size.
+    `image_size` is the TFLite input side for models built without a fixed size;
+    `calibration_images` calibrate "tflite-int8-full".
     Returns `{format: dynamic_resolution}`.
     """
     import keras
@@ -243,10 +297,10 @@ def write_artifacts(model, targets, image_size=224):
     if keras.backend.backend() != "tensorflow":
         raise RuntimeError("write_artifacts runs on the TensorFlow backend; use export() from other backends.")
     with config.fast_paths(False):
-        return _write_artifacts(model, targets, image_size)
+        return _write_artifacts(model, targets, image_size, calibration_images)
 
 
-def _write_artifacts(model, targets, image_size):
+def _write_artifacts(model, targets, image_size, calibration_images):
     data_format, height, width = _layout(model)
     free_shape = _resolution_free(model, data_format)
     dynamic = free_shape[1:3] == (None, None) or free_shape[2:4] == (None, None)
@@ -265,17 +319,21 @@ def _write_artifacts(model, targets, image_size):
             tflite[format] = path
             flags[format] = False
     if tflite:
-        _write_tflite_files(model, tflite, fixed_shape)
+        _write_tflite_files(model, tflite, fixed_shape, calibration_images)
     return flags
 
 
-def _write_in_tensorflow_subprocess(model, targets, image_size):
+def _write_in_tensorflow_subprocess(model, targets, image_size, calibration_images=None):
     """Rebuilds `model` on the TensorFlow backend in a subprocess and writes `targets` there."""
     with tempfile.TemporaryDirectory() as scratch:
         keras_file = os.path.join(scratch, "model.keras")
         model.save(keras_file)
         command = [sys.executable, "-m", "keras_convnext.export", "--write", keras_file,
                    "--image-size", str(image_size)]
+        if calibration_images is not None:
+            calibration_file = os.path.join(scratch, "calibration.npy")
+            np.save(calibration_file, calibration_images)
+            command += ["--calibration", calibration_file]
         for format, path in targets.items():
             command += ["--target", f"{format}={path}"]
         env = dict(os.environ, KERAS_BACKEND="tensorflow")
@@ -313,8 +371,61 @@ def sample_images(height=224, width=224, data_format="channels_last"):
     return images
 
 
+def _outputs_as_list(outputs):
+    """A model's outputs (one array, a list, or a dict) as a list of numpy arrays.
+
+    Dicts in sorted key order: the order `tf.nest` and `keras.tree` flatten
+    them in, which is the order of an ONNX file's outputs, and the order of
+    sorted names in SavedModel and TFLite signatures (dict keys, or
+    `output_0` for a single output).
+    """
+    import keras
+
+    return [np.asarray(keras.ops.convert_to_numpy(output)) for output in keras.tree.flatten(outputs)]
+
+
+def _model_outputs(model, images):
+    """What the artifacts compute: the model's call, as a list (`_outputs_as_list`).
+
+    The call, not `predict`: a task's `predict` may post-process (keras-hub's
+    detectors decode boxes and run non-max suppression there), which is
+    not part of the exported graph.
+    """
+    return _outputs_as_list(model(images, training=False))
+
+
+def _by_sorted_name(named):
+    return [np.asarray(named[name]) for name in sorted(named)]
+
+
+def _tflite_runner(path):
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter
+    interpreter = Interpreter(model_path=path)
+    runner = interpreter.get_signature_runner()
+    (input_name, input_detail), = runner.get_input_details().items()
+    output_details = runner.get_output_details()
+
+    def run(images):
+        scale, zero_point = input_detail["quantization"]
+        if input_detail["dtype"] == np.int8:  # full-integer: the images quantized as the file says
+            images = np.clip(np.round(images / scale + zero_point), -128, 127)
+        outputs = runner(**{input_name: images.astype(input_detail["dtype"])})
+        for name, detail in output_details.items():
+            if detail["dtype"] == np.int8:
+                scale, zero_point = detail["quantization"]
+                outputs[name] = (outputs[name].astype("float32") - zero_point) * scale
+        return _by_sorted_name(outputs)
+
+    return run
+
+
 def _runner(format, path):
-    """A function `images -> numpy outputs` running the artifact."""
+    """A function `images -> list of numpy outputs` running the artifact (order: `_outputs_as_list`)."""
     if format == "saved_model":
         import tensorflow as tf
 
@@ -322,8 +433,7 @@ def _runner(format, path):
         serve = loaded.signatures["serving_default"]
 
         def run(images):
-            outputs = serve(images=tf.constant(images))
-            return np.asarray(next(iter(outputs.values())))
+            return _by_sorted_name(serve(images=tf.constant(images)))
 
         return run
     if format == "onnx":
@@ -333,26 +443,10 @@ def _runner(format, path):
         name = session.get_inputs()[0].name
 
         def run(images):
-            return np.asarray(session.run(None, {name: images})[0])
+            return [np.asarray(output) for output in session.run(None, {name: images})]
 
         return run
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:
-        import tensorflow as tf
-
-        Interpreter = tf.lite.Interpreter
-    interpreter = Interpreter(model_path=path)
-
-    def run(images):
-        detail = interpreter.get_input_details()[0]
-        interpreter.resize_tensor_input(detail["index"], images.shape)
-        interpreter.allocate_tensors()
-        interpreter.set_tensor(detail["index"], images)
-        interpreter.invoke()
-        return np.array(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]))
-
-    return run
+    return _tflite_runner(path)
 
 
 def _median_latency_ms(run, image, repeats=5):
@@ -376,27 +470,33 @@ def verify(model, format, path, atol=1e-4, min_top1_agreement=1.0, images=None, 
     """Runs the artifact at `path` on real images and compares with `model`.
 
     Float32 formats must match every output within `atol`; quantized ones
-    ("tflite-fp16", "tflite-int8") must give the same top-1 class on at
-    least `min_top1_agreement` of the images. Raises `ExportError`
-    otherwise; returns an `ExportReport`.
+    ("tflite-fp16", "tflite-int8", "tflite-int8-full") must give the same
+    top-1 class (the largest value on the last axis: per image for a
+    classifier, per pixel for a segmenter, per anchor for a detector's
+    outputs) at `min_top1_agreement` of the positions of every output.
+    Raises `ExportError` otherwise; returns an `ExportReport`.
     """
     data_format, height, width = _layout(model)
     height, width = height or image_size, width or image_size
     if images is None:
         images = sample_images(height, width, data_format)
     images = np.asarray(images, "float32")
-    expected = np.asarray(model.predict(images, verbose=0))
+    expected = _model_outputs(model, images)
     run = _runner(format, path)
     got = run(images)
-    if got.shape != expected.shape:
-        raise ExportError(f"{format} artifact returned shape {got.shape}; the Keras model returns {expected.shape}.")
-    max_diff = float(np.max(np.abs(got - expected)))
-    agreement = float(np.mean(np.argmax(got, -1) == np.argmax(expected, -1)))
+    got_shapes, expected_shapes = [a.shape for a in got], [a.shape for a in expected]
+    if got_shapes != expected_shapes:
+        raise ExportError(
+            f"{format} artifact returned outputs of shapes {got_shapes}; the Keras model returns {expected_shapes}."
+        )
+    max_diff = max(float(np.max(np.abs(a - e))) for a, e in zip(got, expected))
+    agreement = min(float(np.mean(np.argmax(a, -1) == np.argmax(e, -1))) for a, e in zip(got, expected))
     if format in _QUANTIZED:
         if agreement < min_top1_agreement:
             raise ExportError(
                 f"{format} artifact agrees with the Keras model on the top-1 class for only "
-                f"{agreement:.0%} of {len(images)} images (needed {min_top1_agreement:.0%})."
+                f"{agreement:.0%} of the positions of an output on {len(images)} images "
+                f"(needed {min_top1_agreement:.0%})."
             )
     elif not max_diff <= atol:
         raise ExportError(
@@ -407,11 +507,11 @@ def verify(model, format, path, atol=1e-4, min_top1_agreement=1.0, images=None, 
         # fully convolutional up to the global pooling).
         other = sample_images(height + 32, width + 32, data_format)[:2]
         model_is_dynamic = None in tuple(model.input_shape)[1:]
-        reference = np.asarray(model.predict(other, verbose=0)) if model_is_dynamic else None
+        reference = _model_outputs(model, other) if model_is_dynamic else None
         result = run(other)
-        if result.shape[0] != 2:
+        if any(output.shape[0] != 2 for output in result):
             raise ExportError(f"{format} artifact did not accept a batch of 2 at {height + 32}x{width + 32}.")
-        if reference is not None and not np.max(np.abs(result - reference)) <= atol:
+        if reference is not None and not max(float(np.max(np.abs(a - e))) for a, e in zip(result, reference)) <= atol:
             raise ExportError(f"{format} artifact differs from the model at {height + 32}x{width + 32} pixels.")
     latency = _median_latency_ms(run, images[:1])
     return ExportReport(format, path, _size(path), max_diff, agreement, latency, len(images), True, dynamic_resolution)
@@ -547,19 +647,26 @@ def _move_all_into_place(temporary, targets, overwrite):
 
 
 def export_formats(model, targets, verify_artifacts=True, atol=1e-4, min_top1_agreement=1.0, verbose=True,
-                   image_size=224, overwrite=False):
+                   image_size=224, overwrite=False, calibration_images=None):
     """Writes several formats with one conversion run (one subprocess off TensorFlow).
 
     Args:
-        model: a Keras model with one image input.
-        targets: `{format: path}`, or a directory (every format, named
-            `model<suffix>` inside it).
+        model: a Keras model with one image input: a keras_convnext
+            classifier or backbone, a keras-hub task on one (RetinaNet,
+            DeepLabV3, `ConvNeXtImageClassifier`), any Keras model. Its
+            outputs may be one tensor, a list or a dict; every output is
+            exported and checked.
+        targets: `{format: path}`, or a directory (every format of
+            `FORMATS`, named `model<suffix>` inside it).
         verify_artifacts: check each artifact against `model` (see `verify`).
         image_size: for models built without a fixed input size, the side
             in pixels of the TFLite input and of the check images.
         overwrite: replace destinations that exist. Without it an existing
             file or non-empty folder is refused (`FileExistsError`) and
             nothing is written.
+        calibration_images: for "tflite-int8-full", float32 images
+            `(n, height, width, channels)` in [0, 255] that calibrate the
+            int8 activation ranges (about 100 training images).
 
     All or nothing: every artifact is written and verified under a
     temporary name next to its destination, and only then are all of them
@@ -572,7 +679,7 @@ def export_formats(model, targets, verify_artifacts=True, atol=1e-4, min_top1_ag
     import keras
 
     if not isinstance(model, keras.Model):
-        raise TypeError(f"export takes a Keras model (any keras_convnext classifier); got {type(model).__name__}.")
+        raise TypeError(f"export takes a Keras model with one image input; got {type(model).__name__}.")
     _layout(model)  # a model without one image input is refused before anything is written
     if not isinstance(targets, (str, os.PathLike, dict)):
         raise TypeError(
@@ -588,6 +695,7 @@ def export_formats(model, targets, verify_artifacts=True, atol=1e-4, min_top1_ag
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"The {format} export destination must be a path; got {type(path).__name__}.")
     targets = {format: os.fspath(path) for format, path in targets.items()}
+    calibration_images = _check_calibration(targets, calibration_images)
     _check_destinations(targets, overwrite)
     for folder in {os.path.dirname(os.path.abspath(path)) for path in targets.values()}:
         remove_stale_temporaries(folder)
@@ -596,9 +704,9 @@ def export_formats(model, targets, verify_artifacts=True, atol=1e-4, min_top1_ag
     done = False
     try:
         if keras.backend.backend() == "tensorflow":
-            flags = write_artifacts(model, temporary, image_size)
+            flags = write_artifacts(model, temporary, image_size, calibration_images)
         else:
-            flags = _write_in_tensorflow_subprocess(model, temporary, image_size)
+            flags = _write_in_tensorflow_subprocess(model, temporary, image_size, calibration_images)
         reports = {}
         for format, path in targets.items():
             if not os.path.lexists(temporary[format]):
@@ -627,14 +735,18 @@ def export_formats(model, targets, verify_artifacts=True, atol=1e-4, min_top1_ag
 
 
 def export(model, path, format="saved_model", verify_artifact=True, atol=1e-4, min_top1_agreement=1.0, verbose=True,
-           image_size=224, overwrite=False):
+           image_size=224, overwrite=False, calibration_images=None):
     """Exports `model` to `path` in `format` from any Keras backend, then verifies it.
 
     Args:
-        model: a Keras model with one image input (any keras_convnext classifier).
+        model: a Keras model with one image input (a keras_convnext
+            classifier, a keras-hub detector or segmenter on one, ...);
+            one output, a list or a dict of outputs.
         path: destination file (`.tflite`, `.onnx`) or directory (SavedModel).
-        format: one of `FORMATS`: "saved_model", "tflite", "tflite-fp16",
-            "tflite-int8" (dynamic-range: int8 weights) or "onnx".
+        format: one of `ALL_FORMATS`: "saved_model", "tflite", "tflite-fp16",
+            "tflite-int8" (dynamic-range: int8 weights), "tflite-int8-full"
+            (int8 weights, activations, inputs and outputs; needs
+            `calibration_images`) or "onnx".
         verify_artifact: run the artifact on real images against `model`.
         atol: allowed max |difference| of float32 formats.
         min_top1_agreement: needed top-1 agreement of quantized formats.
@@ -642,13 +754,25 @@ def export(model, path, format="saved_model", verify_artifact=True, atol=1e-4, m
         overwrite: replace an existing file or folder at `path` (only once
             the new artifact is written and verified); without it an
             existing destination is refused with a `FileExistsError`.
+        calibration_images: for "tflite-int8-full": float32 images
+            `(n, height, width, channels)`, pixels in [0, 255], that set the
+            int8 activation ranges; about 100 of your training images.
 
     Returns:
         An `ExportReport` (size, max difference, top-1 agreement, latency).
     """
     _check_format(format)
     return export_formats(model, {format: path}, verify_artifact, atol, min_top1_agreement, verbose,
-                          image_size, overwrite)[format]
+                          image_size, overwrite, calibration_images)[format]
+
+
+def _uses_keras_hub(keras_file):
+    """Whether a `.keras` file's model configuration names keras-hub classes."""
+    import zipfile
+
+    with zipfile.ZipFile(keras_file) as archive:
+        config = archive.read("config.json")
+    return b'"keras_hub' in config or b'"keras_convnext.hub' in config
 
 
 def _main(argv=None):
@@ -657,14 +781,18 @@ def _main(argv=None):
     parser.add_argument("--write", required=True, help=".keras model to load (safe mode)")
     parser.add_argument("--target", action="append", default=[], help="FORMAT=PATH")
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--calibration", help=".npy file of calibration images for tflite-int8-full")
     args = parser.parse_args(argv)
     import keras
 
     import keras_convnext  # noqa: F401  (registers the layers for loading)
 
+    if _uses_keras_hub(args.write):
+        import keras_convnext.hub.models  # noqa: F401  (registers keras-hub's and our keras-hub classes)
     model = keras.saving.load_model(args.write, safe_mode=True, compile=False)
     targets = dict(item.split("=", 1) for item in args.target)
-    for format, dynamic in write_artifacts(model, targets, args.image_size).items():
+    calibration = np.load(args.calibration, allow_pickle=False) if args.calibration else None
+    for format, dynamic in write_artifacts(model, targets, args.image_size, calibration).items():
         print(f"DYNAMIC {format} {int(dynamic)}")
 
 

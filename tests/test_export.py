@@ -14,7 +14,7 @@ import pytest
 import keras
 
 import keras_convnext
-from keras_convnext.export import FORMATS, ExportError, export_formats, sample_images
+from keras_convnext.export import _SUFFIX, ALL_FORMATS, FORMATS, FULL_INTEGER, ExportError, export_formats, sample_images
 
 SIZE = 64
 
@@ -50,7 +50,8 @@ def _small_model():
 def exported(tmp_path_factory):
     model = _small_model()
     directory = str(tmp_path_factory.mktemp("export"))
-    reports = export_formats(model, directory, image_size=SIZE)
+    targets = {format: os.path.join(directory, "model" + _SUFFIX[format]) for format in ALL_FORMATS}
+    reports = export_formats(model, targets, image_size=SIZE, calibration_images=sample_images(SIZE, SIZE))
     return model, directory, reports
 
 
@@ -118,7 +119,7 @@ def test_failed_verification_leaves_nothing_behind(tmp_path, monkeypatch):
     # The package attribute `keras_convnext.export` is the function; the module is this.
     export_module = importlib.import_module("keras_convnext.export")
 
-    def fake_writer(model, targets, image_size=224):
+    def fake_writer(model, targets, image_size=224, calibration_images=None):
         for path in targets.values():
             with open(path, "wb") as f:
                 f.write(b"artifact")
@@ -195,7 +196,7 @@ def _export_module():
     return importlib.import_module("keras_convnext.export")
 
 
-def _fake_writer(model, targets, image_size=224):
+def _fake_writer(model, targets, image_size=224, calibration_images=None):
     for format, path in targets.items():
         if format == "saved_model":
             os.makedirs(os.path.join(path, "variables"))
@@ -327,3 +328,112 @@ def test_failure_in_the_second_format_leaves_nothing_and_stale_temporaries_go(tm
     assert [format for format, _ in checked] == ["saved_model", "tflite"]
     assert all(".keras_convnext-tmp-" in name for _, name in checked)
     assert _tree(out) == before
+
+
+# ---------------------------------------------------------------- full-integer int8
+
+
+def test_full_integer_tflite_has_int8_inputs_outputs_and_ops(exported):
+    from ai_edge_litert.interpreter import Interpreter
+
+    model, _, reports = exported
+    report = reports[FULL_INTEGER]
+    assert report.top1_agreement == 1.0  # checked by export: the same class for each photo
+    interpreter = Interpreter(model_path=report.path)
+    assert interpreter.get_input_details()[0]["dtype"] == np.int8
+    assert interpreter.get_output_details()[0]["dtype"] == np.int8
+    # TFLite keeps the few ops without an int8 kernel (LayerNorm's Neg, GRN's Square) in
+    # float32 between a dequantize and a quantize: the two float32 tensors of each island.
+    details = interpreter.get_tensor_details()
+    islands = sum(detail["name"].startswith("tfl.dequantize") for detail in details)
+    assert sum(detail["dtype"] == np.float32 for detail in details) == 2 * islands
+    assert 2 * islands < 0.1 * len(details)
+    assert reports[FULL_INTEGER].size_bytes < reports["tflite"].size_bytes / 2
+
+
+def test_full_integer_needs_calibration_images(tmp_path):
+    with pytest.raises(ValueError, match="calibration_images"):
+        keras_convnext.export(_small_model(), str(tmp_path / "m.tflite"), format=FULL_INTEGER)
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------- keras-hub task models
+
+
+def _tiny_encoder():
+    return keras_convnext.ConvNeXt((1, 1, 1, 1), (16, 16, 32, 32), include_top=False, input_shape=(SIZE, SIZE, 3))
+
+
+@pytest.fixture(scope="module")
+def segmenter_exported(tmp_path_factory):
+    """DeepLabV3 on ConvNeXt: SavedModel, float32 and full-integer TFLite, ONNX, one conversion run."""
+    pytest.importorskip("keras_hub", reason='needs keras-hub: pip install "keras-convnext[hub]"')
+    from keras_convnext import hub
+
+    keras.utils.set_random_seed(1)
+    segmenter = hub.deeplabv3_segmenter(_tiny_encoder(), num_classes=3, dilation_rates=(1, 2))
+    directory = tmp_path_factory.mktemp("segmenter")
+    targets = {format: str(directory / f"segmenter{_SUFFIX[format]}")
+               for format in ("saved_model", "tflite", "onnx", FULL_INTEGER)}
+    reports = export_formats(segmenter, targets, image_size=SIZE, calibration_images=sample_images(SIZE, SIZE),
+                             min_top1_agreement=0.9, verbose=False)
+    return segmenter, reports
+
+
+def test_segmenter_exports_match_the_keras_model(segmenter_exported):
+    segmenter, reports = segmenter_exported
+    images = sample_images(SIZE, SIZE)
+    # training=False: keras-hub's DeepLabV3 computes otherwise when `training` is left unset.
+    expected = keras.ops.convert_to_numpy(segmenter(images, training=False))
+    assert expected.shape == (4, SIZE, SIZE, 3)
+    for format in ("saved_model", "tflite", "onnx"):
+        got = _run_artifact(format, reports[format].path, images)
+        assert np.max(np.abs(got - expected)) <= 1e-4, format
+    # Full-integer: the class of at least 90% of the pixels, as export checked.
+    assert reports[FULL_INTEGER].top1_agreement >= 0.9
+    assert len(np.unique(np.argmax(expected, -1))) > 1  # not one class everywhere
+
+
+@pytest.fixture(scope="module")
+def detector_exported(tmp_path_factory):
+    """RetinaNet on ConvNeXt: SavedModel, float32 and full-integer TFLite, ONNX, one conversion run."""
+    pytest.importorskip("keras_hub", reason='needs keras-hub: pip install "keras-convnext[hub]"')
+    from keras_convnext import hub
+
+    keras.utils.set_random_seed(2)
+    detector = hub.retinanet_detector(_tiny_encoder(), num_classes=3)
+    directory = tmp_path_factory.mktemp("detector")
+    targets = {format: str(directory / f"detector{_SUFFIX[format]}")
+               for format in ("saved_model", "tflite", "onnx", FULL_INTEGER)}
+    # Full-integer: the top class of at least 80% of the anchors in each output, checked by export.
+    reports = export_formats(detector, targets, image_size=SIZE, calibration_images=sample_images(SIZE, SIZE),
+                             min_top1_agreement=0.8, verbose=False)
+    return detector, reports
+
+
+def test_detector_exports_keep_both_dict_outputs(detector_exported):
+    import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter
+
+    detector, reports = detector_exported
+    images = sample_images(SIZE, SIZE)
+    expected = {name: keras.ops.convert_to_numpy(value) for name, value in detector(images, training=False).items()}
+    assert sorted(expected) == ["bbox_regression", "cls_logits"]
+    serve = tf.saved_model.load(reports["saved_model"].path).signatures["serving_default"]
+    from_saved_model = {name: value.numpy() for name, value in serve(images=tf.constant(images)).items()}
+    runner = Interpreter(model_path=reports["tflite"].path).get_signature_runner()
+    from_tflite = runner(**{next(iter(runner.get_input_details())): images})
+    # ONNX keeps the outputs in the order of their sorted names.
+    from_onnx = dict(zip(sorted(expected), _run_onnx_outputs(reports["onnx"].path, images)))
+    for outputs in (from_saved_model, from_tflite, from_onnx):
+        assert sorted(outputs) == sorted(expected)
+        for name in expected:
+            assert np.max(np.abs(outputs[name] - expected[name])) <= 1e-4, name
+    assert reports[FULL_INTEGER].top1_agreement >= 0.8
+
+
+def _run_onnx_outputs(path, images):
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: images})

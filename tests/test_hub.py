@@ -178,3 +178,99 @@ def test_tasks_on_channels_first_convnext():
     assert tuple(segmenter(images).shape) == (2, 2, SIZE, SIZE)
     detector = hub.retinanet_detector(encoder, num_classes=2)
     _assert_detector_outputs(detector(images), 2)
+
+
+# ---------------------------------------------------------------- ConvNeXt as a keras-hub Backbone
+
+
+def test_import_keras_convnext_does_not_import_keras_hub():
+    import subprocess
+    import sys
+
+    code = "import sys, keras_convnext, keras_convnext.hub; print('keras_hub' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "False"
+
+
+def test_preset_names_follow_the_registry():
+    from keras_convnext.weights import registry
+
+    names = hub.presets()
+    assert names["convnext_v2_atto_imagenet"] is registry.lookup("ConvNeXtV2Atto", "imagenet")
+    assert names["convnext_xlarge_imagenet22k_ft_1k_384"] is registry.lookup("ConvNeXtXLarge", "imagenet22k-ft-1k-384")
+    assert not any("isotropic" in name for name in names)  # no feature pyramid, no backbone
+
+
+@pytest.fixture
+def registry_on_local_server(hf_v2_atto, tmp_path, monkeypatch):
+    """`("ConvNeXtV2Atto", "imagenet")` served from 127.0.0.1: an official-format file of the HF reference."""
+    import io
+
+    import torch
+
+    from keras_convnext.weights import cache, download, registry
+    from local_server import LocalServer
+    from naming_fixtures import hf_to_official
+
+    buffer = io.BytesIO()
+    torch.save({"model": hf_to_official({k: v.detach().clone() for k, v in hf_v2_atto.state_dict().items()})}, buffer)
+    server = LocalServer()
+    entry = registry.lookup("ConvNeXtV2Atto", "imagenet")
+    server.files[entry.filename] = buffer.getvalue()
+    monkeypatch.setitem(registry.REGISTRY, (entry.variant, entry.tag), entry._replace(url=server.url(entry.filename)))
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(download.WEIGHTS_DIR_ENV, raising=False)
+    yield server
+    server.close()
+
+
+def test_classifier_from_preset_matches_the_reference_and_round_trips(registry_on_local_server, hf_v2_atto, tmp_path):
+    _keras_hub()
+    from conftest import torch_logits
+
+    classifier = hub.ConvNeXtImageClassifier.from_preset("convnext_v2_atto_imagenet", image_shape=(SIZE, SIZE, 3))
+    assert isinstance(classifier.backbone, hub.ConvNeXtBackbone)
+    assert len(registry_on_local_server.requests) == 1
+    pixels = _images(3, seed=4)
+    logits = keras.ops.convert_to_numpy(classifier(pixels))
+    expected = torch_logits(hf_v2_atto, keras_convnext.normalize_imagenet(pixels))
+    assert logits.shape == (3, 1000)
+    assert np.abs(logits - expected).max() <= 1e-4
+
+    # From the verified cache, without a request: a backbone whose pyramid feeds keras-hub's tasks,
+    # and a 7-class classifier (fresh Dense, pretrained backbone and head LayerNorm).
+    backbone = hub.ConvNeXtBackbone.from_preset("convnext_v2_atto_imagenet", image_shape=(SIZE, SIZE, 3))
+    assert list(backbone.pyramid_outputs) == ["P2", "P3", "P4", "P5"]
+    finetune = hub.ConvNeXtImageClassifier.from_preset("convnext_v2_atto_imagenet", num_classes=7,
+                                                       image_shape=(SIZE, SIZE, 3))
+    assert len(registry_on_local_server.requests) == 1
+    assert tuple(finetune.output_dense.kernel.shape) == (320, 7)
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(finetune.head_norm.gamma), keras.ops.convert_to_numpy(classifier.head_norm.gamma)
+    )
+    _assert_keras_file_round_trip(classifier, pixels, tmp_path)
+
+
+def test_backbone_config_round_trip_and_task_on_it(tmp_path):
+    _keras_hub()
+    backbone = hub.ConvNeXtBackbone((1, 1, 1, 1), (8, 8, 16, 16), version="v1", image_shape=(SIZE, SIZE, 3))
+    rebuilt = hub.ConvNeXtBackbone.from_config(backbone.get_config())
+    assert rebuilt.get_config() == backbone.get_config()
+    assert [tuple(w.shape) for w in rebuilt.weights] == [tuple(w.shape) for w in backbone.weights]
+    assert tuple(backbone.output.shape) == (None, 2, 2, 16)
+    # keras-hub's own preset folder format: save_to_preset, then from_preset of the folder.
+    backbone.save_to_preset(str(tmp_path / "preset"))
+    loaded = hub.ConvNeXtBackbone.from_preset(str(tmp_path / "preset"))
+    images = _images()
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(loaded(images)), keras.ops.convert_to_numpy(backbone(images)), atol=1e-5
+    )
+    segmenter = hub.deeplabv3_segmenter(backbone, num_classes=2, dilation_rates=(1, 2))
+    assert tuple(segmenter(images).shape) == (2, SIZE, SIZE, 2)
+
+
+def test_encoder_only_preset_needs_num_classes():
+    _keras_hub()
+    with pytest.raises(ValueError, match="pass num_classes="):
+        hub.ConvNeXtImageClassifier.from_preset("convnext_v2_atto_fcmae")

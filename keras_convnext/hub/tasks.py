@@ -7,19 +7,8 @@ with settings that suit ConvNeXt's four stages. keras-hub is optional:
 `pip install "keras-convnext[hub]"`.
 """
 
+from keras_convnext.hub.dependency import import_keras_hub
 from keras_convnext.models.pyramid import model_data_format
-
-
-def import_keras_hub():
-    """The `keras_hub` module, or an ImportError that says how to install it."""
-    try:
-        import keras_hub
-    except ImportError:
-        raise ImportError(
-            'keras-hub is needed for ConvNeXt detection and segmentation models; '
-            'install it with: pip install "keras-convnext[hub]"'
-        ) from None
-    return keras_hub
 
 
 def _image_shape(image_encoder):
