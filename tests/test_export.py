@@ -360,6 +360,13 @@ def test_full_integer_needs_calibration_images(tmp_path):
 # ---------------------------------------------------------------- keras-hub task models
 
 
+# Every format of the task models in the TensorFlow run. On JAX and PyTorch the export
+# rebuilds the model on TensorFlow in a subprocess and converts it there with the same code,
+# so those runs check the route itself: SavedModel and TFLite.
+TASK_FORMATS = (("saved_model", "tflite", "onnx", FULL_INTEGER) if keras.backend.backend() == "tensorflow"
+                else ("saved_model", "tflite"))
+
+
 def _tiny_encoder():
     return keras_convnext.ConvNeXt((1, 1, 1, 1), (16, 16, 32, 32), include_top=False, input_shape=(SIZE, SIZE, 3))
 
@@ -373,8 +380,7 @@ def segmenter_exported(tmp_path_factory):
     keras.utils.set_random_seed(1)
     segmenter = hub.deeplabv3_segmenter(_tiny_encoder(), num_classes=3, dilation_rates=(1, 2))
     directory = tmp_path_factory.mktemp("segmenter")
-    targets = {format: str(directory / f"segmenter{_SUFFIX[format]}")
-               for format in ("saved_model", "tflite", "onnx", FULL_INTEGER)}
+    targets = {format: str(directory / f"segmenter{_SUFFIX[format]}") for format in TASK_FORMATS}
     reports = export_formats(segmenter, targets, image_size=SIZE, calibration_images=sample_images(SIZE, SIZE),
                              min_top1_agreement=0.9, verbose=False)
     return segmenter, reports
@@ -387,10 +393,12 @@ def test_segmenter_exports_match_the_keras_model(segmenter_exported):
     expected = keras.ops.convert_to_numpy(segmenter(images, training=False))
     assert expected.shape == (4, SIZE, SIZE, 3)
     for format in ("saved_model", "tflite", "onnx"):
-        got = _run_artifact(format, reports[format].path, images)
-        assert np.max(np.abs(got - expected)) <= 1e-4, format
+        if format in reports:
+            got = _run_artifact(format, reports[format].path, images)
+            assert np.max(np.abs(got - expected)) <= 1e-4, format
     # Full-integer: the class of at least 90% of the pixels, as export checked.
-    assert reports[FULL_INTEGER].top1_agreement >= 0.9
+    if FULL_INTEGER in reports:
+        assert reports[FULL_INTEGER].top1_agreement >= 0.9
     assert len(np.unique(np.argmax(expected, -1))) > 1  # not one class everywhere
 
 
@@ -403,8 +411,7 @@ def detector_exported(tmp_path_factory):
     keras.utils.set_random_seed(2)
     detector = hub.retinanet_detector(_tiny_encoder(), num_classes=3)
     directory = tmp_path_factory.mktemp("detector")
-    targets = {format: str(directory / f"detector{_SUFFIX[format]}")
-               for format in ("saved_model", "tflite", "onnx", FULL_INTEGER)}
+    targets = {format: str(directory / f"detector{_SUFFIX[format]}") for format in TASK_FORMATS}
     # Full-integer: the top class of at least 80% of the anchors in each output, checked by export.
     reports = export_formats(detector, targets, image_size=SIZE, calibration_images=sample_images(SIZE, SIZE),
                              min_top1_agreement=0.8, verbose=False)
@@ -424,12 +431,15 @@ def test_detector_exports_keep_both_dict_outputs(detector_exported):
     runner = Interpreter(model_path=reports["tflite"].path).get_signature_runner()
     from_tflite = runner(**{next(iter(runner.get_input_details())): images})
     # ONNX keeps the outputs in the order of their sorted names.
-    from_onnx = dict(zip(sorted(expected), _run_onnx_outputs(reports["onnx"].path, images)))
-    for outputs in (from_saved_model, from_tflite, from_onnx):
+    from_files = [from_saved_model, from_tflite]
+    if "onnx" in reports:
+        from_files.append(dict(zip(sorted(expected), _run_onnx_outputs(reports["onnx"].path, images))))
+    for outputs in from_files:
         assert sorted(outputs) == sorted(expected)
         for name in expected:
             assert np.max(np.abs(outputs[name] - expected[name])) <= 1e-4, name
-    assert reports[FULL_INTEGER].top1_agreement >= 0.8
+    if FULL_INTEGER in reports:
+        assert reports[FULL_INTEGER].top1_agreement >= 0.8
 
 
 def _run_onnx_outputs(path, images):
