@@ -24,7 +24,19 @@ def as_tensor(value, dtype=None):
     import torch
 
     tensor = value if isinstance(value, torch.Tensor) else ops.convert_to_tensor(value)
-    return tensor if dtype is None else tensor.to(dtype)
+    # `Tensor.to` returns the tensor itself when nothing changes, but only
+    # after a pass through PyTorch's dispatcher: host time on every weight.
+    return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
+
+
+def stored_tensor(variable):
+    """The torch tensor a Keras variable stores, read past `Variable.value`'s checks.
+
+    Only where `platform.reads_weights_directly()`: there `Variable.value`
+    returns this same tensor.
+    """
+    # Keras has no public accessor for the stored tensor without the scope checks.
+    return variable._value
 
 
 # --- Depthwise convolution ----------------------------------------------------
