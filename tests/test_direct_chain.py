@@ -83,3 +83,33 @@ def test_mixed_precision_keeps_the_scoped_chain(monkeypatch):
     reads = _count_direct_reads(monkeypatch)
     logits = keras.ops.convert_to_numpy(model.predict_on_batch(images))
     assert reads == [] and np.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("height,width", [(1, 1), (2, 2), (5, 6)])
+def test_pairwise_kernel_gradient_matches_the_portable_convolution(height, width):
+    """PyTorch's depthwise convolution in training on small maps (`platform.TORCH_PAIRWISE_MAX_POSITIONS`):
+    outputs and the input, kernel and bias gradients of the portable definition."""
+    import torch
+
+    from keras_convnext.ops import platform, portable
+
+    assert height * width <= platform.TORCH_PAIRWISE_MAX_POSITIONS
+    rng = np.random.default_rng(height * 10 + width)
+    values = [rng.standard_normal(shape).astype("float32") for shape in
+              ((3, height, width, 8), (7, 7, 8, 1), (8,), (3, height, width, 8))]
+    upstream = torch.from_numpy(values[3])
+
+    def outputs_and_gradients(convolution):
+        tensors = [torch.from_numpy(value).requires_grad_() for value in values[:3]]
+        outputs = convolution(*tensors)
+        return [outputs.detach().numpy()] + [g.numpy() for g in torch.autograd.grad(outputs, tensors, upstream)]
+
+    fast = outputs_and_gradients(torch_backend.depthwise_conv2d)
+    expected = outputs_and_gradients(portable.depthwise_conv2d)
+    for name, got, want in zip(("outputs", "inputs", "kernel", "bias"), fast, expected):
+        assert np.abs(want).max() > 0.1, name
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(), err_msg=name)
+    # The pairwise gradient ran (PyTorch's own ends in a PermuteBackward node).
+    inputs = torch.from_numpy(values[0]).requires_grad_()
+    node = torch_backend.depthwise_conv2d(inputs, torch.from_numpy(values[1]), None).grad_fn
+    assert "PairwiseGradientDepthwise" in type(node).__name__

@@ -44,6 +44,13 @@ TORCH_CHUNK_BYTES = 8 << 20
 # rule is a number of rows whatever the weights' size.
 JAX_FLOAT32_KERNEL_MAX_POSITIONS = 256
 
+# PyTorch in training, on the CPU: the depthwise kernel's gradient of a map
+# of up to this many positions is taken through the products of all position
+# pairs (`xla.pairwise_kernel_gradient`). PyTorch's own kernel gradient costs
+# about as much on a 1x1 map as on an 8x8 one; the pairs grow as the square
+# of the positions, and from about 8x8 on they no longer win.
+TORCH_PAIRWISE_MAX_POSITIONS = 36
+
 # Under XLA, the depthwise kernel's gradient of a map of up to this many
 # positions is taken through the products of all position pairs, above it
 # through the Fourier domain: the pairs grow as the square of the positions.
@@ -244,6 +251,24 @@ def torch_inference_product_applies(inputs):
 
     return (
         not torch.is_grad_enabled()
+        and inputs.device.type == "cpu"
+        and inputs.dtype in (torch.float32, torch.bfloat16)
+        and not torch_compiling()
+    )
+
+
+def torch_pairwise_kernel_gradient_applies(inputs, kernel):
+    """Whether PyTorch's depthwise convolution of `inputs` takes its kernel gradient through
+    position pairs (`torch_backend.depthwise_conv2d`): a gradient is wanted, on the CPU, in
+    float32 or bfloat16, on a map of up to `TORCH_PAIRWISE_MAX_POSITIONS` positions, not
+    under `torch.compile`."""
+    import torch
+
+    _, height, width, _ = inputs.shape
+    return (
+        torch.is_grad_enabled()
+        and (inputs.requires_grad or kernel.requires_grad)
+        and height * width <= TORCH_PAIRWISE_MAX_POSITIONS
         and inputs.device.type == "cpu"
         and inputs.dtype in (torch.float32, torch.bfloat16)
         and not torch_compiling()
