@@ -61,6 +61,10 @@ def build_parser(output_dir=throughput.DEFAULT_OUTPUT_DIR):
     parser.add_argument("--backends", nargs="+", default=list(throughput.BACKENDS), choices=throughput.BACKENDS)
     parser.add_argument("--jit-compile", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the PyTorch backend with jit_compile=True at inference (default: yes)")
+    parser.add_argument("--omp-wait-policy", choices=["default", "passive"], default="default",
+                        help="OpenMP's waiting in every process: the system's, or OMP_WAIT_POLICY=PASSIVE "
+                             "(PyTorch's threads sleep instead of spinning between operations; on a machine "
+                             "busy with other work, spinning threads hold back the one doing the work)")
     parser.add_argument("--name", default="host_overhead", help="results file name")
     parser.add_argument("--output-dir", default=output_dir, help=f"where <name>.json and .md go (default: {output_dir})")
     parser.add_argument("--serve-training", help=argparse.SUPPRESS)  # a training worker's own flag
@@ -76,12 +80,20 @@ def inference_arguments(args):
     return throughput.build_parser().parse_args(argv)
 
 
+def worker_environment(args, backend):
+    """A worker's environment: `throughput.backend_environment` on the CPU, with `--omp-wait-policy`."""
+    environment = throughput.backend_environment(backend)
+    if args.omp_wait_policy == "passive":
+        environment["OMP_WAIT_POLICY"] = "PASSIVE"
+    return environment
+
+
 def inference_workers(args):
     """`{row name: (command, environment)}` of the paired inference processes, the reference first."""
     inference = inference_arguments(args)
     return {
         name: (throughput._worker_command(inference, ["--serve", implementation]),
-               throughput.backend_environment(backend))
+               worker_environment(args, backend))
         for name, backend, implementation in throughput._implementations(inference)
     }
 
@@ -90,7 +102,7 @@ def training_workers(args):
     """`{row name: (command, environment)}` of the paired training processes, one per backend."""
     command = [sys.executable, "-m", "keras_convnext.benchmark.host_overhead", "--serve-training", "fit",
                "--train-images", str(args.train_images), "--train-batch-size", str(args.train_batch_size)]
-    return {f"keras_convnext/{backend}": (command, throughput.backend_environment(backend))
+    return {f"keras_convnext/{backend}": (command, worker_environment(args, backend))
             for backend in args.backends}
 
 
@@ -177,6 +189,8 @@ def markdown(report):
         "Inference: batch 1, `predict_on_batch` (eager; `+jit_compile`: the model compiled with "
         "`jit_compile=True`) against the PyTorch reference in eager float32.",
     ]
+    if report.get("omp_wait_policy") == "passive":
+        lines.append("Every process ran with `OMP_WAIT_POLICY=PASSIVE`.")
     text = "\n".join(lines) + "\n" + throughput.paired_markdown(report)
     if report.get("training"):
         text += "\n" + training_table(report["training"])
@@ -192,6 +206,7 @@ def run(args):
         "date": datetime.date.today().isoformat(),
         "machine": throughput.machine("cpu"),
         "versions": throughput._versions(),
+        "omp_wait_policy": args.omp_wait_policy,
     }
     calls = {1: throughput.PAIRED_CALLS[1]}
     report["paired"] = {"turns": args.turns, "calls": {"1": calls[1]},
