@@ -85,10 +85,14 @@ def _pairwise_gradient_depthwise():
 
     class PairwiseGradientDepthwise(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, inputs, kernel, bias):
+        def forward(inputs, kernel, bias):
+            return _channels_last_depthwise(inputs, kernel, bias)
+
+        @staticmethod
+        def setup_context(ctx, arguments, outputs):
+            inputs, kernel, bias = arguments
             ctx.save_for_backward(inputs, kernel)
             ctx.has_bias = bias is not None
-            return _channels_last_depthwise(inputs, kernel, bias)
 
         @staticmethod
         def backward(ctx, upstream):
