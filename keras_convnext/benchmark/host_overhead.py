@@ -197,8 +197,9 @@ def markdown(report):
     return text
 
 
-def run(args):
-    """Both measurements; the report (a dict) as written to JSON."""
+def run(args, write=lambda report: None):
+    """Both measurements; the report (a dict) as written to JSON. `write(report)` runs after
+    each, so that the inference table is kept if the training is stopped."""
     report = {
         "preset": PRESET,
         "model": MODEL,
@@ -211,11 +212,13 @@ def run(args):
     calls = {1: throughput.PAIRED_CALLS[1]}
     report["paired"] = {"turns": args.turns, "calls": {"1": calls[1]},
                         **throughput.paired_latency(inference_workers(args), [1], args.turns, calls)}
+    write(report)
     if args.train_turns:
         batch = args.train_batch_size
         measured = throughput.paired_latency(training_workers(args), [batch], args.train_turns, {batch: 1})
         report["training"] = {"turns": args.train_turns, "batch_size": batch, "images": args.train_images,
                               "steps_per_epoch": math.ceil(args.train_images / batch), **measured}
+        write(report)
     return report
 
 
@@ -226,9 +229,12 @@ def main(argv=None, output_dir=throughput.DEFAULT_OUTPUT_DIR):
         serve_training(quickstart_fit(args.train_images, args.train_batch_size), sys.stdin, sys.stdout)
         return 0
     start = time.perf_counter()
-    report = run(args)
-    report["seconds"] = time.perf_counter() - start
-    throughput.write_report(args.name, report, markdown(report), args.output_dir)
+
+    def write(report):
+        report["seconds"] = time.perf_counter() - start
+        throughput.write_report(args.name, report, markdown(report), args.output_dir)
+
+    run(args, write)
     return 0
 
 
