@@ -66,7 +66,8 @@ def build_parser(output_dir=throughput.DEFAULT_OUTPUT_DIR):
                              "(PyTorch's threads sleep instead of spinning between operations; on a machine "
                              "busy with other work, spinning threads hold back the one doing the work)")
     parser.add_argument("--name", default="host_overhead", help="results file name")
-    parser.add_argument("--output-dir", default=output_dir, help=f"where <name>.json and .md go (default: {output_dir})")
+    parser.add_argument("--output-dir", default=output_dir,
+                        help=f"where <name>.json and .md go (default: {output_dir})")
     parser.add_argument("--serve-training", help=argparse.SUPPRESS)  # a training worker's own flag
     return parser
 
