@@ -426,12 +426,9 @@ def test_gpu_presets_take_turns_per_cell_and_stop_at_the_budget(monkeypatch, tmp
 @pytest.mark.skipif(os.environ.get("KERAS_BACKEND") != "torch",
                     reason="the script starts its own process per backend; the PyTorch run covers it")
 def test_gpu_script_runs_every_step_on_the_cpu_at_toy_sizes(tmp_path):
-    import importlib.util
-
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    # The host-overhead step writes where its preset does; it is run here only to see it skipped.
-    has_host_overhead = importlib.util.find_spec("keras_convnext.benchmark.host_overhead") is not None
-    steps = ["parity", "presets"] + ([] if has_host_overhead else ["host-overhead"])
+    # The host-overhead step has its own end-to-end test (tests/test_host_overhead.py).
+    steps = ["parity", "presets"]
     command = [sys.executable, os.path.join(root, "benchmarks", "gpu.py"), "--device", "cpu", "--tiny",
                "--backends", "torch", "--output-dir", str(tmp_path), "--budget-s", "900", "--steps", *steps]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
@@ -441,8 +438,6 @@ def test_gpu_script_runs_every_step_on_the_cpu_at_toy_sizes(tmp_path):
     summary = (tmp_path / "gpu_summary.md").read_text()
     assert "| parity | ran | device_parity_cpu.md |" in summary
     assert "| presets | ran | gpu_train_cpu.md, gpu_inference_cpu.md |" in summary
-    if not has_host_overhead:
-        assert "| host-overhead | skipped | this checkout has no keras_convnext.benchmark.host_overhead" in summary
     parity = json.loads((tmp_path / "device_parity_cpu.json").read_text())["results"]["torch"]
     assert parity["ConvNeXtV2Atto"]["full_float32"]["max_abs"] < 1e-3
     train = json.loads((tmp_path / "gpu_train_cpu.json").read_text())

@@ -24,7 +24,6 @@ after every cell.
 import argparse
 import datetime
 import json
-import os
 import sys
 import time
 

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_convnext.layers.compute_dtype import weight_value
 from keras_convnext.layers.data_format import standardize_data_format
 from keras_convnext.layers.depthwise import DepthwiseConv
 from keras_convnext.layers.drop_path import StochasticDepth
@@ -205,7 +206,8 @@ class ConvNeXtBlock(keras.layers.Layer):
         platform allow (`keras_convnext.ops.grn_linear`), else the two layers' own calls."""
         if self.pwconv2.computes_own_product and platform.grn_fold_applies(x, self.pwconv2.kernel):
             kernel, bias = self.pwconv2.product_weights()
-            return folded_grn_linear(x, self.grn.gamma.value, self.grn.beta.value, kernel, bias, self.grn.epsilon)
+            gamma, beta = weight_value(self.grn.gamma), weight_value(self.grn.beta)
+            return folded_grn_linear(x, gamma, beta, kernel, bias, self.grn.epsilon)
         return self.pwconv2.call(self.grn.call(x))
 
     def expand(self, x):

@@ -3,7 +3,15 @@
 import keras
 from keras import ops
 
-from keras_convnext.ops import platform
+from keras_convnext.ops import platform, torch_backend
+
+
+def weight_value(variable):
+    """`variable.value`; inside the model's direct layer chain on PyTorch
+    (`platform.reads_weights_directly`), the same tensor read without the checks."""
+    if platform.reads_weights_directly():
+        return torch_backend.stored_tensor(variable)
+    return variable.value
 
 
 def in_compute_dtype(variable, dtype):
@@ -13,14 +21,21 @@ def in_compute_dtype(variable, dtype):
     too (autocast and stateless scopes included) but then runs Keras'
     dispatch (symbolic-tensor checks, dtype standardization) even when the
     dtype is already right: a few microseconds of Python per weight and
-    call, paid on every call in PyTorch's eager mode.
+    call, paid on every call in PyTorch's eager mode. In the model's direct
+    layer chain (`platform.reads_weights_directly`), every layer computes in
+    its variables' dtype.
     """
+    if platform.reads_weights_directly():
+        return torch_backend.stored_tensor(variable)
     value = variable.value
     return value if variable.dtype == dtype else ops.cast(value, dtype)
 
 
 def compute_weights(layer):
     """The layer's `kernel` and `bias` (None without one) in its compute dtype."""
+    if platform.reads_weights_directly():
+        bias = torch_backend.stored_tensor(layer.bias) if layer.use_bias else None
+        return torch_backend.stored_tensor(layer.kernel), bias
     return in_compute_dtype(layer.kernel, layer.compute_dtype), compute_bias(layer)
 
 

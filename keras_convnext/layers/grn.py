@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from keras_convnext.layers.compute_dtype import in_dtype
+from keras_convnext.layers.compute_dtype import in_dtype, weight_value
 from keras_convnext.layers.data_format import channel_axis_for, standardize_data_format
 from keras_convnext.ops import grn
 
@@ -43,7 +43,7 @@ class GRN(keras.layers.Layer):
         x = in_dtype(inputs, self.compute_dtype)
         if self.data_format == "channels_first":
             x = ops.transpose(x, (0, 2, 3, 1))
-        outputs = grn(x, self.gamma.value, self.beta.value, self.epsilon)
+        outputs = grn(x, weight_value(self.gamma), weight_value(self.beta), self.epsilon)
         if self.data_format == "channels_first":
             outputs = ops.transpose(outputs, (0, 3, 1, 2))
         return outputs

@@ -2,7 +2,7 @@
 
 import keras
 
-from keras_convnext.layers.compute_dtype import in_dtype
+from keras_convnext.layers.compute_dtype import in_dtype, weight_value
 from keras_convnext.ops import layer_norm
 
 
@@ -22,4 +22,5 @@ class LayerNorm(keras.layers.LayerNormalization):
         last_axis_only = axis in ((-1,), (len(inputs.shape) - 1,))
         if not last_axis_only or self.rms_scaling or not (self.center and self.scale):
             return super().call(inputs)
-        return layer_norm(in_dtype(inputs, self.compute_dtype), self.gamma.value, self.beta.value, self.epsilon)
+        gamma, beta = weight_value(self.gamma), weight_value(self.beta)
+        return layer_norm(in_dtype(inputs, self.compute_dtype), gamma, beta, self.epsilon)

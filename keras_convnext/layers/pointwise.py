@@ -9,6 +9,8 @@ from keras_convnext.ops import linear, linear_gelu, patch_conv2d, platform
 def _product_weights(layer):
     """`compute_weights(layer)`, with the float32 kernel as stored where `platform.reads_stored_kernel`
     (no rounded copy made only to be dropped: an eager call would run it)."""
+    if platform.reads_weights_directly():  # one dtype throughout: the weights as stored
+        return compute_weights(layer)
     if platform.reads_stored_kernel(layer.compute_dtype, layer.variable_dtype):
         return stored_value(layer.kernel), compute_bias(layer)
     return compute_weights(layer)

@@ -1,5 +1,7 @@
 """The model class of every ConvNeXt: Keras' functional model with a direct eager inference path."""
 
+import contextlib
+
 import keras
 
 from keras_convnext.layers.block import ConvNeXtBlock
@@ -160,6 +162,16 @@ class ConvNeXtModel(keras.Model):
         # Keras has no public form of what `Functional.call` does to its inputs first
         # (structure, dtype conversion); its own private step, so the result is the same.
         (x,) = self._standardize_inputs(inputs)
+        if _one_dtype_throughout(chain):
+            # Each layer's input is then already in its compute dtype, and no
+            # layer reads its variables in another dtype: `Layer.__call__`
+            # would cast nothing and enter no scope after the first input.
+            first = chain[0]
+            x = first.dtype_policy.convert_input(x, first.autocast, first.input_dtype)
+            with _direct_weight_reads():
+                for layer in chain:
+                    x = layer.call(x)
+            return x
         for layer in chain:
             x = layer.dtype_policy.convert_input(x, layer.autocast, layer.input_dtype)
             scope = _autocast_scope(layer)
@@ -275,6 +287,28 @@ def _autocast_scope(layer):
     if current.dtype == layer.compute_dtype:
         return None
     return platform.autocast_scope(layer.compute_dtype)
+
+
+def _one_dtype_throughout(chain):
+    """Whether every layer of `chain` computes in the dtype it stores its variables in, the
+    same dtype for all, outside any autocast scope (a float32 or a plain bfloat16 model)."""
+    if platform.current_autocast_scope() is not None:
+        return False
+    dtype = chain[0].dtype_policy.compute_dtype
+    for layer in chain:
+        policy = layer.dtype_policy
+        if policy.compute_dtype != dtype or policy.variable_dtype != dtype:
+            return False
+    return True
+
+
+def _direct_weight_reads():
+    """`platform.weights_read_directly()` on PyTorch with the fast paths on, outside a
+    stateless scope (the chain's caller has checked the autocast scope and the dtypes);
+    elsewhere a block that changes nothing."""
+    if platform.fast_backend() == "torch" and not platform.in_stateless_scope():
+        return platform.weights_read_directly()
+    return contextlib.nullcontext()
 
 
 def _direct_calls_apply(chain):

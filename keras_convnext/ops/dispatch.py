@@ -95,7 +95,7 @@ def patch_linear(inputs, kernel, bias=None):
     x = _reshape(x, (-1, rows, size, cols, size, channels))
     # (row, column, channel) within the patch: the order of the kernel's first three axes.
     x = _reshape(ops.transpose(x, (0, 1, 3, 2, 4, 5)), (-1, rows, cols, size * size * channels))
-    return linear(x, ops.reshape(kernel, (size * size * channels, kernel.shape[-1])), bias)
+    return linear(x, _reshape(kernel, (size * size * channels, kernel.shape[-1])), bias)
 
 
 def _reshape(x, shape):

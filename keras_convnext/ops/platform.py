@@ -7,7 +7,9 @@ every rule that depends on it says no. Current measurements are in
 docs/performance.md.
 """
 
+import contextlib
 import functools
+import threading
 
 import keras
 
@@ -41,6 +43,13 @@ TORCH_CHUNK_BYTES = 8 << 20
 # does not pay back; the float32 product is the slower one per row, so the
 # rule is a number of rows whatever the weights' size.
 JAX_FLOAT32_KERNEL_MAX_POSITIONS = 256
+
+# PyTorch in training, on the CPU: the depthwise kernel's gradient of a map
+# of up to this many positions is taken through the products of all position
+# pairs (`xla.pairwise_kernel_gradient`). PyTorch's own kernel gradient costs
+# about as much on a 1x1 map as on an 8x8 one; the pairs grow as the square
+# of the positions, and from about 8x8 on they no longer win.
+TORCH_PAIRWISE_MAX_POSITIONS = 36
 
 # Under XLA, the depthwise kernel's gradient of a map of up to this many
 # positions is taken through the products of all position pairs, above it
@@ -109,6 +118,13 @@ def tensorflow_fuses_layer_norm():
 
 def torch_compiling():
     """Whether `torch.compile` is tracing: it picks its own kernels."""
+    return bool(_torch_is_compiling()())
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_is_compiling():
+    """PyTorch's `is_compiling` function, looked up once: every Linear and the model's
+    call ask, and an eager call's host time is the sum of such questions."""
     import torch
 
     is_compiling = getattr(torch.compiler, "is_compiling", None)
@@ -118,7 +134,7 @@ def torch_compiling():
         import torch._dynamo
 
         is_compiling = torch._dynamo.is_compiling
-    return bool(is_compiling())
+    return is_compiling
 
 
 def autocast_scope(dtype):
@@ -129,6 +145,33 @@ def autocast_scope(dtype):
 def current_autocast_scope():
     """The autocast scope Keras is in, or None."""
     return _keras_backend.get_autocast_scope()
+
+
+_direct_reads = threading.local()
+
+
+@contextlib.contextmanager
+def weights_read_directly():
+    """Inside the block, `reads_weights_directly()` is True (in this thread).
+
+    Entered by the model's direct layer chain where a Keras variable's
+    `value` is its stored tensor: eager PyTorch on concrete tensors, outside
+    Keras' stateless and autocast scopes, every layer computing in its
+    variables' dtype. The layers then read that tensor as it is
+    (`torch_backend.stored_tensor`): `Variable.value` checks those scopes
+    and the device on every read, host time paid per weight and call.
+    """
+    previous = getattr(_direct_reads, "active", False)
+    _direct_reads.active = True
+    try:
+        yield
+    finally:
+        _direct_reads.active = previous
+
+
+def reads_weights_directly():
+    """Whether a layer may read its weights' stored tensors as they are (`weights_read_directly`)."""
+    return getattr(_direct_reads, "active", False)
 
 
 def in_stateless_scope():
@@ -208,9 +251,27 @@ def torch_inference_product_applies(inputs):
 
     return (
         not torch.is_grad_enabled()
-        and not torch_compiling()
         and inputs.device.type == "cpu"
         and inputs.dtype in (torch.float32, torch.bfloat16)
+        and not torch_compiling()
+    )
+
+
+def torch_pairwise_kernel_gradient_applies(inputs, kernel):
+    """Whether PyTorch's depthwise convolution of `inputs` takes its kernel gradient through
+    position pairs (`torch_backend.depthwise_conv2d`): a gradient is wanted, on the CPU, in
+    float32 or bfloat16, on a map of up to `TORCH_PAIRWISE_MAX_POSITIONS` positions, not
+    under `torch.compile`."""
+    import torch
+
+    _, height, width, _ = inputs.shape
+    return (
+        torch.is_grad_enabled()
+        and (inputs.requires_grad or kernel.requires_grad)
+        and height * width <= TORCH_PAIRWISE_MAX_POSITIONS
+        and inputs.device.type == "cpu"
+        and inputs.dtype in (torch.float32, torch.bfloat16)
+        and not torch_compiling()
     )
 
 
@@ -243,9 +304,9 @@ def reads_stored_kernel(compute_dtype, variable_dtype):
     rounds it itself once its input exists (`jax_backend.rounded_after`).
     """
     return (
-        keras.backend.standardize_dtype(compute_dtype) == "bfloat16"
+        fast_backend() == "jax"
+        and keras.backend.standardize_dtype(compute_dtype) == "bfloat16"
         and keras.backend.standardize_dtype(variable_dtype) == "float32"
-        and fast_backend() == "jax"
         and jax_on_cpu()
     )
 

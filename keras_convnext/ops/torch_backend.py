@@ -24,7 +24,19 @@ def as_tensor(value, dtype=None):
     import torch
 
     tensor = value if isinstance(value, torch.Tensor) else ops.convert_to_tensor(value)
-    return tensor if dtype is None else tensor.to(dtype)
+    # `Tensor.to` returns the tensor itself when nothing changes, but only
+    # after a pass through PyTorch's dispatcher: host time on every weight.
+    return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
+
+
+def stored_tensor(variable):
+    """The torch tensor a Keras variable stores, read past `Variable.value`'s checks.
+
+    Only where `platform.reads_weights_directly()`: there `Variable.value`
+    returns this same tensor.
+    """
+    # Keras has no public accessor for the stored tensor without the scope checks.
+    return variable._value
 
 
 # --- Depthwise convolution ----------------------------------------------------
@@ -35,8 +47,17 @@ def depthwise_conv2d(inputs, kernel, bias=None):
 
     Keras' PyTorch backend copies NHWC tensors to NCHW around each
     convolution; `permute()` only relabels strides, so the convolution sees
-    NCHW shapes over NHWC memory and runs without copies.
+    NCHW shapes over NHWC memory and runs without copies. Where
+    `platform.torch_pairwise_kernel_gradient_applies` (training on the CPU,
+    small maps), the same convolution with the kernel's gradient taken
+    through position pairs (`_PairwiseGradientDepthwise`).
     """
+    if platform.torch_pairwise_kernel_gradient_applies(inputs, kernel):
+        return _pairwise_gradient_depthwise().apply(inputs, kernel, bias)
+    return _channels_last_depthwise(inputs, kernel, bias)
+
+
+def _channels_last_depthwise(inputs, kernel, bias=None):
     import torch.nn.functional as F
 
     channels = inputs.shape[-1]
@@ -45,6 +66,44 @@ def depthwise_conv2d(inputs, kernel, bias=None):
         inputs.permute(0, 3, 1, 2), kernel.permute(2, 3, 0, 1), bias, padding=size // 2, groups=channels
     )
     return outputs.permute(0, 2, 3, 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _pairwise_gradient_depthwise():
+    """The depthwise convolution as a `torch.autograd.Function` whose backward pass is
+    made of products: PyTorch's own kernel gradient of a depthwise convolution on the
+    CPU has a large cost per channel, whatever the map's size.
+
+    The input's gradient is the convolution of the upstream gradient with
+    the flipped kernel (the forward kernel, fast); the kernel's is
+    `xla.pairwise_kernel_gradient`, in float32; the bias's the upstream
+    gradient summed over batch and positions.
+    """
+    import torch
+
+    from keras_convnext.ops import xla
+
+    class PairwiseGradientDepthwise(torch.autograd.Function):
+        @staticmethod
+        def forward(inputs, kernel, bias):
+            return _channels_last_depthwise(inputs, kernel, bias)
+
+        @staticmethod
+        def setup_context(ctx, arguments, outputs):
+            inputs, kernel, bias = arguments
+            ctx.save_for_backward(inputs, kernel)
+            ctx.has_bias = bias is not None
+
+        @staticmethod
+        def backward(ctx, upstream):
+            inputs, kernel = ctx.saved_tensors
+            upstream = upstream.contiguous()
+            inputs_gradient = _channels_last_depthwise(upstream, kernel.flip(0, 1))
+            kernel_gradient = xla.pairwise_kernel_gradient(inputs.float(), upstream.float(), kernel.shape[0])
+            bias_gradient = upstream.sum(dim=(0, 1, 2)) if ctx.has_bias else None
+            return inputs_gradient, kernel_gradient.to(kernel.dtype), bias_gradient
+
+    return PairwiseGradientDepthwise
 
 
 # --- Linear layers --------------------------------------------------------------
