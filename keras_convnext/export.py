@@ -690,6 +690,8 @@ def export_formats(model, targets, verify_artifacts=True, atol=1e-4, min_top1_ag
         if os.path.exists(directory) and not os.path.isdir(directory):
             raise NotADirectoryError(f"Cannot export every format into {directory}: it is a file, not a folder.")
         targets = {format: os.path.join(directory, "model" + _SUFFIX[format]) for format in FORMATS}
+    if not targets:
+        raise ValueError("targets is empty: give at least one {format: path} entry, or a folder path.")
     for format, path in targets.items():
         _check_format(format)
         if not isinstance(path, (str, os.PathLike)):

@@ -126,6 +126,7 @@ EXPORT_CASES = [
     Case("onnx over a user file", _export_over_user_file("onnx", "model.onnx"), FileExistsError, "never replaces"),
     Case("tflite-int8 over a user file", _export_over_user_file("tflite-int8", "m.tflite"), FileExistsError, "never replaces"),
     Case("every format, one destination exists", _export_formats_with_one_existing, FileExistsError, "model.onnx"),
+    Case("no target at all", _call(lambda setup: kc.export_formats(setup.model, {})), ValueError, "targets is empty"),
     Case("destination under a file", _export_under_a_file, NotADirectoryError, "is a file, not a folder"),
     Case("every format into a file", _export_every_format_into_a_file, NotADirectoryError, "is a file, not a folder"),
     Case("two formats, one path", _export_two_formats_to_one_path, ValueError, "same destination"),
@@ -468,6 +469,7 @@ _call_with_batch_mismatch = _call(
 
 
 FCMAE_CASES = [
+    Case("input_shape None", _fcmae(input_shape=None), ValueError, r"needs a fixed input_shape.*got None"),
     Case("mask_ratio 0", _fcmae(mask_ratio=0.0), ValueError, r"in \(0, 1\).*loss is always 0"),
     Case("mask_ratio 1", _fcmae(mask_ratio=1.0), ValueError, r"in \(0, 1\)"),
     Case("negative mask_ratio", _fcmae(mask_ratio=-0.5), ValueError, r"in \(0, 1\)"),

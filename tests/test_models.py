@@ -154,6 +154,21 @@ def test_bad_constructor_arguments_are_named(arguments, match):
         kc.ConvNeXtV2Atto(**arguments)
 
 
+@pytest.mark.parametrize(
+    "arguments,match",
+    [
+        (dict(stage_depths=2, stage_dims=(8, 8, 8, 8)), "stage_depths and stage_dims need four entries each; got 2 and"),
+        (dict(stage_depths=None, stage_dims=(8, 8, 8, 8)), "need four entries each; got None and"),
+        (dict(stage_depths=(1, 1, 1, 1), stage_dims=None), r"need four entries each; got \(1, 1, 1, 1\) and None"),
+        (dict(stage_depths=(1, 1, 1, 1), stage_dims=(8, 8, 8, 8), kernel_size=6), "kernel_size must be an odd positive integer.*got 6"),
+        (dict(stage_depths=(1, 1, 1, 1), stage_dims=(8, 8, 8, 8), kernel_size=7.0), "got 7.0"),
+    ],
+)
+def test_bad_builder_arguments_are_named(arguments, match):
+    with pytest.raises(ValueError, match=match):
+        kc.ConvNeXt(input_shape=(32, 32, 3), **arguments)
+
+
 def test_classes_are_not_checked_without_a_head():
     """As keras.applications: `classes` means nothing with include_top=False."""
     assert kc.ConvNeXtAtto(include_top=False, classes=None, pooling="avg").output_shape == (None, 320)

@@ -165,6 +165,11 @@ class FCMAE(keras.Model):
     ):
         super().__init__(**kwargs)
         mask_ratio = _check_mask_ratio(mask_ratio)  # before the encoder is built: a quick refusal
+        if not isinstance(input_shape, (tuple, list)):
+            raise ValueError(
+                "FCMAE needs a fixed input_shape, (height, width, channels) with sides multiples of the "
+                f"patch size, such as (224, 224, 3); got {input_shape!r}."
+            )
         self.encoder_spec = encoder if isinstance(encoder, str) else None
         self.encoder = _build_encoder(encoder, tuple(input_shape), drop_path_rate)
         self.encoder_layers = sparse.find_encoder_layers(self.encoder)

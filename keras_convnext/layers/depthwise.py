@@ -31,7 +31,9 @@ class DepthwiseConv(keras.layers.DepthwiseConv2D):
         ):
             raise ValueError(
                 "DepthwiseConv supports stride 1, dilation 1, 'same' padding, channels_last, "
-                f"depth_multiplier 1 and odd square kernels; got {self.get_config()}."
+                f"depth_multiplier 1 and odd square kernels; got strides {self.strides}, dilation "
+                f"{self.dilation_rate}, padding {self.padding!r}, {self.data_format}, depth_multiplier "
+                f"{self.depth_multiplier}, kernel {self.kernel_size}."
             )
 
     def call(self, inputs):

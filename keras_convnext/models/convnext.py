@@ -77,10 +77,17 @@ def _check_image_shape(shape, data_format, source):
     return int(channels)
 
 
-def _check_arguments(version, stage_depths, stage_dims, include_top, pooling, classes, drop_path_rate):
+def _four_entries(value):
+    try:
+        return len(value) == 4
+    except TypeError:  # an int, None: no length
+        return False
+
+
+def _check_arguments(version, stage_depths, stage_dims, kernel_size, include_top, pooling, classes, drop_path_rate):
     if version not in ("v1", "v2"):
         raise ValueError(f'version must be "v1" or "v2"; got {version!r}.')
-    if len(stage_depths) != 4 or len(stage_dims) != 4:
+    if not (_four_entries(stage_depths) and _four_entries(stage_dims)):
         raise ValueError(
             f"stage_depths and stage_dims need four entries each; got {stage_depths} and {stage_dims}."
         )
@@ -88,6 +95,8 @@ def _check_arguments(version, stage_depths, stage_dims, include_top, pooling, cl
         raise ValueError(f"stage_depths must be integers of at least 0; got {stage_depths}.")
     if not all(_is_integer(dim) and dim >= 1 for dim in stage_dims):
         raise ValueError(f"stage_dims must be positive integers; got {stage_dims}.")
+    if not (_is_integer(kernel_size) and kernel_size >= 1 and kernel_size % 2 == 1):
+        raise ValueError(f"kernel_size must be an odd positive integer (7 in every official model); got {kernel_size!r}.")
     check_head_arguments(include_top, pooling, classes, drop_path_rate)
 
 
@@ -206,7 +215,7 @@ def ConvNeXt(
         map `(batch, height / 32, width / 32, dims[-1])`;
         `keras_convnext.stage_features(model)` gives all four stages.
     """
-    _check_arguments(version, stage_depths, stage_dims, include_top, pooling, classes, drop_path_rate)
+    _check_arguments(version, stage_depths, stage_dims, kernel_size, include_top, pooling, classes, drop_path_rate)
     classes = int(classes) if include_top else classes  # Keras' Dense takes Python integers only.
     if version == "v1" and layer_scale_init_value is None:
         layer_scale_init_value = 1e-6
