@@ -180,7 +180,7 @@ def _tiny_v1_encoder(input_shape=(64, 64, 3)):
 
 def test_v1_encoder_masked_paths_agree_and_equal_the_model_when_nothing_is_masked():
     """FCMAE of a V1 encoder (layer scale, no GRN), the V2 paper's V1 + FCMAE."""
-    model = kc.FCMAE(_tiny_v1_encoder(), input_shape=(64, 64, 3), mask_ratio=0.5, decoder_dim=16, norm_pix_loss=True, seed=2)
+    model = kc.FCMAE(_tiny_v1_encoder(), input_shape=(64, 64, 3), mask_ratio=0.5, decoder_dim=16, seed=2)
     blocks = [block for stage in model.encoder_layers.stages for block in stage]
     assert blocks and all(block.grn is None and block.layer_scale is not None for block in blocks)
     _randomize(model, seed=3)  # layer scale near 1, not its 1e-6 start, so it shows in every output
@@ -194,24 +194,19 @@ def test_v1_encoder_masked_paths_agree_and_equal_the_model_when_nothing_is_maske
     assert np.abs(dense - plain).max() <= 1e-4 * np.abs(plain).max()
 
     mask = _np(model.random_mask(2))
+    dense = _np(model.encode(images, mask, fast_path=False))
+    fast = _np(model.encode(images, mask, fast_path=True))
+    assert np.abs(fast - dense).max() <= 1e-5 * np.abs(dense).max()
     pixel_mask = np.repeat(np.repeat(mask, 32, axis=1), 32, axis=2)[..., None]
-    altered = images + pixel_mask * 150.0
-    for fast_path in (False, True):
-        _assert_visible_features_unchanged(model, images, altered, mask, pixel_mask, fast_path)
-
-    dense_loss, dense_grads = _loss_and_gradients(model, images, mask, fast_path=False)
-    fast_loss, fast_grads = _loss_and_gradients(model, images, mask, fast_path=True)
-    assert dense_loss > 0
-    assert abs(fast_loss - dense_loss) <= 1e-5 * abs(dense_loss)
-    assert any("layer_scale" in variable.path for variable in model.trainable_variables)
-    for variable, dense, fast in zip(model.trainable_variables, dense_grads, fast_grads):
-        scale = np.abs(dense).max()
-        assert scale > 0, variable.path
-        assert np.abs(fast - dense).max() <= 1e-5 * scale, (variable.path, np.abs(fast - dense).max(), scale)
+    altered = _np(model.encode(images + pixel_mask * 150.0, mask, fast_path=True))
+    visible = mask == 0
+    assert np.abs(altered[visible] - fast[visible]).max() <= 1e-5 * np.abs(fast).max()
+    assert np.all(fast[~visible] == 0) and np.all(dense[~visible] == 0)
 
 
 def test_v1_fcmae_by_name_and_a_training_step():
-    assert kc.FCMAE("ConvNeXtAtto", input_shape=(64, 64, 3), decoder_dim=16).encoder_layers.stages[0][0].grn is None
+    atto = kc.FCMAE("ConvNeXtAtto", input_shape=(64, 64, 3), decoder_dim=16)
+    assert atto.encoder_layers.stages[0][0].grn is None and atto.encoder_layers.stages[0][0].layer_scale is not None
     model = kc.FCMAE(_tiny_v1_encoder(), input_shape=(64, 64, 3), decoder_dim=16, seed=0)
     model.compile(optimizer=keras.optimizers.AdamW(1e-2))
     layer_scales = [v for v in model.trainable_variables if "layer_scale" in v.path]
