@@ -84,16 +84,45 @@ def load_images(args):
     return x_train.astype("float32"), x_val[: args.analysis_images].astype("float32")
 
 
-def pretrain(args, encoder, images, seed):
-    """FCMAE pre-training; returns the trained FCMAE model and its loss per epoch."""
-    import keras
-    import keras_convnext as kc
+class Trainer:
+    """One compiled FCMAE model per encoder, reused for every seed.
 
-    model = kc.FCMAE(encoder, input_shape=encoder.input_shape[1:], mask_ratio=args.mask_ratio,
-                     decoder_dim=args.decoder_dim, seed=seed)
-    model.compile(optimizer=keras.optimizers.AdamW(args.learning_rate, weight_decay=0.05))
-    history = model.fit(images, batch_size=args.batch_size, epochs=args.epochs, shuffle=True, verbose=2)
-    return model, [float(value) for value in history.history["loss"]]
+    Each seed's own initial weights (and mask generator) are loaded into it
+    and its optimizer starts afresh, which trains exactly as a new model
+    would, without compiling the same network again: on a CPU, compiling
+    costs more than this short pre-training.
+    """
+
+    def __init__(self, args, model):
+        import keras
+        from keras_convnext import analysis
+
+        self.args, self.model = args, model
+        model.compile(optimizer=keras.optimizers.AdamW(args.learning_rate, weight_decay=0.05))
+        self.extractor = analysis.activation_model(model)  # shares the model's weights
+
+    def restart(self, fresh):
+        """Loads the weights and mask generator state of `fresh`, an FCMAE of the same encoder."""
+        self.model.set_weights(fresh.get_weights())
+        self.model.seed_generator.state.assign(fresh.seed_generator.state.value)
+        for variable in self.model.optimizer.variables:  # step count and moments: a fresh AdamW
+            variable.assign(np.zeros(variable.shape, variable.dtype))
+
+    def pretrain(self, images):
+        """FCMAE pre-training; returns the loss per epoch."""
+        history = self.model.fit(images, batch_size=self.args.batch_size, epochs=self.args.epochs,
+                                 shuffle=True, verbose=2)
+        return [float(value) for value in history.history["loss"]]
+
+    def distances(self, images, batch_size=32):
+        """`analysis.feature_collapse` of the current weights, through the one compiled extractor."""
+        from keras_convnext import analysis
+
+        parts = {}
+        for start in range(0, len(images), batch_size):
+            for name, values in self.extractor.predict_on_batch(images[start : start + batch_size]).items():
+                parts.setdefault(name, []).append(analysis.pairwise_cosine_distance(np.asarray(values)))
+        return {name: float(np.mean(np.concatenate(values))) for name, values in parts.items()}
 
 
 def summarize(per_seed):
@@ -136,6 +165,7 @@ def main(argv=None):
     record = load_record(results_path, args)
     record.update(backend=keras.backend.backend(), train_images=len(train), analysis_images=len(held_out))
 
+    trainers = {}
     for seed in args.seeds:
         for label, template in ENCODERS.items():
             key = f"{label}, seed {seed}"
@@ -144,14 +174,20 @@ def main(argv=None):
             keras.utils.set_random_seed(seed)  # initial weights, masks and shuffling
             encoder = kc.CONSTRUCTORS[template.format(size=args.size)](
                 include_top=False, input_shape=(args.image_size, args.image_size, 3))
-            initial = analysis.feature_collapse(encoder, held_out)
+            fresh = kc.FCMAE(encoder, input_shape=encoder.input_shape[1:], mask_ratio=args.mask_ratio,
+                             decoder_dim=args.decoder_dim, seed=seed)
+            if label not in trainers:
+                trainers[label] = Trainer(args, fresh)
+            trainer = trainers[label]
+            trainer.restart(fresh)
+            initial = trainer.distances(held_out)
             start = time.perf_counter()
-            model, losses = pretrain(args, encoder, train, seed)
+            losses = trainer.pretrain(train)
             seconds = round(time.perf_counter() - start, 1)
             record["runs"][key] = {"label": label, "seed": seed, "loss": losses, "seconds": seconds,
-                                   "initialization": initial, "distance": analysis.feature_collapse(model, held_out)}
+                                   "initialization": initial, "distance": trainer.distances(held_out)}
             if seed == args.seeds[0]:
-                grid = analysis.channel_activation_grid(model, held_out[0], args.block, k=64, columns=8)
+                grid = analysis.channel_activation_grid(trainer.model, held_out[0], args.block, k=64, columns=8)
                 analysis.save_grid(grid, os.path.join(args.output_dir, f"channels_{label[:2].lower()}.png"), scale=4)
             write_json(results_path, record)
             print(f"{key}: loss {losses[0]:.3f} -> {losses[-1]:.3f}, mean distance "
