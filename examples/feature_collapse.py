@@ -106,7 +106,8 @@ class Trainer:
         self.model.set_weights(fresh.get_weights())
         self.model.seed_generator.state.assign(fresh.seed_generator.state.value)
         for variable in self.model.optimizer.variables:  # step count and moments: a fresh AdamW
-            variable.assign(np.zeros(variable.shape, variable.dtype))
+            if variable.name != "learning_rate":  # a constant rate is a variable too; keep it
+                variable.assign(np.zeros(variable.shape, variable.dtype))
 
     def pretrain(self, images):
         """FCMAE pre-training; returns the loss per epoch."""

@@ -117,7 +117,8 @@ def train_seeds(step, seeds, data, args):
         else:
             trainer.set_weights(model.get_weights())
             for variable in trainer.optimizer.variables:  # step count and moments: a fresh AdamW
-                variable.assign(np.zeros(variable.shape, variable.dtype))
+                if variable.name != "learning_rate":  # a constant rate is a variable too; keep it
+                    variable.assign(np.zeros(variable.shape, variable.dtype))
         trainer.fit(x_train, one_hot, batch_size=args.batch_size, epochs=args.epochs, shuffle=True, verbose=0)
         logits = trainer.predict(x_val, batch_size=len(x_val), verbose=0)
         accuracy = float(np.mean(np.argmax(logits, axis=-1) == y_val))
