@@ -19,10 +19,18 @@ import os
 import sys
 import time
 
-if __name__ == "__main__":  # the backend must be chosen before keras is imported
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from common import select_backend
 
+
+def select_backend(argv):
+    """Sets KERAS_BACKEND from `--backend` before Keras is imported."""
+    for index, argument in enumerate(argv):
+        if argument.startswith("--backend="):
+            os.environ["KERAS_BACKEND"] = argument.split("=", 1)[1]
+        elif argument == "--backend" and index + 1 < len(argv):
+            os.environ["KERAS_BACKEND"] = argv[index + 1]
+
+
+if __name__ == "__main__":  # the backend must be chosen before keras is imported
     select_backend(sys.argv[1:])
 
 import numpy as np
@@ -44,6 +52,11 @@ def parse_args(argv):
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--image-size", type=int, default=32, help="pixels per side, at least 32.")
     parser.add_argument("--width-divisor", type=int, default=4, help="divides every step's widths.")
+    parser.add_argument("--no-jit-compile", dest="jit_compile", action="store_false",
+                        help="run the training step without XLA: on TensorFlow on a CPU, compiling each "
+                        "network costs more than training it at this scale.")
+    parser.add_argument("--train-images", type=int, default=None,
+                        help="training images (default: all 1,438 of the training split).")
     parser.add_argument("--output-dir", default="docs")
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.batch_size < 1 or args.width_divisor < 1:
@@ -53,20 +66,17 @@ def parse_args(argv):
     return args
 
 
-def load_digits(image_size):
+def load_digits(image_size, train_images=None):
     """Train and held-out images, standardized, `(n, size, size, 3)`, and integer labels."""
     x_train, y_train, x_val, y_val = digits_arrays(image_size)
+    x_train, x_val = x_train.astype("float32"), x_val.astype("float32")
     mean, std = x_train.mean(), x_train.std()
+    x_train, y_train = x_train[:train_images], y_train[:train_images]
     return (x_train - mean) / std, y_train, (x_val - mean) / std, y_val
 
 
-def train_step(step, seed, data, args):
-    """Held-out accuracy, parameters and FLOPs of `step` trained with seed `seed`."""
-    x_train, y_train, x_val, y_val = data
-    keras.utils.set_random_seed(seed)
-    width = roadmap.step_config(step).width // args.width_divisor
-    model = roadmap.build(step, classes=10, input_shape=x_train.shape[1:], width=width)
-    steps_per_epoch = -(-len(x_train) // args.batch_size)
+def compile_for(model, steps_per_epoch, args):
+    """AdamW, one epoch of linear warm-up then cosine decay, label smoothing 0.1."""
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = steps_per_epoch if args.epochs > 1 else 0
     schedule = keras.optimizers.schedules.CosineDecay(
@@ -79,12 +89,40 @@ def train_step(step, seed, data, args):
         optimizer=keras.optimizers.AdamW(schedule, weight_decay=args.weight_decay),
         loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1),
         metrics=["accuracy"],
+        jit_compile="auto" if args.jit_compile else False,
     )
-    one_hot = keras.utils.to_categorical(y_train, 10)
-    model.fit(x_train, one_hot, batch_size=args.batch_size, epochs=args.epochs, shuffle=True, verbose=0)
-    logits = model.predict(x_val, batch_size=256, verbose=0)
-    accuracy = float(np.mean(np.argmax(logits, axis=-1) == y_val))
-    return accuracy, roadmap.count_parameters(model), roadmap.count_flops(model)
+
+
+def train_seeds(step, seeds, data, args):
+    """Trains `step` once per seed; yields `(seed, held-out accuracy, parameters, FLOPs)`.
+
+    The seed sets the initial weights and the order of the batches. The
+    first seed's model is compiled; later seeds load their own initial
+    weights into it and start its optimizer afresh, which trains exactly as
+    a new model would, without compiling the same network again (on a CPU,
+    compiling costs more than training at this scale).
+    """
+    x_train, y_train, x_val, y_val = data
+    # Whole batches only: a last, smaller batch would compile the training step again.
+    whole = len(x_train) // args.batch_size * args.batch_size or len(x_train)
+    x_train, one_hot = x_train[:whole], keras.utils.to_categorical(y_train[:whole], 10)
+    width = roadmap.step_config(step).width // args.width_divisor
+    trainer = None
+    for seed in seeds:
+        keras.utils.set_random_seed(seed)
+        model = roadmap.build(step, classes=10, input_shape=x_train.shape[1:], width=width)
+        if trainer is None:
+            trainer = model
+            compile_for(trainer, -(-len(x_train) // args.batch_size), args)
+        else:
+            trainer.set_weights(model.get_weights())
+            for variable in trainer.optimizer.variables:  # step count and moments: a fresh AdamW
+                if variable.name != "learning_rate":  # a constant rate is a variable too; keep it
+                    variable.assign(np.zeros(variable.shape, variable.dtype))
+        trainer.fit(x_train, one_hot, batch_size=args.batch_size, epochs=args.epochs, shuffle=True, verbose=0)
+        logits = trainer.predict(x_val, batch_size=len(x_val), verbose=0)
+        accuracy = float(np.mean(np.argmax(logits, axis=-1) == y_val))
+        yield seed, accuracy, roadmap.count_parameters(trainer), roadmap.count_flops(trainer)
 
 
 def plot(results, path):
@@ -127,43 +165,84 @@ def plot(results, path):
     os.replace(temporary, path)
 
 
-def main(argv=None):
-    """Runs the study; returns the per-step results it wrote."""
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    data = load_digits(args.image_size)
-    steps = {step.name: step for step in roadmap.STEPS}
+def write_json(path, record):
+    with open(f"{path}.partial", "w") as file:
+        json.dump(record, file, indent=1)
+    os.replace(f"{path}.partial", path)
+
+
+def load_record(path, settings):
+    """Runs of an earlier, possibly interrupted, study with the same settings, else none."""
+    if os.path.exists(path):
+        with open(path) as file:
+            record = json.load(file)
+        if record.get("settings") == settings:
+            return record
+    return {"settings": settings, "runs": {}}
+
+
+def summarize(record):
+    """Per step with at least one run: its accuracies over the seeds, sizes and the paper's numbers."""
     results = []
-    for name in args.steps:
-        step = steps[name]
-        started = time.time()
-        runs = [train_step(name, seed, data, args) for seed in args.seeds]
-        accuracies = [accuracy for accuracy, _, _ in runs]
+    for step in roadmap.STEPS:
+        runs = [run for run in record["runs"].values() if run["step"] == step.name]
+        if not runs:
+            continue
+        accuracies = [run["accuracy"] for run in sorted(runs, key=lambda run: run["seed"])]
         results.append(
             {
-                "step": name,
+                "step": step.name,
                 "label": step.label,
                 "accuracies": accuracies,
-                "parameters": runs[0][1],
-                "gflops": runs[0][2] / 1e9,
-                "gflops_224": roadmap.count(name).flops / 1e9,
+                "accuracy_mean": float(np.mean(accuracies)),
+                "accuracy_std": float(np.std(accuracies)),
+                "parameters": runs[0]["parameters"],
+                "gflops": runs[0]["gflops"],
+                "gflops_224": roadmap.count(step.name).flops / 1e9,
                 "paper_gflops": step.paper_gflops,
                 "paper_top1": step.paper_top1,
+                "seconds": [run["seconds"] for run in runs],
             }
         )
-        print(
-            f"{step.label:40s} accuracy {100 * np.mean(accuracies):5.1f} +- {100 * np.std(accuracies):4.1f} %  "
-            f"({len(accuracies)} seeds, {time.time() - started:.0f} s)",
-            flush=True,
-        )
-    os.makedirs(args.output_dir, exist_ok=True)
-    record = {"settings": {key: value for key, value in vars(args).items() if key != "output_dir"}, "results": results}
-    record["settings"]["backend"] = keras.backend.backend()
-    json_path = os.path.join(args.output_dir, "roadmap_digits.json")
-    with open(f"{json_path}.partial", "w") as file:
-        json.dump(record, file, indent=1)
-    os.replace(f"{json_path}.partial", json_path)
-    plot(results, os.path.join(args.output_dir, "roadmap_digits.png"))
     return results
+
+
+def main(argv=None):
+    """Runs the study; returns the per-step results it wrote.
+
+    `roadmap_digits.json` is rewritten after every run, and a (step, seed)
+    already in it with the same settings is not trained again: an
+    interrupted study resumes where it stopped.
+    """
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    data = load_digits(args.image_size, args.train_images)
+    settings = {key: value for key, value in vars(args).items() if key not in ("output_dir", "steps", "seeds")}
+    settings["backend"] = keras.backend.backend()
+    settings["train_images"] = len(data[0])
+    os.makedirs(args.output_dir, exist_ok=True)
+    json_path = os.path.join(args.output_dir, "roadmap_digits.json")
+    record = load_record(json_path, settings)
+    steps = {step.name: step for step in roadmap.STEPS}
+    for name in args.steps:
+        seeds = [seed for seed in args.seeds if f"{name}, seed {seed}" not in record["runs"]]
+        started = time.time()
+        for seed, accuracy, parameters, flops in train_seeds(name, seeds, data, args):
+            record["runs"][f"{name}, seed {seed}"] = {
+                "step": name, "seed": seed, "accuracy": accuracy, "parameters": parameters,
+                "gflops": flops / 1e9, "seconds": round(time.time() - started, 1),
+            }
+            record["results"] = summarize(record)
+            write_json(json_path, record)
+            print(f"{steps[name].label:40s} seed {seed}: accuracy {100 * accuracy:5.1f} % "
+                  f"({time.time() - started:.0f} s)", flush=True)
+            started = time.time()
+    record["results"] = summarize(record)
+    write_json(json_path, record)
+    plot(record["results"], os.path.join(args.output_dir, "roadmap_digits.png"))
+    for row in record["results"]:
+        print(f"{row['label']:40s} {100 * row['accuracy_mean']:5.1f} +- {100 * row['accuracy_std']:4.1f} %  "
+              f"({len(row['accuracies'])} seeds)  paper {row['paper_top1']} %")
+    return record["results"]
 
 
 if __name__ == "__main__":

@@ -378,16 +378,21 @@ def save_grid(grid, path, scale=4, cmap="viridis"):
     )
 
 
-def plot_feature_collapse(curves, path, title="Feature cosine distance per block"):
+def plot_feature_collapse(curves, path, title="Feature cosine distance per block", normalized_depth=False):
     """Plots per-block distances of several models, as the paper's Figure 4 (needs matplotlib).
 
     Args:
         curves: `{label: {block name: distance}}`, for example
-            `{"V1 + FCMAE": feature_collapse(v1, images), ...}`.
+            `{"V1 + FCMAE": feature_collapse(v1, images), ...}`; a distance
+            may be a list (one value per run, for example per seed): the
+            line is then their mean and a band spans their minimum to maximum.
         path: image file to write (PNG by default).
+        normalized_depth: the x axis is the block's position divided by the
+            number of blocks (the paper's "normalized layer index", which
+            compares networks of different depths), instead of the position
+            in depth order (1 = first block).
 
-    The x axis is the block's position in depth order (1 = first block);
-    dotted lines separate the stages of the first curve. The y axis ends at
+    Dotted lines separate the stages of the first curve. The y axis ends at
     the distance's maximum, 0.5, and starts just below the lowest value.
     Returns `path`.
     """
@@ -395,12 +400,22 @@ def plot_feature_collapse(curves, path, title="Feature cosine distance per block
     figure = Figure(figsize=(6, 3.5))
     axis = figure.add_subplot()
     for label, distances in curves.items():
-        axis.plot(range(1, len(distances) + 1), list(distances.values()), marker="o", label=label)
+        runs = [np.atleast_1d(np.asarray(value, dtype=np.float64)) for value in distances.values()]
+        positions = np.arange(1, len(runs) + 1) / (len(runs) if normalized_depth else 1)
+        line = axis.plot(positions, [values.mean() for values in runs], marker="o", markersize=4, label=label)
+        if max(values.size for values in runs) > 1:
+            axis.fill_between(positions, [values.min() for values in runs], [values.max() for values in runs],
+                              color=line[0].get_color(), alpha=0.2, linewidth=0)
     first = list(next(iter(curves.values())))
     for index in range(1, len(first)):
         if first[index].split("_")[0] != first[index - 1].split("_")[0]:
-            axis.axvline(index + 0.5, color="gray", linestyle=":", linewidth=1)
-    axis.set_xlabel("block (depth order; dotted: stage boundaries)")
+            boundary = index + 0.5
+            axis.axvline(boundary / len(first) if normalized_depth else boundary,
+                         color="gray", linestyle=":", linewidth=1)
+    if normalized_depth:
+        axis.set_xlabel("normalized layer index (block / blocks; dotted: stage boundaries)")
+    else:
+        axis.set_xlabel("block (depth order; dotted: stage boundaries)")
     axis.set_ylabel("average cosine distance (max 0.5)")
     axis.set_ylim(top=0.5)
     axis.set_title(title)

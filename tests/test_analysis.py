@@ -273,6 +273,14 @@ def test_saving_writes_files_and_names_matplotlib(tmp_path, monkeypatch):
     plot = analysis.plot_feature_collapse(curves, str(tmp_path / "curves.png"))
     assert os.path.getsize(plot) > 0
     assert sorted(os.listdir(tmp_path)) == ["curves.png", "grid.png"]
+    # Several runs per block: the same mean line, plus a band from their minimum to maximum.
+    runs = {"a": {"stage0_block0": [0.3, 0.5], "stage1_block0": [0.1, 0.2, 0.3]}, "b": curves["b"]}
+    banded = analysis.plot_feature_collapse(runs, str(tmp_path / "runs.png"), normalized_depth=True)
+    means = analysis.plot_feature_collapse(curves, str(tmp_path / "means.png"), normalized_depth=True)
+    assert image.imread(banded).shape == image.imread(means).shape
+    assert not np.array_equal(image.imread(banded), image.imread(means))
+    for name in ("runs.png", "means.png"):
+        os.remove(tmp_path / name)
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.image", None)

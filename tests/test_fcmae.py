@@ -91,14 +91,14 @@ def test_bad_arguments_are_explained():
         kc.FCMAE(_tiny_encoder(input_shape=None), input_shape=(70, 64, 3))
     with pytest.raises(ValueError, match="mask_ratio"):
         kc.FCMAE(_tiny_encoder(), input_shape=(64, 64, 3), mask_ratio=1.0)
-    with pytest.raises(ValueError, match="V1"):
-        kc.FCMAE(kc.ConvNeXt(*TINY, version="v1", include_top=False), input_shape=(64, 64, 3))
+    with pytest.raises(ValueError, match="hierarchical ConvNeXt"):
+        kc.FCMAE(kc.ConvNeXtIsotropic(1, 8, include_top=False), input_shape=(64, 64, 3))
     with pytest.raises(ValueError, match="include_top=False"):
         kc.FCMAE(kc.ConvNeXt(*TINY, version="v2", classes=3), input_shape=(64, 64, 3))
     with pytest.raises(ValueError, match="patch_size"):
         kc.FCMAE(_tiny_encoder(), input_shape=(64, 64, 3), patch_size=16)
     with pytest.raises(ValueError, match="Unknown FCMAE encoder"):
-        kc.FCMAE("ConvNeXtTiny", input_shape=(64, 64, 3))
+        kc.FCMAE("ConvNeXtV3Tiny", input_shape=(64, 64, 3))
 
 
 def test_masked_pixels_never_reach_visible_positions_v2_atto():
@@ -173,6 +173,51 @@ def test_fast_path_matches_dense_masked_path_loss_and_gradients():
         scale = np.abs(dense).max()
         assert scale > 0, variable.path
         assert np.abs(fast - dense).max() <= 1e-5 * scale, (variable.path, np.abs(fast - dense).max(), scale)
+
+
+def _tiny_v1_encoder(input_shape=(64, 64, 3)):
+    return kc.ConvNeXt(*TINY, version="v1", include_top=False, input_shape=input_shape)
+
+
+def test_v1_encoder_masked_paths_agree_and_equal_the_model_when_nothing_is_masked():
+    """FCMAE of a V1 encoder (layer scale, no GRN), the V2 paper's V1 + FCMAE."""
+    model = kc.FCMAE(_tiny_v1_encoder(), input_shape=(64, 64, 3), mask_ratio=0.5, decoder_dim=16, seed=2)
+    blocks = [block for stage in model.encoder_layers.stages for block in stage]
+    assert blocks and all(block.grn is None and block.layer_scale is not None for block in blocks)
+    _randomize(model, seed=3)  # layer scale near 1, not its 1e-6 start, so it shows in every output
+    images = _pixels(2, 64, seed=4)
+    # With every patch visible the sparse semantics are the plain model's, which
+    # tests/test_weights.py checks against timm's ConvNeXt.
+    plain = _np(model.encoder(images))
+    everything_visible = np.zeros((2, 2, 2), "float32")
+    dense = _np(model.encode(images, everything_visible, fast_path=False))
+    assert np.abs(plain).max() > 0.1
+    assert np.abs(dense - plain).max() <= 1e-4 * np.abs(plain).max()
+
+    mask = _np(model.random_mask(2))
+    dense = _np(model.encode(images, mask, fast_path=False))
+    fast = _np(model.encode(images, mask, fast_path=True))
+    assert np.abs(fast - dense).max() <= 1e-5 * np.abs(dense).max()
+    pixel_mask = np.repeat(np.repeat(mask, 32, axis=1), 32, axis=2)[..., None]
+    altered = _np(model.encode(images + pixel_mask * 150.0, mask, fast_path=True))
+    visible = mask == 0
+    assert np.abs(altered[visible] - fast[visible]).max() <= 1e-5 * np.abs(fast).max()
+    assert np.all(fast[~visible] == 0) and np.all(dense[~visible] == 0)
+
+
+def test_v1_fcmae_by_name_and_a_training_step():
+    atto = kc.FCMAE("ConvNeXtAtto", input_shape=(64, 64, 3), decoder_dim=16)
+    assert atto.encoder_layers.stages[0][0].grn is None and atto.encoder_layers.stages[0][0].layer_scale is not None
+    model = kc.FCMAE(_tiny_v1_encoder(), input_shape=(64, 64, 3), decoder_dim=16, seed=0)
+    # One step: TensorFlow's XLA compilation would cost far more than the step; JAX
+    # without jit runs op by op, slower still.
+    jit_compile = "auto" if keras.backend.backend() == "jax" else False
+    model.compile(optimizer=keras.optimizers.AdamW(1e-2), jit_compile=jit_compile)
+    layer_scales = [v for v in model.trainable_variables if "layer_scale" in v.path]
+    before = [_np(v) for v in layer_scales]
+    loss = model.train_on_batch(_digits(4))
+    assert np.isfinite(loss)
+    assert all(np.abs(_np(v) - b).max() > 0 for v, b in zip(layer_scales, before))
 
 
 def _generator(images, batch_size):

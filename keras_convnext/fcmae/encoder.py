@@ -1,4 +1,4 @@
-"""The ConvNeXt V2 encoder run with sparse-convolution semantics on masked images.
+"""The ConvNeXt encoder (V2, or V1) run with sparse-convolution semantics on masked images.
 
 FCMAE (Woo et al. 2023) treats the visible patches as a sparse point set
 and runs the encoder with submanifold sparse convolutions: a masked position
@@ -12,6 +12,11 @@ never influences a visible one. Two equivalent implementations:
   layers, GELU, GRN), about 90% of its FLOPs, runs only on the gathered
   visible positions (a static count per image); tokens are scattered back
   to a dense map only for the depthwise conv and the downsampling conv.
+
+Both run each block through its own `spatial_part` and `pointwise_part`, so a
+V1 encoder (layer scale, no GRN: the ConvNeXt V2 paper's V1 + FCMAE model of
+its feature-collapse study) and a V2 encoder (GRN, no layer scale) compute
+exactly what their blocks define.
 
 GRN statistics: the spatial L2 norm of each channel is taken per image over
 its visible positions, the definition in the paper. The official
@@ -31,7 +36,7 @@ STAGE_STRIDES = (4, 8, 16, 32)
 
 
 class EncoderLayers(NamedTuple):
-    """The layers of a built ConvNeXt V2 backbone, found by their template names."""
+    """The layers of a built ConvNeXt V1 or V2 backbone, found by their template names."""
 
     preprocessing: object  # ImageNormalization or None
     channels_first: bool
@@ -43,11 +48,11 @@ class EncoderLayers(NamedTuple):
 
 
 def find_encoder_layers(encoder):
-    """Checks that `encoder` is a ConvNeXt V2 backbone and returns its layers."""
+    """Checks that `encoder` is a hierarchical ConvNeXt V1 or V2 backbone and returns its layers."""
     by_name = {layer.name: layer for layer in encoder.layers}
     if "stem_conv" not in by_name:
         raise ValueError(
-            f"The FCMAE encoder must be a ConvNeXt V2 model built by keras_convnext "
+            f"The FCMAE encoder must be a ConvNeXt V1 or V2 model built by keras_convnext "
             f"(for example keras_convnext.ConvNeXtV2Atto(include_top=False)); "
             f"'{encoder.name}' has no layer named stem_conv."
         )
@@ -56,14 +61,17 @@ def find_encoder_layers(encoder):
             f"The FCMAE encoder must be a backbone without head or pooling; build "
             f"'{encoder.name}' with include_top=False and pooling=None."
         )
+    downsampling = ["stem_norm"] + [f"downsample{i}_{part}" for i in (1, 2, 3) for part in ("norm", "conv")]
+    if any(name not in by_name for name in downsampling):
+        raise ValueError(
+            f"FCMAE masks 32-pixel patches of a hierarchical ConvNeXt (four stages, total stride 32); "
+            f"'{encoder.name}' has no stem norm or downsampling layers (an isotropic ConvNeXt?). Use a "
+            "ConvNeXt or ConvNeXt V2 model such as keras_convnext.ConvNeXtV2Atto(include_top=False)."
+        )
     stages = []
     for stage in range(4):
         blocks = [by_name[f"stage{stage}_block{j}"] for j in range(len(by_name)) if f"stage{stage}_block{j}" in by_name]
         stages.append(tuple(blocks))
-    if any(block.grn is None for blocks in stages for block in blocks):
-        raise ValueError(
-            f"FCMAE pre-trains ConvNeXt V2 encoders (blocks with GRN); '{encoder.name}' is a V1 model."
-        )
     return EncoderLayers(
         preprocessing=by_name.get("preprocessing"),
         channels_first="to_channels_last" in by_name,

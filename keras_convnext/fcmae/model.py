@@ -1,4 +1,4 @@
-"""FCMAE: masked-autoencoder pre-training of ConvNeXt V2 as a `keras.Model`."""
+"""FCMAE: masked-autoencoder pre-training of ConvNeXt V2 (or V1) as a `keras.Model`."""
 
 import os
 
@@ -23,8 +23,8 @@ from keras_convnext.models.inputs import check_images
 
 def _build_encoder(encoder, input_shape, drop_path_rate):
     if isinstance(encoder, str):
-        if encoder not in CONSTRUCTORS or not encoder.startswith("ConvNeXtV2"):
-            names = ", ".join(name for name in CONSTRUCTORS if name.startswith("ConvNeXtV2"))
+        if encoder not in CONSTRUCTORS:
+            names = ", ".join(CONSTRUCTORS)
             raise ValueError(f"Unknown FCMAE encoder {encoder!r}; use one of {names}, or a built model.")
         return CONSTRUCTORS[encoder](include_top=False, input_shape=input_shape, drop_path_rate=drop_path_rate)
     if isinstance(encoder, dict):
@@ -32,7 +32,7 @@ def _build_encoder(encoder, input_shape, drop_path_rate):
     if not isinstance(encoder, keras.Model):
         raise TypeError(
             f"encoder must be a constructor name such as 'ConvNeXtV2Atto' or a built "
-            f"keras_convnext ConvNeXt V2 model; got {type(encoder).__name__}."
+            f"keras_convnext ConvNeXt V1 or V2 model; got {type(encoder).__name__}."
         )
     return encoder
 
@@ -119,6 +119,9 @@ class FCMAE(keras.Model):
     Args:
         encoder: a ConvNeXt V2 constructor name (`"ConvNeXtV2Atto"`) or a
             built backbone (`keras_convnext.ConvNeXtV2Atto(include_top=False)`).
+            A ConvNeXt V1 encoder (`"ConvNeXtAtto"`: layer scale, no GRN) is
+            pre-trained the same way, the V1 + FCMAE model of the V2 paper's
+            feature-collapse study; the decoder is the same for both.
         input_shape: `(height, width, 3)`, sides multiples of `patch_size`.
             With an encoder that has preprocessing (the default), images are
             RGB pixels in [0, 255] and the reconstruction target is the
