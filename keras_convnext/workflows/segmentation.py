@@ -98,14 +98,15 @@ def load_segmentation_data(data="digit_canvases", image_size=128, train_count=20
 
 
 def build_segmenter(encoder, num_classes):
-    """A DeepLabV3 on `encoder`: atrous pooling on the stride-16 map (rates 2, 4, 6), decoder on stride 4.
+    """A DeepLabV3 on `encoder`: atrous pooling (rates 1, 2, 3) on the stride-32 map, decoder at stride 4.
 
-    The stride-16 map of a 128-pixel image is 8x8, where rates 2 to 6 still
-    fall inside it; DeepLabV3's own 6, 12, 18 suit 512-pixel images.
+    The stride-32 map is 4x4 for a 128-pixel image and 7x7 for 224 pixels,
+    where taps at rates up to 3 still land inside it; DeepLabV3's own 6, 12,
+    18 suit 512-pixel images at stride 16.
     """
     return hub.deeplabv3_segmenter(
-        encoder, num_classes, spatial_pyramid_pooling_key="P4", low_level_feature_key="P2",
-        dilation_rates=(2, 4, 6),
+        encoder, num_classes, spatial_pyramid_pooling_key="P5", low_level_feature_key="P2",
+        dilation_rates=(1, 2, 3),
     )
 
 

@@ -7,7 +7,9 @@ import numpy as np
 from keras_convnext._deps import require
 
 SHOWN_SCORE = 0.3
-"""Detections scoring at least this are drawn; mAP counts the lower ones too."""
+"""Detections scoring at least this are drawn (at most `SHOWN_DETECTIONS`, best first); mAP counts all."""
+
+SHOWN_DETECTIONS = 10
 
 
 def _pyplot():
@@ -34,11 +36,11 @@ def _draw_box(axis, box, colour, text=None, dashed=False):
                                 linewidth=1.5, linestyle="--" if dashed else "-")
     axis.add_patch(patch)
     if text:
-        axis.text(x_min, y_min - 1, text, color=colour, fontsize=8, verticalalignment="bottom")
+        axis.text(x_min, y_min - 1, text, color=colour, fontsize=8, verticalalignment="bottom", clip_on=True)
 
 
 def plot_detections(held_out, predictions, class_names, path, count=4):
-    """Held-out images with true boxes (white, dashed) and detections scoring >= 0.3 (yellow, class:score).
+    """Held-out images with true boxes (white, dashed) and the best detections (yellow, class:score).
 
     Args:
         held_out: a set with `images` uint8 `(n, size, size, 3)`, `boxes`, `labels`.
@@ -54,13 +56,18 @@ def plot_detections(held_out, predictions, class_names, path, count=4):
         for box, label in zip(held_out.boxes[index], held_out.labels[index]):
             if label >= 0:
                 _draw_box(axis, box, "white", dashed=True)
-        for box, label, score in zip(predictions["boxes"][index], predictions["labels"][index],
-                                     predictions["scores"][index]):
-            if label >= 0 and score >= SHOWN_SCORE:
-                _draw_box(axis, box, "yellow", f"{class_names[label]}:{score:.2f}")
+        scores = predictions["scores"][index]
+        for best in np.argsort(-scores)[:SHOWN_DETECTIONS]:
+            label = predictions["labels"][index][best]
+            if label >= 0 and scores[best] >= SHOWN_SCORE:
+                text = f"{class_names[label]}:{scores[best]:.2f}"
+                _draw_box(axis, predictions["boxes"][index][best], "yellow", text)
+        height, width = held_out.images[index].shape[:2]
+        axis.set_xlim(0, width)
+        axis.set_ylim(height, 0)
         axis.axis("off")
     figure.suptitle("true boxes (dashed) and detections (class:score)", fontsize=10)
-    figure.tight_layout()
+    figure.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.9, wspace=0.05)
     return _save(figure, path)
 
 

@@ -73,7 +73,8 @@ def steps_per_epoch(train):
 def fit(task_model, train, epochs, verbose=True):
     """Fits on the `train` pipeline; returns `({metric: [float per epoch]}, seconds)`."""
     start = time.perf_counter()
-    history = task_model.fit(train, epochs=epochs, verbose="auto" if verbose else 0).history
+    # The pipeline shuffles itself (`batches`); Keras cannot shuffle a tf.data.Dataset.
+    history = task_model.fit(train, epochs=epochs, shuffle=False, verbose="auto" if verbose else 0).history
     seconds = time.perf_counter() - start
     return {key: [float(value) for value in values] for key, values in history.items()}, seconds
 
