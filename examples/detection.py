@@ -23,6 +23,8 @@ from keras_convnext.workflows import detection, tasks  # noqa: E402
 def main(argv=None):
     """Returns the workflow's dict: `model`, `history`, `evaluation`, `plot`."""
     parser = tasks.task_parser("detection.py", __doc__.splitlines()[0], detection.DATA_CHOICES, "detection_run")
+    parser.add_argument("--anchor-size", type=float, default=None,
+                        help="anchors at pyramid level l are 2**l * this many pixels (default: from the data).")
     result = detection.finetune_detector(**tasks.options(parser.parse_args(argv)))
     scores = result["evaluation"]
     print(f"held-out mAP@[.5:.95] {scores['map']:.3f}, mAP@.5 {scores['map50']:.3f} "

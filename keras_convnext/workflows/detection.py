@@ -72,7 +72,7 @@ def _canvas_data(image_size, train_count, held_out_count, batch_size, seed):
 
 def _voc_example(example, image_size):
     """A tfds VOC example as `(image float32, {"boxes", "labels"})`, resized to a square and padded."""
-    tf = tasks.tensorflow()
+    import tensorflow as tf  # traced by tf.data: a plain import (the loader has checked it is there)
     image = tf.image.resize(tf.cast(example["image"], "float32"), (image_size, image_size), antialias=True)
     # tfds boxes are (y_min, x_min, y_max, x_max) in [0, 1] of the image, so a square resize keeps them.
     boxes = example["objects"]["bbox"][:MAX_BOXES] * image_size
@@ -176,7 +176,7 @@ def evaluate_detector(detector, held_out, num_classes, batch_size=16, seed=0):
 def finetune_detector(data="digit_canvases", model="ConvNeXtV2Atto", depths=None, dims=None, weights=None,
                       image_size=128, train_count=2000, held_out_count=400, epochs=5, batch_size=16,
                       learning_rate=1e-3, weight_decay=0.05, seed=0, output_dir="detection_run",
-                      head_conv_layers=2, verbose=True):
+                      anchor_size=None, head_conv_layers=2, verbose=True):
     """Fine-tunes a RetinaNet on a ConvNeXt encoder and scores it on held-out images.
 
     Writes into `output_dir`: `model.keras`, `metrics.json` (mAP@[.5:.95],
@@ -188,6 +188,9 @@ def finetune_detector(data="digit_canvases", model="ConvNeXtV2Atto", depths=None
         model, depths, dims, weights: the encoder (`tasks.build_encoder`).
         image_size: square input side in pixels.
         train_count, held_out_count: images used from each split.
+        anchor_size: anchors at pyramid level `l` are `2**l * anchor_size`
+            pixels; None: the smallest digit's side / 8 for the canvases,
+            keras-hub's 4 (32-pixel anchors and up) for VOC.
         head_conv_layers: 3x3 convolutions in each RetinaNet head.
 
     Returns:
@@ -198,7 +201,8 @@ def finetune_detector(data="digit_canvases", model="ConvNeXtV2Atto", depths=None
     keras.utils.set_random_seed(seed)
     dataset = load_detection_data(data, image_size, train_count, held_out_count, batch_size, seed)
     encoder = tasks.build_encoder(model, image_size, weights, depths, dims)
-    detector = build_detector(encoder, len(dataset.class_names), dataset.anchor_size, head_conv_layers)
+    detector = build_detector(encoder, len(dataset.class_names), anchor_size or dataset.anchor_size,
+                              head_conv_layers)
     steps = tasks.steps_per_epoch(dataset.train)
     tasks.compile_for_fine_tuning(detector, learning_rate, weight_decay, epochs * steps)
     history, seconds = tasks.fit(detector, dataset.train, epochs, verbose)

@@ -62,7 +62,7 @@ def _canvas_data(image_size, train_count, held_out_count, batch_size, seed):
 
 def _pet_example(example, image_size):
     """A tfds pet example as `(image float32, mask int32 (size, size, 1))`, both resized to a square."""
-    tf = tasks.tensorflow()
+    import tensorflow as tf  # traced by tf.data: a plain import (the loader has checked it is there)
     image = tf.image.resize(tf.cast(example["image"], "float32"), (image_size, image_size), antialias=True)
     mask = tf.image.resize(example["segmentation_mask"], (image_size, image_size), method="nearest")
     return tf.clip_by_value(image, 0.0, 255.0), tf.cast(mask, "int32") - 1
@@ -177,7 +177,7 @@ def finetune_segmenter(data="digit_canvases", model="ConvNeXtV2Atto", depths=Non
                                     batch_size)
     predictions = evaluation.pop("predictions")
     os.makedirs(output_dir, exist_ok=True)
-    plot = task_plots.plot_masks(dataset.held_out, predictions, num_classes,
+    plot = task_plots.plot_masks(dataset.held_out, predictions, num_classes, dataset.background_class,
                                  os.path.join(output_dir, "predictions.png"))
     evaluation.update(train_seconds=seconds, train_images=steps * batch_size, epochs=epochs, image_size=image_size,
                       model=model, backend=keras.backend.backend())

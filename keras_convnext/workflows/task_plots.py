@@ -71,19 +71,29 @@ def plot_detections(held_out, predictions, class_names, path, count=4):
     return _save(figure, path)
 
 
-def plot_masks(held_out, predicted_masks, num_classes, path, count=4):
-    """Rows of held-out image, true mask and predicted mask, one colour per class.
+def _class_colours(num_classes, background_class):
+    """A colour map with black for the background class and matplotlib's ten distinct colours for the rest."""
+    plt = _pyplot()
+    colours = [plt.get_cmap("tab10")(index % 10) for index in range(num_classes)]
+    colours[background_class] = (0.0, 0.0, 0.0, 1.0)
+    cmap = plt.matplotlib.colors.ListedColormap(colours)
+    return dict(cmap=cmap, vmin=-0.5, vmax=num_classes - 0.5, interpolation="nearest")
+
+
+def plot_masks(held_out, predicted_masks, num_classes, background_class, path, count=4):
+    """Rows of held-out image, true mask and predicted mask, one colour per class (background black).
 
     Args:
         held_out: a set with `images` uint8 `(n, size, size, 3)` and `masks` `(n, size, size)`.
         predicted_masks: `(n, size, size)` class ids.
         num_classes: classes, for a fixed colour per class.
+        background_class: the class drawn black.
         path: the PNG file to write.
     """
     plt = _pyplot()
     count = min(count, len(held_out.images))
     figure, axes = plt.subplots(3, count, figsize=(2.5 * count, 7.5), squeeze=False)
-    colours = dict(cmap="tab20", vmin=0, vmax=max(num_classes - 1, 1), interpolation="nearest")
+    colours = _class_colours(num_classes, background_class)
     for index in range(count):
         axes[0, index].imshow(held_out.images[index])
         axes[1, index].imshow(np.asarray(held_out.masks[index]), **colours)
