@@ -81,7 +81,7 @@ def _background(rng, size):
 
 
 def digit_canvases(count, canvas_size=128, digits_per_canvas=(1, 4), digit_sizes=(24, 48), split="train",
-                   seed=0):
+                   seed=0, digits=None):
     """Builds `count` canvases of scanned digits with their boxes, classes and masks.
 
     Args:
@@ -94,6 +94,8 @@ def digit_canvases(count, canvas_size=128, digits_per_canvas=(1, 4), digit_sizes
         split: `"train"` or `"held_out"`: which of scikit-learn's scans to
             use (disjoint sets, so held-out canvases show unseen handwriting).
         seed: the canvases, the scans chosen and their places follow from it.
+        digits: the digits drawn, e.g. `(0, 1)`; None: all ten. Class ids
+            stay the digits themselves.
 
     Returns:
         A `Canvases` tuple of numpy arrays.
@@ -106,7 +108,12 @@ def digit_canvases(count, canvas_size=128, digits_per_canvas=(1, 4), digit_sizes
             f"digit_sizes[1] <= canvas_size; got digits_per_canvas={digits_per_canvas}, "
             f"digit_sizes={digit_sizes}, canvas_size={canvas_size}."
         )
-    ink_scans, digits = scanned_digits(split)
+    ink_scans, scan_digits = scanned_digits(split)
+    if digits is not None:
+        chosen = np.isin(scan_digits, digits)
+        if not chosen.any():
+            raise ValueError(f"digits must name some of 0..9; got {digits!r}.")
+        ink_scans, scan_digits = ink_scans[chosen], scan_digits[chosen]
     rng = np.random.default_rng(seed)
     images = np.zeros((count, canvas_size, canvas_size, 3), "uint8")
     masks = np.zeros((count, canvas_size, canvas_size), "uint8")
@@ -121,17 +128,17 @@ def digit_canvases(count, canvas_size=128, digits_per_canvas=(1, 4), digit_sizes
             if spot is None:
                 continue
             top, left = spot
-            scan = int(rng.integers(len(digits)))
+            scan = int(rng.integers(len(scan_digits)))
             ink = _scaled_ink(ink_scans[scan], side)[..., None]
             colour = rng.uniform(150, 255, size=3)
             window = canvas[top:top + side, left:left + side]
             canvas[top:top + side, left:left + side] = window * (1.0 - ink) + colour * ink
             rows, columns = np.nonzero(ink[..., 0] > INK_THRESHOLD)
-            masks[index, top + rows, left + columns] = 1 + digits[scan]
+            masks[index, top + rows, left + columns] = 1 + scan_digits[scan]
             slot = len(taken)
             boxes[index, slot] = (top + rows.min(), left + columns.min(), top + rows.max() + 1,
                                   left + columns.max() + 1)
-            labels[index, slot] = digits[scan]
+            labels[index, slot] = scan_digits[scan]
             taken.append((top, left, top + side, left + side))
         images[index] = np.rint(canvas).astype("uint8")
     return Canvases(images, masks, boxes, labels)

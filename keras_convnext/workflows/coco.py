@@ -71,12 +71,13 @@ def box_map(true_boxes, true_labels, boxes, labels, scores):
     return {"map": max(0.0, float(evaluation.stats[0])), "map50": max(0.0, float(evaluation.stats[1]))}
 
 
-def random_boxes(held_out, num_classes, boxes_per_image, seed=0):
+def random_boxes(held_out, boxes_per_image, seed=0):
     """The detections of a guesser that knows the true box sizes but not where or what the objects are.
 
     For each image it draws `boxes_per_image` boxes whose (height, width)
     are those of random true boxes of the whole set, at uniformly random
-    places inside the image, with uniformly random classes and scores.
+    places inside the image, with classes drawn uniformly from those the
+    set holds, and uniformly random scores.
     Scored like a detector, its mAP is the chance level.
 
     Args:
@@ -92,6 +93,6 @@ def random_boxes(held_out, num_classes, boxes_per_image, seed=0):
     corners = rng.uniform(0.0, 1.0, size=(count, boxes_per_image, 2)) * (np.array([height, width]) - sizes)
     return {
         "boxes": np.concatenate([corners, corners + sizes], axis=-1).astype("float32"),
-        "labels": rng.integers(num_classes, size=(count, boxes_per_image)),
+        "labels": rng.choice(np.unique(held_out.labels[held_out.labels >= 0]), size=(count, boxes_per_image)),
         "scores": rng.uniform(size=(count, boxes_per_image)).astype("float32"),
     }

@@ -51,13 +51,13 @@ class DetectionData(NamedTuple):
     anchor_size: float  # the smallest anchor is `8 * anchor_size` pixels (pyramid level 3)
 
 
-def _canvas_data(image_size, train_count, held_out_count, batch_size, seed):
+def _canvas_data(image_size, train_count, held_out_count, batch_size, seed, digits=None):
     tf = tasks.tensorflow()
     # Digits of 3/16 to 3/8 of the canvas: 24 to 48 pixels on 128.
     sizes = (max(4, 3 * image_size // 16), max(4, 3 * image_size // 8))
-    train = canvases.digit_canvases(train_count, image_size, digit_sizes=sizes, split="train", seed=seed)
-    held_out = canvases.digit_canvases(held_out_count, image_size, digit_sizes=sizes, split="held_out",
-                                       seed=seed + 1)
+    common = dict(canvas_size=image_size, digit_sizes=sizes, digits=digits)
+    train = canvases.digit_canvases(train_count, split="train", seed=seed, **common)
+    held_out = canvases.digit_canvases(held_out_count, split="held_out", seed=seed + 1, **common)
     pipeline = tf.data.Dataset.from_tensor_slices(
         (train.images, {"boxes": train.boxes, "labels": train.labels})
     ).map(lambda image, target: (tf.cast(image, "float32"), target))
@@ -105,10 +105,12 @@ def _voc_data(image_size, train_count, held_out_count, batch_size, seed, data_di
 
 
 def load_detection_data(data="digit_canvases", image_size=128, train_count=2000, held_out_count=400,
-                        batch_size=16, seed=0, data_dir=None):
+                        batch_size=16, seed=0, data_dir=None, digits=None):
     """Training batches and a held-out `BoxSet` for `data` ("digit_canvases" or "voc")."""
+    if digits is not None and data != "digit_canvases":
+        raise ValueError(f"digits chooses the digits of the digit canvases; {data!r} has its own classes.")
     if data == "digit_canvases":
-        return _canvas_data(image_size, train_count, held_out_count, batch_size, seed)
+        return _canvas_data(image_size, train_count, held_out_count, batch_size, seed, digits)
     if data == "voc":
         return _voc_data(image_size, train_count, held_out_count, batch_size, seed, data_dir)
     raise ValueError(f"detection data must be one of {', '.join(DATA_CHOICES)}; got {data!r}.")
@@ -153,7 +155,7 @@ def predict_boxes(detector, images, batch_size=16):
     }
 
 
-def evaluate_detector(detector, held_out, num_classes, batch_size=16, seed=0):
+def evaluate_detector(detector, held_out, batch_size=16, seed=0):
     """COCO mAP of the detector on `held_out`, and of random boxes (chance), by pycocotools.
 
     Returns:
@@ -164,7 +166,7 @@ def evaluate_detector(detector, held_out, num_classes, batch_size=16, seed=0):
     scores = coco.box_map(held_out.boxes, held_out.labels, predictions["boxes"], predictions["labels"],
                           predictions["scores"])
     chance = coco.box_map(held_out.boxes, held_out.labels,
-                          **coco.random_boxes(held_out, num_classes, MAX_DETECTIONS, seed))
+                          **coco.random_boxes(held_out, MAX_DETECTIONS, seed))
     return {
         "map": scores["map"], "map50": scores["map50"],
         "chance_map": chance["map"], "chance_map50": chance["map50"],
@@ -175,7 +177,7 @@ def evaluate_detector(detector, held_out, num_classes, batch_size=16, seed=0):
 
 def finetune_detector(data="digit_canvases", model="ConvNeXtV2Atto", depths=None, dims=None, weights=None,
                       image_size=128, train_count=2000, held_out_count=400, epochs=5, batch_size=16,
-                      learning_rate=1e-3, weight_decay=0.05, seed=0, output_dir="detection_run",
+                      learning_rate=1e-3, weight_decay=0.05, seed=0, output_dir="detection_run", digits=None,
                       anchor_size=None, head_conv_layers=2, verbose=True):
     """Fine-tunes a RetinaNet on a ConvNeXt encoder and scores it on held-out images.
 
@@ -188,6 +190,7 @@ def finetune_detector(data="digit_canvases", model="ConvNeXtV2Atto", depths=None
         model, depths, dims, weights: the encoder (`tasks.build_encoder`).
         image_size: square input side in pixels.
         train_count, held_out_count: images used from each split.
+        digits: for the canvases, the digits drawn (None: all ten).
         anchor_size: anchors at pyramid level `l` are `2**l * anchor_size`
             pixels; None: the smallest digit's side / 8 for the canvases,
             keras-hub's 4 (32-pixel anchors and up) for VOC.
@@ -199,14 +202,15 @@ def finetune_detector(data="digit_canvases", model="ConvNeXtV2Atto", depths=None
     import keras
 
     keras.utils.set_random_seed(seed)
-    dataset = load_detection_data(data, image_size, train_count, held_out_count, batch_size, seed)
+    dataset = load_detection_data(data, image_size, train_count, held_out_count, batch_size, seed,
+                                  digits=digits)
     encoder = tasks.build_encoder(model, image_size, weights, depths, dims)
     detector = build_detector(encoder, len(dataset.class_names), anchor_size or dataset.anchor_size,
                               head_conv_layers)
     steps = tasks.steps_per_epoch(dataset.train)
     tasks.compile_for_fine_tuning(detector, learning_rate, weight_decay, epochs * steps)
     history, seconds = tasks.fit(detector, dataset.train, epochs, verbose)
-    evaluation = evaluate_detector(detector, dataset.held_out, len(dataset.class_names), batch_size, seed)
+    evaluation = evaluate_detector(detector, dataset.held_out, batch_size, seed)
     predictions = evaluation.pop("predictions")
     os.makedirs(output_dir, exist_ok=True)
     plot = task_plots.plot_detections(

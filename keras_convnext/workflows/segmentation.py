@@ -43,12 +43,12 @@ class SegmentationData(NamedTuple):
     background_class: int
 
 
-def _canvas_data(image_size, train_count, held_out_count, batch_size, seed):
+def _canvas_data(image_size, train_count, held_out_count, batch_size, seed, digits=None):
     tf = tasks.tensorflow()
     sizes = (max(4, 3 * image_size // 16), max(4, 3 * image_size // 8))
-    train = canvases.digit_canvases(train_count, image_size, digit_sizes=sizes, split="train", seed=seed)
-    held_out = canvases.digit_canvases(held_out_count, image_size, digit_sizes=sizes, split="held_out",
-                                       seed=seed + 1)
+    common = dict(canvas_size=image_size, digit_sizes=sizes, digits=digits)
+    train = canvases.digit_canvases(train_count, split="train", seed=seed, **common)
+    held_out = canvases.digit_canvases(held_out_count, split="held_out", seed=seed + 1, **common)
     pipeline = tf.data.Dataset.from_tensor_slices((train.images, train.masks)).map(
         lambda image, mask: (tf.cast(image, "float32"), tf.cast(mask, "int32")[..., None])
     )
@@ -88,10 +88,12 @@ def _pet_data(image_size, train_count, held_out_count, batch_size, seed, data_di
 
 
 def load_segmentation_data(data="digit_canvases", image_size=128, train_count=2000, held_out_count=400,
-                           batch_size=16, seed=0, data_dir=None):
+                           batch_size=16, seed=0, data_dir=None, digits=None):
     """Training batches and a held-out `MaskSet` for `data` ("digit_canvases" or "oxford_iiit_pet")."""
+    if digits is not None and data != "digit_canvases":
+        raise ValueError(f"digits chooses the digits of the digit canvases; {data!r} has its own classes.")
     if data == "digit_canvases":
-        return _canvas_data(image_size, train_count, held_out_count, batch_size, seed)
+        return _canvas_data(image_size, train_count, held_out_count, batch_size, seed, digits)
     if data == "oxford_iiit_pet":
         return _pet_data(image_size, train_count, held_out_count, batch_size, seed, data_dir)
     raise ValueError(f"segmentation data must be one of {', '.join(DATA_CHOICES)}; got {data!r}.")
@@ -143,7 +145,7 @@ def evaluate_segmenter(segmenter, held_out, num_classes, background_class, batch
 
 def finetune_segmenter(data="digit_canvases", model="ConvNeXtV2Atto", depths=None, dims=None, weights=None,
                        image_size=128, train_count=2000, held_out_count=400, epochs=5, batch_size=16,
-                       learning_rate=1e-3, weight_decay=0.05, seed=0, output_dir="segmentation_run",
+                       learning_rate=1e-3, weight_decay=0.05, seed=0, output_dir="segmentation_run", digits=None,
                        verbose=True):
     """Fine-tunes a DeepLabV3 on a ConvNeXt encoder and scores it on held-out images.
 
@@ -156,6 +158,7 @@ def finetune_segmenter(data="digit_canvases", model="ConvNeXtV2Atto", depths=Non
         model, depths, dims, weights: the encoder (`tasks.build_encoder`).
         image_size: square input side in pixels.
         train_count, held_out_count: images used from each split.
+        digits: for the canvases, the digits drawn (None: all ten).
 
     Returns:
         `{"model", "history", "evaluation", "plot", "predictions", "held_out"}`.

@@ -117,6 +117,16 @@ def batches(dataset, batch_size, seed):
     return dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
+def _digit_list(text):
+    try:
+        digits = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated digits such as 0,1; got {text!r}") from None
+    if not digits or min(digits) < 0 or max(digits) > 9:
+        raise argparse.ArgumentTypeError(f"expected digits from 0 to 9 such as 0,1; got {text!r}")
+    return digits
+
+
 def task_parser(prog, description, data_choices, default_output_dir):
     """Flags of a detection or segmentation example; destinations are the workflow's keyword arguments."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
@@ -131,6 +141,8 @@ def task_parser(prog, description, data_choices, default_output_dir):
     parser.add_argument("--dims", type=_four_ints, help="custom stage widths 'a,b,c,d' (overrides --model's).")
     parser.add_argument("--weights", default=None,
                         help="pretrained encoder: a checkpoint file or a registry tag such as 'imagenet'.")
+    parser.add_argument("--digits", type=_digit_list, default=None,
+                        help=f"for {data_choices[0]}: the digits drawn, e.g. '0,1' (default: all ten).")
     parser.add_argument("--image-size", type=_positive_int, default=128, help="square input side in pixels.")
     parser.add_argument("--train-count", type=_positive_int, default=2000, help="training images.")
     parser.add_argument("--held-out-count", type=_positive_int, default=400, help="held-out images scored.")
