@@ -77,8 +77,7 @@ def _canvas_stream(count, split, seed, to_example):
     """A tf.data pipeline of `to_example(canvas arrays)` dicts, as a mocked tfds split yields them."""
     import tensorflow as tf
 
-    made = canvases.digit_canvases(count, SIZE, digit_sizes=(3 * SIZE // 16, 3 * SIZE // 8), split=split,
-                                   seed=seed, digits=DIGITS)
+    made = canvases.digit_canvases(count, SIZE, split=split, seed=seed, digits=DIGITS)
     examples = [to_example(*arrays) for arrays in zip(made.images, made.masks, made.boxes, made.labels)]
     signature = tf.nest.map_structure(lambda a: tf.TensorSpec((None,) * a.ndim, tf.as_dtype(a.dtype)),
                                       examples[0])

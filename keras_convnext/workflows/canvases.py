@@ -80,7 +80,12 @@ def _background(rng, size):
     return np.clip(colour + rng.normal(0.0, 10.0, size=(size, size, 3)), 0, 255)
 
 
-def digit_canvases(count, canvas_size=128, digits_per_canvas=(1, 4), digit_sizes=(24, 48), split="train",
+def default_digit_sizes(canvas_size):
+    """`(smallest, largest)` digit side for a canvas: 3/16 and 3/8 of it, 24 and 48 pixels on 128."""
+    return max(4, 3 * canvas_size // 16), max(4, 3 * canvas_size // 8)
+
+
+def digit_canvases(count, canvas_size=128, digits_per_canvas=(1, 4), digit_sizes=None, split="train",
                    seed=0, digits=None):
     """Builds `count` canvases of scanned digits with their boxes, classes and masks.
 
@@ -91,6 +96,7 @@ def digit_canvases(count, canvas_size=128, digits_per_canvas=(1, 4), digit_sizes
             a digit that finds no free place is left out.
         digit_sizes: `(smallest, largest)` side in pixels, inclusive, that an
             8x8 scan is scaled to; the ink box is within that square.
+            None: `default_digit_sizes(canvas_size)`.
         split: `"train"` or `"held_out"`: which of scikit-learn's scans to
             use (disjoint sets, so held-out canvases show unseen handwriting).
         seed: the canvases, the scans chosen and their places follow from it.
@@ -101,7 +107,7 @@ def digit_canvases(count, canvas_size=128, digits_per_canvas=(1, 4), digit_sizes
         A `Canvases` tuple of numpy arrays.
     """
     fewest, most = digits_per_canvas
-    smallest, largest = digit_sizes
+    smallest, largest = digit_sizes or default_digit_sizes(canvas_size)
     if not 1 <= fewest <= most or not 4 <= smallest <= largest <= canvas_size:
         raise ValueError(
             f"need 1 <= digits_per_canvas[0] <= digits_per_canvas[1] and 4 <= digit_sizes[0] <= "

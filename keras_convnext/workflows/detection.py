@@ -53,8 +53,7 @@ class DetectionData(NamedTuple):
 
 def _canvas_data(image_size, train_count, held_out_count, batch_size, seed, digits=None):
     tf = tasks.tensorflow()
-    # Digits of 3/16 to 3/8 of the canvas: 24 to 48 pixels on 128.
-    sizes = (max(4, 3 * image_size // 16), max(4, 3 * image_size // 8))
+    sizes = canvases.default_digit_sizes(image_size)
     common = dict(canvas_size=image_size, digit_sizes=sizes, digits=digits)
     train = canvases.digit_canvases(train_count, split="train", seed=seed, **common)
     held_out = canvases.digit_canvases(held_out_count, split="held_out", seed=seed + 1, **common)
@@ -65,8 +64,7 @@ def _canvas_data(image_size, train_count, held_out_count, batch_size, seed, digi
         train=tasks.batches(pipeline, batch_size, seed),
         held_out=BoxSet(held_out.images, held_out.boxes, held_out.labels),
         class_names=canvases.DIGIT_CLASS_NAMES,
-        # The smallest anchor, 8 * anchor_size pixels, is the smallest digit's square.
-        anchor_size=sizes[0] / 8,
+        anchor_size=sizes[0] / 8,  # the smallest anchor (8 * anchor_size pixels) is the smallest digit's square
     )
 
 

@@ -45,8 +45,7 @@ class SegmentationData(NamedTuple):
 
 def _canvas_data(image_size, train_count, held_out_count, batch_size, seed, digits=None):
     tf = tasks.tensorflow()
-    sizes = (max(4, 3 * image_size // 16), max(4, 3 * image_size // 8))
-    common = dict(canvas_size=image_size, digit_sizes=sizes, digits=digits)
+    common = dict(canvas_size=image_size, digits=digits)
     train = canvases.digit_canvases(train_count, split="train", seed=seed, **common)
     held_out = canvases.digit_canvases(held_out_count, split="held_out", seed=seed + 1, **common)
     pipeline = tf.data.Dataset.from_tensor_slices((train.images, train.masks)).map(
