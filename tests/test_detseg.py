@@ -81,7 +81,8 @@ def _canvas_stream(count, split, seed, to_example):
     examples = [to_example(*arrays) for arrays in zip(made.images, made.masks, made.boxes, made.labels)]
     signature = tf.nest.map_structure(lambda a: tf.TensorSpec((None,) * a.ndim, tf.as_dtype(a.dtype)),
                                       examples[0])
-    return tf.data.Dataset.from_generator(lambda: iter(examples), output_signature=signature)
+    dataset = tf.data.Dataset.from_generator(lambda: iter(examples), output_signature=signature)
+    return dataset.apply(tf.data.experimental.assert_cardinality(count))  # as a tfds split knows its size
 
 
 def _voc_example(image, mask, boxes, labels):

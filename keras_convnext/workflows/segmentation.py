@@ -165,7 +165,8 @@ def finetune_segmenter(data="digit_canvases", model="ConvNeXtV2Atto", depths=Non
     import keras
 
     keras.utils.set_random_seed(seed)
-    dataset = load_segmentation_data(data, image_size, train_count, held_out_count, batch_size, seed)
+    dataset = load_segmentation_data(data, image_size, train_count, held_out_count, batch_size, seed,
+                                     digits=digits)
     num_classes = len(dataset.class_names)
     encoder = tasks.build_encoder(model, image_size, weights, depths, dims)
     segmenter = build_segmenter(encoder, num_classes)
@@ -173,6 +174,7 @@ def finetune_segmenter(data="digit_canvases", model="ConvNeXtV2Atto", depths=Non
     tasks.compile_for_fine_tuning(
         segmenter, learning_rate, weight_decay, epochs * steps,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="pixel_accuracy")],  # the masks are class ids
     )
     history, seconds = tasks.fit(segmenter, dataset.train, epochs, verbose)
     evaluation = evaluate_segmenter(segmenter, dataset.held_out, num_classes, dataset.background_class,
