@@ -64,7 +64,8 @@ def _pet_example(example, image_size):
     import tensorflow as tf  # traced by tf.data: a plain import (the loader has checked it is there)
     image = tf.image.resize(tf.cast(example["image"], "float32"), (image_size, image_size), antialias=True)
     mask = tf.image.resize(example["segmentation_mask"], (image_size, image_size), method="nearest")
-    return tf.clip_by_value(image, 0.0, 255.0), tf.cast(mask, "int32") - 1
+    image = tf.ensure_shape(tf.clip_by_value(image, 0.0, 255.0), (image_size, image_size, 3))
+    return image, tf.reshape(tf.cast(mask, "int32") - 1, (image_size, image_size, 1))
 
 
 def _pet_data(image_size, train_count, held_out_count, batch_size, seed, data_dir=None):
