@@ -79,8 +79,7 @@ def _voc_example(example, image_size):
     boxes = tf.pad(boxes, [[0, padding], [0, 0]], constant_values=-1.0)
     labels = tf.pad(labels, [[0, padding]], constant_values=-1)
     image = tf.ensure_shape(tf.clip_by_value(image, 0.0, 255.0), (image_size, image_size, 3))
-    return image, {"boxes": tf.ensure_shape(boxes, (MAX_BOXES, 4)),
-                                                 "labels": tf.ensure_shape(labels, (MAX_BOXES,))}
+    return image, {"boxes": tf.ensure_shape(boxes, (MAX_BOXES, 4)), "labels": tf.ensure_shape(labels, (MAX_BOXES,))}
 
 
 def _voc_data(image_size, train_count, held_out_count, batch_size, seed, data_dir=None):
