@@ -15,6 +15,7 @@ OPTIONAL = {
     "onnxruntime": ("onnxruntime", "export"),
     "ai_edge_litert": ("ai-edge-litert", "export"),
     "transformers": ("transformers", "benchmark"),
+    "pycocotools": ("pycocotools", "detection"),
     "torch": ("torch", "torch"),
     "jax": ("jax", "jax"),
 }
