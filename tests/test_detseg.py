@@ -16,6 +16,8 @@ import sys
 import numpy as np
 import pytest
 
+import keras
+
 from keras_convnext.workflows import canvases, coco
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,6 +33,16 @@ TINY = ["--image-size", str(SIZE), "--depths", "1,1,1,1", "--dims", "16,32,64,12
 TRAINING = ["--train-count", "96", "--held-out-count", "16", "--epochs", "3", "--batch-size", "8",
             "--learning-rate", "3e-3"]
 OFFLINE = ["--digits", ",".join(map(str, DIGITS))]
+
+
+BACKEND = keras.backend.backend()
+
+
+def _run_under(*backends):
+    """Each backend trains one segmentation and one detection example; together they cover every source."""
+    return pytest.mark.skipif(
+        BACKEND not in backends, reason=f"this data source is trained under {' and '.join(backends)}"
+    )
 
 
 def _needs(*modules):
@@ -116,6 +128,7 @@ def _segment(tmp_path, *flags):
     return segmentation.main([*TINY, "--output-dir", str(tmp_path), *flags])["evaluation"]
 
 
+@_run_under("jax", "torch")
 def test_segmentation_example_beats_chance_on_canvases(tmp_path):
     _needs("keras_hub", "sklearn", "matplotlib")
     scores = _segment(tmp_path, *TRAINING, *OFFLINE)
@@ -125,6 +138,7 @@ def test_segmentation_example_beats_chance_on_canvases(tmp_path):
         assert os.path.getsize(tmp_path / name) > 0, name
 
 
+@_run_under("tensorflow")
 def test_segmentation_example_beats_chance_on_mock_oxford_iiit_pet(tmp_path):
     _needs("keras_hub", "tensorflow_datasets", "matplotlib")
     with _mock_tfds(_pet_example, 96):
@@ -141,6 +155,7 @@ def _assert_detector_trained_and_scored(scores, history):
     assert 0.0 < scores["chance_map"] < scores["chance_map50"] < 0.1, scores
 
 
+@_run_under("tensorflow")
 def test_detection_example_trains_and_scores_on_canvases(tmp_path):
     _needs("keras_hub", "pycocotools", "sklearn", "matplotlib")
     result = detection.main([*TINY, "--output-dir", str(tmp_path), *TRAINING, *OFFLINE])
@@ -150,6 +165,7 @@ def test_detection_example_trains_and_scores_on_canvases(tmp_path):
         assert os.path.getsize(tmp_path / name) > 0, name
 
 
+@_run_under("jax", "torch")
 def test_detection_example_trains_and_scores_on_mock_voc(tmp_path):
     _needs("keras_hub", "pycocotools", "tensorflow_datasets", "matplotlib")
     with _mock_tfds(_voc_example, 96):
