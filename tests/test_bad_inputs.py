@@ -156,6 +156,13 @@ def _load(setup, path):
     return lambda: kc.load_weights(setup.model, path)
 
 
+def _v1_weights_file(setup):
+    """A `.weights.h5` file saved from a V1 model of the classifier's size, for the V2 classifier."""
+    path = _in(setup, "v1.weights.h5")
+    kc.ConvNeXt(*TINY, version="v1", classes=4, input_shape=(32, 32, 3)).save_weights(path)
+    return _load(setup, path)
+
+
 def _load_saved(obj, name="checkpoint.pth", **save_kwargs):
     def prepare(setup):
         return _load(setup, _saved(setup, name, obj() if callable(obj) else obj, **save_kwargs))
@@ -363,6 +370,7 @@ CHECKPOINT_CASES = [
     Case("a model that is not a ConvNeXt", lambda s: lambda: kc.load_weights(keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]), {"w": np.ones(2)}), TypeError, "has no ConvNeXt stem"),
     Case("a directory as the checkpoint", lambda s: _load(s, s.folder), IsADirectoryError, "is a directory"),
     Case("missing .weights.h5 file", lambda s: _load(s, _in(s, "none.weights.h5")), FileNotFoundError, "No checkpoint file"),
+    Case(".weights.h5 of the other version", _v1_weights_file, kc.CheckpointError, r"ConvNeXt V1 \(layer scale\) model; 'tiny' is a ConvNeXt V2 \(GRN\)"),
     Case("weights= of the wrong type", _call(lambda s: kc.ConvNeXt(*TINY, input_shape=(32, 32, 3), weights=["imagenet"])), TypeError, "weights must be None, a registry tag"),
     Case("an unusable cache directory", lambda s: _registry_load_with_cache_in(s, _user_file(s, "cache_is_a_file")), OSError, "cannot be used.*KERAS_CONVNEXT_CACHE_DIR"),
 ]
@@ -445,6 +453,12 @@ def _fcmae(**kwargs):
     return lambda setup: lambda: kc.FCMAE(**arguments)
 
 
+def _transfer(first, second):
+    from keras_convnext.fcmae import transfer_encoder
+
+    return lambda setup: lambda: transfer_encoder(first(setup), second(setup))
+
+
 def _mask_with_visible(counts, grid=(2, 2)):
     """Masks `(len(counts), *grid)` with `counts[i]` visible (0) patches in image i."""
     masks = np.ones((len(counts),) + grid, "float32")
@@ -469,6 +483,8 @@ _call_with_batch_mismatch = _call(
 
 
 FCMAE_CASES = [
+    Case("transfer_encoder, arguments swapped", _transfer(lambda s: s.model, lambda s: s.fcmae), TypeError, "takes the pre-trained FCMAE model first"),
+    Case("transfer_encoder into a path", _transfer(lambda s: s.fcmae, lambda s: "model.keras"), TypeError, "must be a ConvNeXt model; got str"),
     Case("input_shape None", _fcmae(input_shape=None), ValueError, r"needs a fixed input_shape.*got None"),
     Case("mask_ratio 0", _fcmae(mask_ratio=0.0), ValueError, r"in \(0, 1\).*loss is always 0"),
     Case("mask_ratio 1", _fcmae(mask_ratio=1.0), ValueError, r"in \(0, 1\)"),

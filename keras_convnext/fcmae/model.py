@@ -392,6 +392,13 @@ def transfer_encoder(fcmae, classifier):
     fine-tuning recipe. All or nothing: on any mismatch nothing is copied.
     Returns `classifier`.
     """
+    if not isinstance(fcmae, FCMAE):
+        raise TypeError(
+            "transfer_encoder(fcmae, classifier) takes the pre-trained FCMAE model first and the "
+            f"ConvNeXt model to fill second; got {type(fcmae).__name__} first."
+        )
+    if not isinstance(classifier, keras.Model):
+        raise TypeError(f"transfer_encoder's second argument must be a ConvNeXt model; got {type(classifier).__name__}.")
     source = {variable.path: variable for variable in fcmae.encoder.weights}
     target = {
         variable.path: variable

@@ -30,15 +30,19 @@ from keras_convnext.weights.naming import CLASSIFIER_PREFIX, HEAD_PREFIXES
 _DENSE_KERNEL = "layers/dense/vars/0"
 _NORMALIZATION_GROUP = "layers/image_normalization"
 _CHANNELS_FIRST_GROUP = "layers/permute"
+# What the file's first block holds tells the ConvNeXt version that saved it.
+_VERSION_GROUPS = {"v2": "layers/conv_ne_xt_block/grn", "v1": "layers/conv_ne_xt_block/layer_scale"}
+_VERSION_NAMES = {"v1": "ConvNeXt V1 (layer scale)", "v2": "ConvNeXt V2 (GRN)"}
 
 
 def _file_layout(path):
-    """`(classes or None, has preprocessing, channels_first)` of the model that saved `path`."""
+    """`(classes or None, has preprocessing, channels_first, version or None)` of the model that saved `path`."""
     try:
         with h5py.File(path, "r") as handle:
             kernel = handle.get(_DENSE_KERNEL)
             classes = None if kernel is None else int(kernel.shape[-1])
-            return classes, _NORMALIZATION_GROUP in handle, _CHANNELS_FIRST_GROUP in handle
+            version = next((name for name, group in _VERSION_GROUPS.items() if group in handle), None)
+            return classes, _NORMALIZATION_GROUP in handle, _CHANNELS_FIRST_GROUP in handle, version
     except OSError as error:
         raise CheckpointError(
             f"Could not read the Keras weights file {path} ({error}); it is damaged or not a "
@@ -65,7 +69,13 @@ def _file_model(model, path):
     if version is None or None in dims:
         raise CheckpointError(f"'{model.name}' is not a ConvNeXt model ({text}).")
     kernel_size = shapes["stage0_block0/dwconv/kernel"][0]
-    classes, preprocessing, channels_first = _file_layout(path)
+    classes, preprocessing, channels_first, file_version = _file_layout(path)
+    if file_version is not None and file_version != version:
+        raise CheckpointError(
+            f"{path} holds the weights of a {_VERSION_NAMES[file_version]} model; '{model.name}' is a "
+            f"{_VERSION_NAMES[version]} model. Nothing was loaded; load it into a model of the version "
+            "that saved it."
+        )
     with _settings(channels_first):
         return ConvNeXt(
             depths, dims, version=version, include_top=classes is not None, classes=classes or 1,
