@@ -16,7 +16,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-from keras_convnext import hub
 from keras_convnext.workflows import canvases, coco, task_plots, tasks
 
 DATA_CHOICES = ("digit_canvases", "voc")
@@ -125,6 +124,8 @@ def build_detector(encoder, num_classes, anchor_size=4.0, head_conv_layers=2):
         head_conv_layers: 3x3 convolutions (256 channels) in each head before
             its output (RetinaNet's paper uses 4).
     """
+    from keras_convnext import hub  # imports Keras: here, so that the command line's --help needs none
+
     keras_hub = hub.import_keras_hub()
     anchor_generator = keras_hub.layers.AnchorGenerator(
         bounding_box_format="yxyx", min_level=3, max_level=7, num_scales=3, aspect_ratios=[0.5, 1.0, 2.0],

@@ -16,7 +16,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-from keras_convnext import hub
 from keras_convnext.workflows import canvases, task_plots, tasks
 
 DATA_CHOICES = ("digit_canvases", "oxford_iiit_pet")
@@ -106,6 +105,8 @@ def build_segmenter(encoder, num_classes):
     where taps at rates up to 3 still land inside it; DeepLabV3's own 6, 12,
     18 suit 512-pixel images at stride 16.
     """
+    from keras_convnext import hub  # imports Keras: here, so that the command line's --help needs none
+
     return hub.deeplabv3_segmenter(
         encoder, num_classes, spatial_pyramid_pooling_key="P5", low_level_feature_key="P2",
         dilation_rates=(1, 2, 3),
