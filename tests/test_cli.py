@@ -282,12 +282,15 @@ def test_wheel_runs_every_command_on_digits(installed_wheel, tmp_path):
     done = cli("predict", "digit.png", "--model-path", "run/model.keras", "--top", "2")
     assert done.stdout.splitlines()[0] == "digit.png" and "  2. class " in done.stdout
 
-    done = cli("export", "--model-path", "run/model.keras", "--format", "tflite", "-o", "exported")
-    assert os.path.getsize(tmp_path / "exported" / "model.tflite") > 0 and "tflite" in done.stdout
-    before = (tmp_path / "exported" / "model.tflite").read_bytes()
+    # A file of the user's where the export goes: refused without --overwrite, replaced with it.
+    (tmp_path / "exported").mkdir()
+    (tmp_path / "exported" / "model.tflite").write_bytes(b"the user's file")
     done = cli("export", "--model-path", "run/model.keras", "--format", "tflite", "-o", "exported", status=1)
-    assert "overwrite" in done.stderr and (tmp_path / "exported" / "model.tflite").read_bytes() == before
-    cli("export", "--model-path", "run/model.keras", "--format", "tflite", "-o", "exported", "--overwrite")
+    assert "overwrite" in done.stderr
+    assert (tmp_path / "exported" / "model.tflite").read_bytes() == b"the user's file"
+    done = cli("export", "--model-path", "run/model.keras", "--format", "tflite", "-o", "exported", "--overwrite")
+    with open(tmp_path / "exported" / "model.tflite", "rb") as f:
+        assert f.read(8)[4:8] == b"TFL3" and "tflite" in done.stdout
 
     # No network: every registry entry is unreachable, so nothing is converted.
     offline = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "https_proxy":
