@@ -437,11 +437,42 @@ def _small_batches():
 
 SMALL = r"at least 32x32 pixels; got 16x16 \(images of shape \(2, 16, 16, 3\), channels_last\)"
 
+
+def _mixed_size_batches(index):
+    """Batch `index` of a source whose first batch is 32x32 and later ones 16x16, so that its
+    shape, as Keras infers it from the first batches, leaves the image size unknown."""
+    size = 32 if index == 0 else 16
+    return np.zeros((2, size, size, 3), "float32"), np.ones((2,), "int64")
+
+
+class _MixedSizePyDataset(keras.utils.PyDataset):
+    def __len__(self):
+        return 3
+
+    def __getitem__(self, index):
+        return _mixed_size_batches(index)
+
+
+def _mixed_size_loader():
+    import torch
+
+    class Batches(torch.utils.data.Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, index):
+            return _mixed_size_batches(index)
+
+    return torch.utils.data.DataLoader(Batches(), batch_size=None)
+
 PIPELINE_CASES = [
     Case("predict on tf.data of unknown size", _call(lambda s: s.model.predict(_unknown_size_dataset(16), verbose=0)), ValueError, SMALL),
     Case("evaluate on tf.data of unknown size", _compiled_model_on("evaluate", lambda: _unknown_size_dataset(16, labels=True)), ValueError, SMALL),
     Case("fit on tf.data of unknown size", _compiled_model_on("fit", lambda: _unknown_size_dataset(16, labels=True)), ValueError, SMALL),
     Case("fit on a generator of small batches", _compiled_model_on("fit", _small_batches), ValueError, SMALL),
+    Case("fit on a PyDataset of mixed sizes", _compiled_model_on("fit", _MixedSizePyDataset), ValueError, SMALL),
+    Case("evaluate on a PyDataset of mixed sizes", _compiled_model_on("evaluate", _MixedSizePyDataset), ValueError, SMALL),
+    Case("fit on a PyTorch DataLoader of mixed sizes", _compiled_model_on("fit", _mixed_size_loader), ValueError, SMALL),
 ]
 
 
@@ -514,6 +545,7 @@ FCMAE_CASES = [
     Case("decoder_dim 8.5", _fcmae(decoder_dim=8.5), ValueError, "decoder_dim must be an integer"),
     Case("decoder_dim as text", _fcmae(decoder_dim="8"), ValueError, "decoder_dim must be an integer"),
     Case("negative decoder_depth", _fcmae(decoder_depth=-1), ValueError, "decoder_depth must be an integer of at least 0"),
+    Case("seed as text", _fcmae(seed="0"), ValueError, "seed must be an integer or None; got '0'"),
     Case("weights as a number", _fcmae(weights=123), TypeError, "file path .*or as a mapping"),
     Case("load_checkpoint of None", _call(lambda s: s.fcmae.load_checkpoint(None)), TypeError, "file path .*or as a mapping"),
     Case("images of another size", _call(lambda s: s.fcmae(np.zeros((1, 32, 32, 3), "float32"))), ValueError, r"built for 64x64 images.*Resize the images\."),
@@ -546,6 +578,19 @@ def test_bad_input(case, models, tmp_path, monkeypatch):
     # Nothing written, replaced or removed (no artifact, temporary, or marker of code that ran).
     assert _tree(tmp_path) == files_before
     for before, after in zip(weights_before, _weights(classifier) + _weights(fcmae)):
+        np.testing.assert_array_equal(before, after)
+
+
+def test_validation_images_are_checked_before_any_training():
+    model = kc.ConvNeXt(*TINY, version="v2", classes=4, input_shape=(None, None, 3))
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    weights_before = _weights(model)
+    images, labels = np.ones((2, 32, 32, 3), "float32"), np.ones((2,), "int64")
+    with pytest.raises(ValueError, match=SMALL):
+        model.fit(images, labels, validation_data=(np.ones((2, 16, 16, 3), "float32"), labels), verbose=0)
+    with pytest.raises(ValueError, match=SMALL):
+        model.fit(images, labels, validation_data=_small_batches(), validation_steps=1, verbose=0)
+    for before, after in zip(weights_before, _weights(model)):
         np.testing.assert_array_equal(before, after)
 
 

@@ -147,6 +147,9 @@ def test_bad_input_tensors_are_named(tensor, match):
         (dict(drop_path_rate=float("nan")), "got nan"),
         (dict(drop_path_rate="0.1"), "got '0.1'"),
         (dict(pooling="mean"), "pooling"),
+        (dict(classifier_activation="softmaxx"), "classifier_activation must be None .*got 'softmaxx'"),
+        (dict(classifier_activation=3), "classifier_activation .*got 3"),
+        (dict(name=5), "name must be a string; got 5"),
     ],
 )
 def test_bad_constructor_arguments_are_named(arguments, match):

@@ -1,5 +1,6 @@
 """FCMAE: masked-autoencoder pre-training of ConvNeXt V2 (or V1) as a `keras.Model`."""
 
+import numbers
 import os
 
 import keras
@@ -168,6 +169,8 @@ class FCMAE(keras.Model):
     ):
         super().__init__(**kwargs)
         mask_ratio = _check_mask_ratio(mask_ratio)  # before the encoder is built: a quick refusal
+        if seed is not None and not (isinstance(seed, numbers.Integral) and not isinstance(seed, bool)):
+            raise ValueError(f"seed must be an integer or None; got {seed!r}.")
         if not isinstance(input_shape, (tuple, list)):
             raise ValueError(
                 "FCMAE needs a fixed input_shape, (height, width, channels) with sides multiples of the "

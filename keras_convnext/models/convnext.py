@@ -84,7 +84,8 @@ def _four_entries(value):
         return False
 
 
-def _check_arguments(version, stage_depths, stage_dims, kernel_size, include_top, pooling, classes, drop_path_rate):
+def _check_arguments(version, stage_depths, stage_dims, kernel_size, include_top, pooling, classes, drop_path_rate,
+                     classifier_activation, name):
     if version not in ("v1", "v2"):
         raise ValueError(f'version must be "v1" or "v2"; got {version!r}.')
     if not (_four_entries(stage_depths) and _four_entries(stage_dims)):
@@ -97,11 +98,21 @@ def _check_arguments(version, stage_depths, stage_dims, kernel_size, include_top
         raise ValueError(f"stage_dims must be positive integers; got {stage_dims}.")
     if not (_is_integer(kernel_size) and kernel_size >= 1 and kernel_size % 2 == 1):
         raise ValueError(f"kernel_size must be an odd positive integer (7 in every official model); got {kernel_size!r}.")
-    check_head_arguments(include_top, pooling, classes, drop_path_rate)
+    check_head_arguments(include_top, pooling, classes, drop_path_rate, classifier_activation, name)
 
 
-def check_head_arguments(include_top, pooling, classes, drop_path_rate):
-    """The checks every ConvNeXt builder shares: the head, the pooling and the drop-path rate."""
+def check_head_arguments(include_top, pooling, classes, drop_path_rate, classifier_activation=None, name=None):
+    """The checks every ConvNeXt builder shares: the head, the pooling, the drop-path rate and the name."""
+    if name is not None and not isinstance(name, str):
+        raise ValueError(f"name must be a string; got {name!r}.")
+    if include_top and classifier_activation is not None and not callable(classifier_activation):
+        try:
+            keras.activations.get(classifier_activation)
+        except (TypeError, ValueError):
+            raise ValueError(
+                "classifier_activation must be None (the head returns logits), the name of a Keras "
+                f"activation such as 'softmax', or a callable; got {classifier_activation!r}."
+            ) from None
     if pooling not in (None, "avg", "max"):
         raise ValueError(f'pooling must be None, "avg" or "max"; got {pooling!r}.')
     if include_top and not (_is_integer(classes) and classes >= 1):
@@ -215,7 +226,8 @@ def ConvNeXt(
         map `(batch, height / 32, width / 32, dims[-1])`;
         `keras_convnext.stage_features(model)` gives all four stages.
     """
-    _check_arguments(version, stage_depths, stage_dims, kernel_size, include_top, pooling, classes, drop_path_rate)
+    _check_arguments(version, stage_depths, stage_dims, kernel_size, include_top, pooling, classes, drop_path_rate,
+                     classifier_activation, name)
     classes = int(classes) if include_top else classes  # Keras' Dense takes Python integers only.
     if version == "v1" and layer_scale_init_value is None:
         layer_scale_init_value = 1e-6

@@ -8,6 +8,7 @@ leaves the model without its weights (see `kept_on_failure`).
 """
 
 import contextlib
+import itertools
 import os
 import types
 
@@ -185,12 +186,39 @@ def checked_images(model, data):
         return _checked_batches(model, data)
     if _is_dataset(data) and _sizes_unknown(data):
         return _checked_dataset(model, data)
+    if isinstance(data, keras.utils.PyDataset) and not data.use_multiprocessing:
+        return _CheckedPyDataset(model, data)
+    if keras.backend.backend() == "tensorflow" and _is_torch_loader(data):
+        # On JAX and PyTorch, every batch reaches the model's own check with its
+        # shape known; TensorFlow traces the step for the sizes of the loader's
+        # first batches, which may leave them unknown.
+        return _checked_loader(model, data)
     return data
+
+
+def checked_validation_data(model, validation_data):
+    """`fit`'s `validation_data`, checked as `checked_images` checks `x`, before any training."""
+    if isinstance(validation_data, (tuple, list)) and validation_data:
+        return (checked_images(model, validation_data[0]), *validation_data[1:])
+    if isinstance(validation_data, types.GeneratorType):
+        # Its first batch now rather than after the first epoch's training.
+        first = next(validation_data, None)
+        if first is None:
+            return validation_data
+        check_image_shape(model, static_shape(_first_item(first)))
+        return _checked_batches(model, itertools.chain([first], validation_data))
+    return checked_images(model, validation_data)
 
 
 # Failures of per-batch checks, by model id, until `kept_on_failure` raises them.
 # A dataset's check runs in a TensorFlow thread, so this is shared, not thread-local.
 _FAILED_BATCH_CHECKS = {}
+
+
+def check_batch(model, images):
+    """`check_image_shape` for one batch inside `predict`, `evaluate` or `fit`, where
+    `kept_on_failure` reports a failure with this check's own error."""
+    _check_batch(model, static_shape(images))
 
 
 def _check_batch(model, shape):
@@ -202,13 +230,69 @@ def _check_batch(model, shape):
 
 
 def _first_item(element):
-    return element[0] if isinstance(element, tuple) and element else element
+    return element[0] if isinstance(element, (tuple, list)) and element else element
 
 
 def _checked_batches(model, batches):
     for batch in batches:
         _check_batch(model, static_shape(_first_item(batch)))
         yield batch
+
+
+class _CheckedPyDataset(keras.utils.PyDataset):
+    """A view of a `PyDataset` that checks each batch's images before the model sees them."""
+
+    def __init__(self, model, dataset):
+        super().__init__(workers=dataset.workers, use_multiprocessing=False, max_queue_size=dataset.max_queue_size)
+        self._model = model
+        self._dataset = dataset
+
+    def __len__(self):
+        return len(self._dataset)
+
+    @property
+    def num_batches(self):
+        return self._dataset.num_batches
+
+    def __getitem__(self, index):
+        batch = self._dataset[index]
+        _check_batch(self._model, static_shape(_first_item(batch)))
+        return batch
+
+    def on_epoch_begin(self):
+        self._dataset.on_epoch_begin()
+
+    def on_epoch_end(self):
+        self._dataset.on_epoch_end()
+
+
+def _is_torch_loader(data):
+    """Whether `data` is a PyTorch `DataLoader` (without importing PyTorch for other data)."""
+    if not type(data).__module__.startswith("torch"):
+        return False
+    import torch
+
+    return isinstance(data, torch.utils.data.DataLoader)
+
+
+def _checked_loader(model, loader):
+    """A view of a PyTorch `DataLoader` that checks each batch's images as it yields them."""
+    import torch
+
+    class CheckedLoader(torch.utils.data.DataLoader):
+        # Keras reads a loader's `dataset`, `batch_size` and length, and iterates
+        # it; `DataLoader.__init__` would start a second loader over the data.
+        def __init__(self):
+            self.dataset = loader.dataset
+            self.batch_size = loader.batch_size
+
+        def __len__(self):
+            return len(loader)
+
+        def __iter__(self):
+            return _checked_batches(model, iter(loader))
+
+    return CheckedLoader()
 
 
 def _is_dataset(data):

@@ -60,7 +60,7 @@ def ConvNeXtIsotropic(
     for label, value in (("depth", depth), ("dim", dim)):
         if not (_is_integer(value) and value >= 1):
             raise ValueError(f"{label} must be a positive integer; got {value!r}.")
-    check_head_arguments(include_top, pooling, classes, drop_path_rate)
+    check_head_arguments(include_top, pooling, classes, drop_path_rate, classifier_activation, name)
     data_format = keras.config.image_data_format()
 
     inputs, channels = _image_input(input_tensor, input_shape, data_format)

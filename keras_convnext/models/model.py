@@ -8,7 +8,13 @@ from keras_convnext.layers.block import ConvNeXtBlock
 from keras_convnext.layers.layer_norm import LayerNorm
 from keras_convnext.layers.pointwise import PatchConv2D
 from keras_convnext.layers.preprocessing import ImageNormalization
-from keras_convnext.models.inputs import check_images, checked_images, kept_on_failure
+from keras_convnext.models.inputs import (
+    check_batch,
+    check_images,
+    checked_images,
+    checked_validation_data,
+    kept_on_failure,
+)
 from keras_convnext.models.pyramid import build_pyramid_outputs
 from keras_convnext.ops import platform
 
@@ -82,6 +88,10 @@ class ConvNeXtModel(keras.Model):
 
     def call(self, inputs, training=None, mask=None):
         symbolic = isinstance(inputs, keras.KerasTensor)
+        if not symbolic and platform.in_stateless_scope():
+            # JAX's `fit`, `evaluate` and `predict` call the model through
+            # `stateless_call`, past `__call__`'s check; each traced batch's shape is known.
+            check_batch(self, inputs)
         # Under `keras.RematScope`, `training` can be a traced value, which
         # has no Python truth value: only a plain None or False is inference.
         inference = training is None or training is False
@@ -218,6 +228,8 @@ class ConvNeXtModel(keras.Model):
 
     def fit(self, x=None, *args, **kwargs):
         x = checked_images(self, x)
+        if kwargs.get("validation_data") is not None:
+            kwargs["validation_data"] = checked_validation_data(self, kwargs["validation_data"])
         with kept_on_failure(self, training=True):
             return super().fit(x, *args, **kwargs)
 
