@@ -111,31 +111,77 @@ def _require_exporters(formats, verify):
         require("skimage", "verifying the export on sample photographs")
 
 
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def _calibration_images(path, count, image_size):
+    """Up to `count` float32 images from a folder of image files or a `.npy` array `(n, h, w, 3)`."""
+    import numpy as np
+
+    if os.path.isdir(path):
+        from keras_convnext._deps import require
+        from keras_convnext.workflows.prediction import load_image
+
+        require("PIL", "reading calibration images")
+        names = sorted(n for n in os.listdir(path) if n.lower().endswith(_IMAGE_SUFFIXES))[:count]
+        if not names:
+            raise UsageError(f"--calibration-images {path!r} holds no image files ({', '.join(_IMAGE_SUFFIXES)}).")
+        return np.stack([load_image(os.path.join(path, name), image_size) for name in names])
+    if path.endswith(".npy") and os.path.isfile(path):
+        try:
+            images = np.load(path, allow_pickle=False)
+        except ValueError as error:
+            raise UsageError(f"--calibration-images {path!r} is not a plain array file: {error}") from None
+        if images.ndim != 4:
+            raise UsageError(f"--calibration-images {path!r} must hold images (n, height, width, channels); "
+                             f"it holds shape {images.shape}.")
+        return images[:count].astype("float32")
+    raise UsageError(f"--calibration-images {path!r} must be a folder of images or a .npy file of them.")
+
+
 def run_export(argv):
-    from keras_convnext.export import _SUFFIX, FORMATS
+    from keras_convnext.export import _SUFFIX, ALL_FORMATS, FORMATS, FULL_INTEGER
 
     parser = argparse.ArgumentParser(
         prog=f"{PROG} export",
         description="Export a model to SavedModel / TFLite / ONNX and verify each artifact on real images.",
     )
     _add_model_arguments(parser)
-    parser.add_argument("--format", action="append", choices=FORMATS, help="repeatable; default: every format.")
+    parser.add_argument("--format", action="append", choices=ALL_FORMATS,
+                        help=f"repeatable; default: every format but {FULL_INTEGER}.")
     parser.add_argument("-o", "--output", required=True,
                         help="output directory (artifacts named model, model.tflite, model.onnx, ...).")
     parser.add_argument("--no-verify", action="store_true", help="skip the check against the Keras model.")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace existing artifacts (once the new ones are written and verified).")
+    parser.add_argument("--calibration-images", metavar="PATH",
+                        help=f"for {FULL_INTEGER}: a folder of your training images, or a .npy array of them "
+                             "(n, height, width, 3) in [0, 255].")
+    parser.add_argument("--calibration-count", type=int, default=100,
+                        help="calibration images to use (default 100).")
+    parser.add_argument("--min-agreement", type=float, default=1.0, metavar="FRACTION",
+                        help="top-1 agreement with the Keras model that quantized formats need (default 1.0).")
     args = parser.parse_args(argv)
     _check_backend(args.backend)
     formats = args.format or list(FORMATS)
+    if FULL_INTEGER in formats and not args.calibration_images:
+        raise UsageError(f"--format {FULL_INTEGER} needs --calibration-images: a folder of about 100 of your "
+                         "training images (or a .npy array of them).")
+    if args.calibration_count < 1:
+        raise UsageError(f"--calibration-count must be at least 1; got {args.calibration_count}.")
     _require_exporters(formats, not args.no_verify)
     from keras_convnext.export import export_formats
 
     model = _build_model(args)
+    calibration = None
+    if FULL_INTEGER in formats:
+        size = model.input_shape[1] or args.image_size
+        calibration = _calibration_images(args.calibration_images, args.calibration_count, size)
     targets = {f: os.path.join(args.output, "model" + _SUFFIX[f]) for f in formats}
     print(f"Exporting {model.name} to {', '.join(formats)} ...")
     reports = export_formats(
-        model, targets, verify_artifacts=not args.no_verify, verbose=False, overwrite=args.overwrite
+        model, targets, verify_artifacts=not args.no_verify, min_top1_agreement=args.min_agreement, verbose=False,
+        overwrite=args.overwrite, calibration_images=calibration,
     )
     for report in reports.values():
         print(report)

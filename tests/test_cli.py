@@ -136,6 +136,19 @@ def test_predict_failures_are_one_line_with_status_1_or_2(small_imagenet_model, 
                                   tmp_path), 1, "damaged.pt")
 
 
+@once
+def test_full_integer_export_needs_calibration_images(small_imagenet_model, tmp_path):
+    _, path, photo, _ = small_imagenet_model
+    export = ["export", "--model-path", path, "--format", "tflite-int8-full", "-o", "out"]
+    assert_one_line_error(run_cli(export, tmp_path), 2, "--calibration-images")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run_cli([*export, "--calibration-images", "empty"], tmp_path), 2, "holds no image files")
+    import numpy as np
+
+    np.save(tmp_path / "flat.npy", np.zeros((4, 32), "float32"))
+    assert_one_line_error(run_cli([*export, "--calibration-images", "flat.npy"], tmp_path), 2, "(4, 32)")
+    assert not (tmp_path / "out").exists()
+
 
 
 def _without(directory, *modules):
@@ -288,9 +301,15 @@ def test_wheel_runs_every_command_on_digits(installed_wheel, tmp_path):
     done = cli("export", "--model-path", "run/model.keras", "--format", "tflite", "-o", "exported", status=1)
     assert "overwrite" in done.stderr
     assert (tmp_path / "exported" / "model.tflite").read_bytes() == b"the user's file"
-    done = cli("export", "--model-path", "run/model.keras", "--format", "tflite", "-o", "exported", "--overwrite")
-    with open(tmp_path / "exported" / "model.tflite", "rb") as f:
-        assert f.read(8)[4:8] == b"TFL3" and "tflite" in done.stdout
+    (tmp_path / "calibration").mkdir()
+    for index, image in enumerate(images[:8]):
+        Image.fromarray(image).save(tmp_path / "calibration" / f"{index}.png")
+    done = cli("export", "--model-path", "run/model.keras", "--format", "tflite", "--format", "tflite-int8-full",
+               "--calibration-images", "calibration", "--min-agreement", "0.5", "-o", "exported", "--overwrite")
+    for name in ("model.tflite", "model_int8_full.tflite"):
+        with open(tmp_path / "exported" / name, "rb") as f:
+            assert f.read(8)[4:8] == b"TFL3", name
+    assert "tflite-int8-full" in done.stdout
 
     # No network: every registry entry is unreachable, so nothing is converted.
     offline = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "https_proxy":
