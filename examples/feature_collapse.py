@@ -26,7 +26,6 @@ one block for one image, as in its Figure 3. Writes into `--output-dir`:
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -135,35 +134,20 @@ def summarize(per_seed):
     }
 
 
-def write_json(path, record):
-    with open(path + ".partial", "w") as file:
-        json.dump(record, file, indent=1)
-    os.replace(path + ".partial", path)
-
-
-def load_record(path, args):
-    """The results of an earlier, possibly interrupted, run with the same settings, else a fresh record."""
-    settings = {key: value for key, value in vars(args).items() if key not in ("seeds", "output_dir", "backend")}
-    if os.path.exists(path):
-        with open(path) as file:
-            record = json.load(file)
-        if record.get("settings") == settings:
-            return record
-    return {"settings": settings, "runs": {}}
-
-
 def main(argv=None):
     """Runs the study; returns the contents of `results.json`."""
     args = parse_args(argv)
     select_backend(args.backend)
     import keras
     import keras_convnext as kc
+    from keras_convnext.workflows.common import load_record, write_json
     from keras_convnext import analysis
 
     os.makedirs(args.output_dir, exist_ok=True)
     train, held_out = load_images(args)
     results_path = os.path.join(args.output_dir, "results.json")
-    record = load_record(results_path, args)
+    settings = {key: value for key, value in vars(args).items() if key not in ("seeds", "output_dir", "backend")}
+    record = load_record(results_path, settings)
     record.update(backend=keras.backend.backend(), train_images=len(train), analysis_images=len(held_out))
 
     trainers = {}
@@ -190,7 +174,7 @@ def main(argv=None):
             if seed == args.seeds[0]:
                 grid = analysis.channel_activation_grid(trainer.model, held_out[0], args.block, k=64, columns=8)
                 analysis.save_grid(grid, os.path.join(args.output_dir, f"channels_{label[:2].lower()}.png"), scale=4)
-            write_json(results_path, record)
+            write_json(record, results_path)
             print(f"{key}: loss {losses[0]:.3f} -> {losses[-1]:.3f}, mean distance "
                   f"{np.mean(list(record['runs'][key]['distance'].values())):.4f} ({seconds} s)", flush=True)
 
@@ -202,7 +186,7 @@ def main(argv=None):
     for label in (label for label in ENCODERS if any(run["label"] == label for run in runs)):
         curves[label] = {block: [run["distance"][block] for run in runs if run["label"] == label] for block in blocks}
     record["summary"] = {name: summarize(per_seed) for name, per_seed in curves.items()}
-    write_json(results_path, record)
+    write_json(record, results_path)
     seeds = sorted({run["seed"] for run in record["runs"].values()})
     analysis.plot_feature_collapse(
         curves, os.path.join(args.output_dir, "distance.png"), normalized_depth=True,

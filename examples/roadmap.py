@@ -14,7 +14,6 @@ to the paper's numbers) into `--output-dir`.
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -39,6 +38,7 @@ import keras
 
 from keras_convnext import roadmap
 from keras_convnext.data import digits_arrays
+from keras_convnext.workflows.common import load_record, write_json
 
 
 def parse_args(argv):
@@ -165,22 +165,6 @@ def plot(results, path):
     os.replace(temporary, path)
 
 
-def write_json(path, record):
-    with open(f"{path}.partial", "w") as file:
-        json.dump(record, file, indent=1)
-    os.replace(f"{path}.partial", path)
-
-
-def load_record(path, settings):
-    """Runs of an earlier, possibly interrupted, study with the same settings, else none."""
-    if os.path.exists(path):
-        with open(path) as file:
-            record = json.load(file)
-        if record.get("settings") == settings:
-            return record
-    return {"settings": settings, "runs": {}}
-
-
 def summarize(record):
     """Per step with at least one run: its accuracies over the seeds, sizes and the paper's numbers."""
     results = []
@@ -232,12 +216,12 @@ def main(argv=None):
                 "gflops": flops / 1e9, "seconds": round(time.time() - started, 1),
             }
             record["results"] = summarize(record)
-            write_json(json_path, record)
+            write_json(record, json_path)
             print(f"{steps[name].label:40s} seed {seed}: accuracy {100 * accuracy:5.1f} % "
                   f"({time.time() - started:.0f} s)", flush=True)
             started = time.time()
     record["results"] = summarize(record)
-    write_json(json_path, record)
+    write_json(record, json_path)
     plot(record["results"], os.path.join(args.output_dir, "roadmap_digits.png"))
     for row in record["results"]:
         print(f"{row['label']:40s} {100 * row['accuracy_mean']:5.1f} +- {100 * row['accuracy_std']:4.1f} %  "

@@ -22,7 +22,6 @@ Ratios are medians of the turns' ratios, with their quartiles. Results go to
 
 import argparse
 import datetime
-import json
 import math
 import sys
 import time
@@ -133,16 +132,7 @@ def serve_training(fit_epoch, commands, output):
     `EXIT`. No untimed call before a request: an epoch is long enough that
     the caches' state at its start does not matter.
     """
-    fit_epoch()
-    fit_epoch()
-    output.write("READY\n")
-    output.flush()
-    for line in commands:
-        words = line.split()
-        if not words or words[0] == "EXIT":
-            break
-        output.write("TIMES " + json.dumps(throughput._call_times(fit_epoch, int(words[2]))) + "\n")
-        output.flush()
+    throughput.serve(lambda batch: fit_epoch(), [None], commands, output, untimed_first=False)
 
 
 def quartiles(values):

@@ -659,16 +659,16 @@ def _serving_inference(args):
     return _keras_inference(args)[1]
 
 
-def serve(infer, batch_sizes, commands, output):
+def serve(infer, batch_sizes, commands, output, untimed_first=True):
     """The worker side of `paired_latency`: times `infer(batch)` calls on request.
 
     Warms every batch size with two calls (compilation included), writes
     `READY`, then answers each `TIME <batch> <calls>` line of `commands` with
     `TIMES <JSON list of seconds, one per call>`, until `EXIT` or the end of
-    `commands`. Each request first makes one untimed call: the other
-    implementations ran since the last request, and their data evicted this
-    one's weights from the caches, which a process serving call after call
-    keeps warm.
+    `commands`. With `untimed_first`, each request first makes one untimed
+    call: the other implementations ran since the last request, and their
+    data evicted this one's weights from the caches, which a process serving
+    call after call keeps warm.
     """
     for batch in batch_sizes:
         infer(batch)
@@ -680,7 +680,8 @@ def serve(infer, batch_sizes, commands, output):
         if not words or words[0] == "EXIT":
             break
         batch, calls = int(words[1]), int(words[2])
-        infer(batch)
+        if untimed_first:
+            infer(batch)
         output.write("TIMES " + json.dumps(_call_times(lambda: infer(batch), calls)) + "\n")
         output.flush()
 

@@ -93,6 +93,17 @@ def write_json(value, path):
     os.replace(path + ".partial", path)
 
 
+def load_record(path, settings):
+    """The JSON record at `path` of an earlier, possibly interrupted, study run with the same
+    `settings`, else a fresh one: `{"settings": settings, "runs": {}}`."""
+    if os.path.exists(path):
+        with open(path) as file:
+            record = json.load(file)
+        if record.get("settings") == settings:
+            return record
+    return {"settings": settings, "runs": {}}
+
+
 def fit_and_save(model, datasets, output_dir, epochs, steps_per_epoch=None, verbose=True):
     """Fits on `datasets` and writes `model.keras` and `history.json` into `output_dir`.
 
