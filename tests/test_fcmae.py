@@ -429,7 +429,8 @@ def test_example_pretrains_on_mocked_tfds_and_writes_figures(tmp_path):
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     argv = ["--data", "tfds:cifar10", "--epochs", "2", "--batch-size", "4", "--num-images", "8",
-            "--image-size", "64", "--decoder-dim", "16", "--samples", "2", "--output", str(tmp_path)]
+            "--image-size", "64", "--depths", "1,1,1,1", "--dims", "8,8,16,16", "--decoder-dim", "16",
+            "--samples", "2", "--output", str(tmp_path)]
     with tfds.testing.mock_data(num_examples=8):
         result = example.main(argv)
     assert len(result["history"]) == 2 and np.isfinite(result["history"]).all()

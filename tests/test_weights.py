@@ -52,20 +52,32 @@ NAMINGS = {
 }
 
 
-@pytest.mark.parametrize("naming", sorted(NAMINGS))
-def test_v2_parity_in_every_naming(naming, hf_v2_atto, tmp_path):
+@pytest.fixture(scope="module")
+def runners():
+    """`{constructor: model}`, one per version: each naming's weights are copied into it and
+    run there, so that JAX and TensorFlow compile the model for each input size once, not
+    once per naming (every model instance is a new program for them)."""
+    options = dict(include_preprocessing=False, classifier_activation=None)
+    return {constructor: constructor(**options) for constructor in (kc.ConvNeXtV2Atto, kc.ConvNeXtAtto)}
+
+
+def _assert_naming_parity(constructor, naming, reference, runners, tmp_path):
     rename, filename, wrap = NAMINGS[naming]
-    path = _save(rename(_state_dict(hf_v2_atto)), tmp_path / filename, wrap)
-    model = kc.ConvNeXtV2Atto(weights=str(path), include_preprocessing=False, classifier_activation=None)
-    _assert_parity(model, hf_v2_atto)
+    path = _save(rename(_state_dict(reference)), tmp_path / filename, wrap)
+    loaded = constructor(weights=str(path), include_preprocessing=False, classifier_activation=None)
+    runner = runners[constructor]
+    runner.set_weights(loaded.get_weights())
+    _assert_parity(runner, reference)
+
+
+@pytest.mark.parametrize("naming", sorted(NAMINGS))
+def test_v2_parity_in_every_naming(naming, hf_v2_atto, runners, tmp_path):
+    _assert_naming_parity(kc.ConvNeXtV2Atto, naming, hf_v2_atto, runners, tmp_path)
 
 
 @pytest.mark.parametrize("naming", ["hf-safetensors", "official-pth", "timm-pth"])
-def test_v1_parity_in_every_naming(naming, hf_v1_atto, tmp_path):
-    rename, filename, wrap = NAMINGS[naming]
-    path = _save(rename(_state_dict(hf_v1_atto)), tmp_path / filename, wrap)
-    model = kc.ConvNeXtAtto(weights=str(path), include_preprocessing=False, classifier_activation=None)
-    _assert_parity(model, hf_v1_atto)
+def test_v1_parity_in_every_naming(naming, hf_v1_atto, runners, tmp_path):
+    _assert_naming_parity(kc.ConvNeXtAtto, naming, hf_v1_atto, runners, tmp_path)
 
 
 def test_reference_weights_are_non_trivial(hf_v2_atto, hf_v1_atto):
