@@ -38,7 +38,7 @@ DETECTION_TRAINING = ["--train-count", "144", "--held-out-count", "32", "--epoch
 OFFLINE = ["--digits", ",".join(map(str, DIGITS))]
 # Each digit pixel found adds to the chance level (every pixel background): a margin that a model
 # marking the digits' pixels clears and one calling everything background cannot.
-MIOU_MARGIN = 0.05
+MIOU_MARGIN = 0.03
 
 
 BACKEND = keras.backend.backend()
