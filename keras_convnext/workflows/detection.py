@@ -198,7 +198,8 @@ def finetune_detector(data="digit_canvases", model="ConvNeXtV2Atto", depths=None
         anchor_size: anchors at pyramid level `l` are `2**l * anchor_size`
             pixels; None: the smallest digit's side / 8 for the canvases,
             keras-hub's 4 (32-pixel anchors and up) for VOC.
-        head_conv_layers: 3x3 convolutions in each RetinaNet head.
+        head_conv_layers: 3x3 convolutions, each followed by group
+            normalization, in each RetinaNet head.
 
     Returns:
         `{"model", "history", "evaluation", "plot"}`.
