@@ -7,8 +7,15 @@ with settings that suit ConvNeXt's four stages. keras-hub is optional:
 `pip install "keras-convnext[hub]"`.
 """
 
+import math
+
+import numpy as np
+
 from keras_convnext.hub.dependency import import_keras_hub
 from keras_convnext.models.pyramid import model_data_format
+
+CLASS_PRIOR = 0.01
+"""Every anchor's initial probability of each class, RetinaNet's prior (Lin et al. 2017, section 4.1)."""
 
 
 def _image_shape(image_encoder):
@@ -54,12 +61,28 @@ def retinanet_detector(
         image_shape=_image_shape(image_encoder),
         data_format=model_data_format(image_encoder),
     )
-    return keras_hub.models.RetinaNetObjectDetector(
+    detector = keras_hub.models.RetinaNetObjectDetector(
         backbone=backbone,
         num_classes=num_classes,
         bounding_box_format=bounding_box_format,
         **detector_kwargs,
     )
+    _initialize_head_biases(detector)
+    return detector
+
+
+def _initialize_head_biases(detector):
+    """Starts the class logits at the prior and the box offsets at zero, as RetinaNet's paper does.
+
+    keras-hub (0.32) gives the prior's bias, -log(99), to the box head's
+    output instead of the classification head's: every anchor then starts at
+    a class probability of 0.5, the background's focal loss swamps the few
+    positive anchors, and the boxes start e**-4.6 times their anchors' size.
+    """
+    prior_logit = -math.log((1.0 - CLASS_PRIOR) / CLASS_PRIOR)
+    for head, value in ((detector.classification_head, prior_logit), (detector.box_head, 0.0)):
+        bias = head.prediction_layer.bias
+        bias.assign(np.full(tuple(bias.shape), value, "float32"))
 
 
 def deeplabv3_segmenter(

@@ -113,7 +113,7 @@ def load_detection_data(data="digit_canvases", image_size=128, train_count=2000,
     raise ValueError(f"detection data must be one of {', '.join(DATA_CHOICES)}; got {data!r}.")
 
 
-def build_detector(encoder, num_classes, anchor_size=4.0, head_conv_layers=2):
+def build_detector(encoder, num_classes, anchor_size=4.0, head_conv_layers=2, head_group_norm=True):
     """A RetinaNet on `encoder` whose predictions keep up to 100 boxes scoring over 0.05 per image.
 
     Args:
@@ -123,6 +123,10 @@ def build_detector(encoder, num_classes, anchor_size=4.0, head_conv_layers=2):
             pixels (times 2**(0, 1/3, 2/3), at aspect ratios 1:2, 1:1, 2:1).
         head_conv_layers: 3x3 convolutions (256 channels) in each head before
             its output (RetinaNet's paper uses 4).
+        head_group_norm: group normalization (32 groups) after each of those
+            convolutions. From random weights the heads then learn from the
+            first steps; without it they sit at the class prior for dozens of
+            steps and diverge at learning rates much above 3e-3.
     """
     from keras_convnext import hub  # imports Keras: here, so that the command line's --help needs none
 
@@ -138,6 +142,7 @@ def build_detector(encoder, num_classes, anchor_size=4.0, head_conv_layers=2):
     return hub.retinanet_detector(
         encoder, num_classes, bounding_box_format="yxyx", anchor_generator=anchor_generator,
         prediction_decoder=prediction_decoder, pre_logits_num_conv_layers=head_conv_layers,
+        use_prediction_head_norm=head_group_norm,
     )
 
 
@@ -193,7 +198,8 @@ def finetune_detector(data="digit_canvases", model="ConvNeXtV2Atto", depths=None
         anchor_size: anchors at pyramid level `l` are `2**l * anchor_size`
             pixels; None: the smallest digit's side / 8 for the canvases,
             keras-hub's 4 (32-pixel anchors and up) for VOC.
-        head_conv_layers: 3x3 convolutions in each RetinaNet head.
+        head_conv_layers: 3x3 convolutions, each followed by group
+            normalization, in each RetinaNet head.
 
     Returns:
         `{"model", "history", "evaluation", "plot"}`.
