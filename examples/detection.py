@@ -25,6 +25,8 @@ def main(argv=None):
     parser = tasks.task_parser("detection.py", __doc__.splitlines()[0], detection.DATA_CHOICES, "detection_run")
     parser.add_argument("--anchor-size", type=float, default=None,
                         help="anchors at pyramid level l are 2**l * this many pixels (default: from the data).")
+    parser.add_argument("--head-conv-layers", type=int, default=2,
+                        help="3x3 convolutions in each RetinaNet head (default 2; the paper's 4).")
     result = detection.finetune_detector(**tasks.options(parser.parse_args(argv)))
     scores = result["evaluation"]
     print(f"held-out mAP@[.5:.95] {scores['map']:.3f}, mAP@.5 {scores['map50']:.3f} "

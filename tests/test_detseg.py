@@ -34,7 +34,7 @@ TRAINING = ["--train-count", "96", "--held-out-count", "16", "--epochs", "3", "-
             "--learning-rate", "3e-3"]
 # RetinaNet needs more images than DeepLabV3 to place boxes better than chance in its first epochs.
 DETECTION_TRAINING = ["--train-count", "144", "--held-out-count", "32", "--epochs", "3", "--batch-size", "8",
-                      "--learning-rate", "3e-3"]
+                      "--learning-rate", "3e-3", "--head-conv-layers", "1"]
 OFFLINE = ["--digits", ",".join(map(str, DIGITS))]
 # Each digit pixel found adds to the chance level (every pixel background): a margin that a model
 # marking the digits' pixels clears and one calling everything background cannot.
