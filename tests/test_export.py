@@ -378,7 +378,7 @@ def test_full_integer_needs_calibration_images(tmp_path):
 
 
 # Every format of the task models in the TensorFlow run; the JAX and PyTorch runs check the
-# rebuild route with the detector, whose outputs are a dict (the classifier's are one tensor).
+# rebuild route.
 TASK_FORMATS = ("saved_model", "tflite", "onnx", FULL_INTEGER) if ON_TENSORFLOW else REBUILD_ROUTE
 
 
@@ -388,8 +388,6 @@ def _tiny_encoder():
 
 @pytest.fixture(scope="module")
 def segmenter_exported(tmp_path_factory):
-    if not ON_TENSORFLOW:
-        pytest.skip("the segmenter's export is checked in the TensorFlow run; here the detector's takes the route")
     """DeepLabV3 on ConvNeXt: SavedModel, float32 and full-integer TFLite, ONNX, one conversion run."""
     pytest.importorskip("keras_hub", reason='needs keras-hub: pip install "keras-convnext[hub]"')
     from keras_convnext import hub
