@@ -68,6 +68,27 @@ def test_every_constructor_has_pyramid_outputs(monkeypatch):
     assert built == list(keras_convnext.CONSTRUCTORS)
 
 
+@pytest.mark.skipif(keras.backend.backend() != "jax",
+                    reason="building the task backbones' graphs does not depend on the backend: checked in the JAX run")
+def test_keras_hub_backbones_accept_every_constructor(monkeypatch):
+    """RetinaNet's and DeepLabV3's backbones built on each named constructor (at tiny sizes, as above)."""
+    keras_hub = _keras_hub()
+    real_builder = builder.ConvNeXt
+    monkeypatch.setattr(builder, "ConvNeXt", lambda depths, dims, **kwargs: real_builder((1, 1, 1, 1), (8, 8, 8, 8), **kwargs))
+    for name, constructor in keras_convnext.CONSTRUCTORS.items():
+        encoder = constructor(include_top=False, input_shape=(SIZE, SIZE, 3))
+        retinanet = keras_hub.models.RetinaNetBackbone(
+            image_encoder=encoder, min_level=3, max_level=7, use_p5=False, image_shape=(SIZE, SIZE, 3)
+        )
+        sides = sorted((tuple(output.shape[1:3]) for output in retinanet.outputs), reverse=True)
+        assert sides == [(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)], name
+        deeplab = keras_hub.models.DeepLabV3Backbone(
+            image_encoder=encoder, spatial_pyramid_pooling_key="P5", upsampling_size=8,
+            dilation_rates=[1, 2], low_level_feature_key="P2", image_shape=(SIZE, SIZE, 3),
+        )
+        assert tuple(deeplab.output.shape[1:3]) == (SIZE, SIZE), name
+
+
 def test_pyramid_outputs_survive_from_config():
     """A rebuilt model (`from_config`, as `.keras` loading does) derives its pyramid again."""
     model = keras_convnext.ConvNeXtAtto(include_top=True, input_shape=(SIZE, SIZE, 3))
