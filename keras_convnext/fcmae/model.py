@@ -1,6 +1,5 @@
 """FCMAE: masked-autoencoder pre-training of ConvNeXt V2 (or V1) as a `keras.Model`."""
 
-import numbers
 import os
 
 import keras
@@ -18,7 +17,7 @@ from keras_convnext.fcmae.loss import (
     unpatchify,
 )
 from keras_convnext.fcmae.masking import VisiblePositions, random_patch_mask, visible_count
-from keras_convnext.models.convnext import CONSTRUCTORS
+from keras_convnext.models.convnext import CONSTRUCTORS, _is_integer
 from keras_convnext.models.inputs import check_images
 
 
@@ -169,7 +168,7 @@ class FCMAE(keras.Model):
     ):
         super().__init__(**kwargs)
         mask_ratio = _check_mask_ratio(mask_ratio)  # before the encoder is built: a quick refusal
-        if seed is not None and not (isinstance(seed, numbers.Integral) and not isinstance(seed, bool)):
+        if seed is not None and not _is_integer(seed):
             raise ValueError(f"seed must be an integer or None; got {seed!r}.")
         if not isinstance(input_shape, (tuple, list)):
             raise ValueError(
