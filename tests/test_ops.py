@@ -1104,20 +1104,24 @@ def test_models_compute_the_same_with_the_fast_paths_off(constructor, monkeypatc
         np.testing.assert_allclose(actual, expected, rtol=1e-3, atol=1e-3 * scale + 1e-6, err_msg=variable.path)
 
 
-def test_environment_variable_turns_the_fast_paths_off(monkeypatch):
-    """`KERAS_CONVNEXT_FAST_PATHS=0` when the package is imported, and `set_fast_paths`."""
+def test_environment_variables_turn_the_fast_paths_and_compiled_calls_off(monkeypatch):
+    """`KERAS_CONVNEXT_FAST_PATHS=0` and `KERAS_CONVNEXT_COMPILED_CALLS=0` when the package is
+    imported, and `set_fast_paths`."""
     import importlib
 
     try:
         for value, enabled in (("0", False), ("off", False), ("1", True)):
             monkeypatch.setenv("KERAS_CONVNEXT_FAST_PATHS", value)
+            monkeypatch.setenv("KERAS_CONVNEXT_COMPILED_CALLS", value)
             importlib.reload(config)
             assert config.fast_paths_enabled() is enabled
+            assert config.compiled_calls_enabled() is enabled
             assert platform.fast_backend() == (keras.backend.backend() if enabled else None)
     finally:
         monkeypatch.delenv("KERAS_CONVNEXT_FAST_PATHS")
+        monkeypatch.delenv("KERAS_CONVNEXT_COMPILED_CALLS")
         importlib.reload(config)
-    assert config.fast_paths_enabled()
+    assert config.fast_paths_enabled() and config.compiled_calls_enabled()
     config.set_fast_paths(False)
     try:
         assert platform.fast_backend() is None

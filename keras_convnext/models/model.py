@@ -4,6 +4,7 @@ import contextlib
 
 import keras
 
+from keras_convnext import config
 from keras_convnext.layers.block import ConvNeXtBlock
 from keras_convnext.layers.layer_norm import LayerNorm
 from keras_convnext.layers.pointwise import PatchConv2D
@@ -242,10 +243,10 @@ def _compiled_eager_call(model, inputs):
     scope, and calls inside an autocast scope of another dtype than the
     model's own (which `Layer.__call__` opens under a mixed policy) keep the
     functional graph: the compiled program would not see those scopes. With
-    the fast paths off, every call keeps it.
+    the fast paths or compiled calls off (`keras_convnext.config`), every call keeps it.
     """
     backend = platform.fast_backend()
-    if backend not in ("jax", "tensorflow") or platform.in_stateless_scope():
+    if backend not in ("jax", "tensorflow") or not config.compiled_calls_enabled() or platform.in_stateless_scope():
         return None
     if backend == "jax":
         import jax
