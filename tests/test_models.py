@@ -228,6 +228,36 @@ def test_a_failed_predict_leaves_the_model_working():
     np.testing.assert_array_equal(model.predict(images, verbose=0), expected)
 
 
+@pytest.mark.parametrize("kind", ["classifier", "fcmae"])
+def test_the_optimizer_is_built_before_the_training_step_is_traced(kind):
+    """Its variables exist when `fit` first runs the step; on TensorFlow the step is then
+    traced once, not a second time after it made them (about half the first `fit`)."""
+    rng = np.random.default_rng(3)
+    images = rng.uniform(0, 255, size=(8, 64, 64, 3)).astype("float32")
+    if kind == "fcmae":
+        encoder = kc.ConvNeXt((1, 1, 1, 1), (8, 8, 16, 16), version="v2", include_top=False, input_shape=(64, 64, 3))
+        model = kc.FCMAE(encoder, input_shape=(64, 64, 3), decoder_dim=8)
+        model.compile(optimizer="adamw")
+        data = (images,)
+    else:
+        model = kc.ConvNeXt((1, 1, 1, 1), (8, 8, 16, 16), input_shape=(64, 64, 3), classes=3,
+                            classifier_activation=None)
+        model.compile(optimizer="adamw", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        data = (images, rng.integers(0, 3, 8))
+    built_at_each_step = []
+    step = model.train_step
+
+    def recorded_step(*arguments):  # JAX's step takes the state first
+        built_at_each_step.append(model.optimizer.built)
+        return step(*arguments)
+
+    model.train_step = recorded_step
+    model.fit(*data, batch_size=4, epochs=1, verbose=0)
+    assert built_at_each_step and all(built_at_each_step)
+    if keras.backend.backend() == "tensorflow":
+        assert len(built_at_each_step) == 1  # traced once for both batches
+
+
 def test_a_failed_fit_leaves_the_model_trainable():
     """After a first fit that fails inside Keras' step, weights and optimizer still work (TensorFlow
     refused to trace its step function again, JAX had detached every variable)."""

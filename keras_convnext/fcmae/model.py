@@ -18,7 +18,7 @@ from keras_convnext.fcmae.loss import (
 )
 from keras_convnext.fcmae.masking import VisiblePositions, random_patch_mask, visible_count
 from keras_convnext.models.convnext import CONSTRUCTORS, _is_integer
-from keras_convnext.models.inputs import check_images
+from keras_convnext.models.inputs import build_optimizer, check_images
 
 
 def _build_encoder(encoder, input_shape, drop_path_rate):
@@ -360,6 +360,11 @@ class FCMAE(keras.Model):
         from keras_convnext.fcmae.checkpoint import load_fcmae_checkpoint
 
         return load_fcmae_checkpoint(self, source)
+
+    def fit(self, *args, **kwargs):
+        # On TensorFlow, about half the first call's tracing (models.inputs.build_optimizer).
+        build_optimizer(self)
+        return super().fit(*args, **kwargs)
 
     def get_config(self):
         config = super().get_config()

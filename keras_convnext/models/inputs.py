@@ -368,13 +368,13 @@ def kept_on_failure(model, training=False):
     A batch whose check failed (`checked_images`) is reported with the
     check's ValueError, whatever error type the data pipeline raised.
 
-    With `training=True` (for `fit`) on JAX, a compiled model's optimizer is
-    built first, so that its variables have values to give back too.
+    With `training=True` (for `fit`), a compiled model's optimizer is built
+    first (`build_optimizer`): on JAX, so that its variables have values to
+    give back too.
     """
     jax = keras.backend.backend() == "jax"
-    optimizer = getattr(model, "optimizer", None)
-    if jax and training and optimizer is not None and not optimizer.built:
-        optimizer.build(model.trainable_variables)
+    if training:
+        build_optimizer(model)
     saved = {id(variable): variable.value for variable in _trainer_variables(model)} if jax else {}
     _FAILED_BATCH_CHECKS.pop(id(model), None)
     try:
@@ -388,6 +388,26 @@ def kept_on_failure(model, training=False):
             # The batch check's own error, not the framework's report of it.
             raise ValueError(str(failed_check)) from None
         raise
+
+
+def build_optimizer(model):
+    """Creates a compiled model's optimizer variables now, eagerly, if they do not exist yet.
+
+    Keras' JAX and PyTorch trainers do this before `fit` traces anything; its
+    TensorFlow trainer creates them inside the traced training step, where
+    each variable is much slower to make and the step is traced a second time
+    once they exist: V2 Atto's first `fit` takes about half as long when they
+    are made first. Made in the model's distribution strategy, as Keras makes
+    them when there is one.
+    """
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None or optimizer.built:
+        return
+    if keras.backend.backend() == "tensorflow":
+        with model.distribute_strategy.scope():
+            optimizer.build(model.trainable_variables)
+    else:
+        optimizer.build(model.trainable_variables)
 
 
 def _reattach_jax_values(model, saved):
