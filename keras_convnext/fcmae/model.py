@@ -18,7 +18,7 @@ from keras_convnext.fcmae.loss import (
 )
 from keras_convnext.fcmae.masking import VisiblePositions, random_patch_mask, visible_count
 from keras_convnext.models.convnext import CONSTRUCTORS, _is_integer
-from keras_convnext.models.inputs import build_optimizer, check_images
+from keras_convnext.models.inputs import build_training_state, check_images
 
 
 def _build_encoder(encoder, input_shape, drop_path_rate):
@@ -361,10 +361,10 @@ class FCMAE(keras.Model):
 
         return load_fcmae_checkpoint(self, source)
 
-    def fit(self, *args, **kwargs):
-        # On TensorFlow, about half the first call's tracing (models.inputs.build_optimizer).
-        build_optimizer(self)
-        return super().fit(*args, **kwargs)
+    def fit(self, x=None, *args, **kwargs):
+        # On TensorFlow, the training step is then traced once (models.inputs.build_training_state).
+        build_training_state(self, x, args[0] if args else kwargs.get("y"), kwargs.get("sample_weight"))
+        return super().fit(x, *args, **kwargs)
 
     def get_config(self):
         config = super().get_config()

@@ -10,6 +10,7 @@ from keras_convnext.layers.layer_norm import LayerNorm
 from keras_convnext.layers.pointwise import PatchConv2D
 from keras_convnext.layers.preprocessing import ImageNormalization
 from keras_convnext.models.inputs import (
+    build_training_state,
     check_batch,
     check_images,
     checked_images,
@@ -231,6 +232,8 @@ class ConvNeXtModel(keras.Model):
         x = checked_images(self, x)
         if kwargs.get("validation_data") is not None:
             kwargs["validation_data"] = checked_validation_data(self, kwargs["validation_data"])
+        y = args[0] if args else kwargs.get("y")
+        build_training_state(self, x, y, kwargs.get("sample_weight"))
         with kept_on_failure(self, training=True):
             return super().fit(x, *args, **kwargs)
 
