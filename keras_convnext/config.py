@@ -21,7 +21,7 @@ arrays (`model(images)`) compiles its inference once per input shape and
 reuses the program, as `predict` does: a V2 Atto call at 32x32 takes about
 15 ms compiled against about 120 ms run one operation at a time. Compiling
 costs 1 to 3 s per model and shape, which a program that calls many models
-once each (a notebook comparing variants, a test suite) pays every time:
+once each (a notebook comparing variants) pays every time:
 `set_compiled_calls(False)`, or `KERAS_CONVNEXT_COMPILED_CALLS=0`, runs
 such calls one operation at a time, as `keras.Model` does. The results are
 the same. The switch is read at each call.

@@ -40,22 +40,6 @@ def pytest_report_header(config):
 
 
 @pytest.fixture(autouse=True)
-def _compiled_calls(request):
-    """Eager model calls run one operation at a time, except in tests marked `compiled_calls`.
-
-    Most tests call each new model once or twice, and compiling its inference
-    (JAX, TensorFlow) would cost 1 to 3 s per model: more than the calls.
-    Tests of the compiled call, and the parity tests in every naming, keep
-    the default that users get.
-    """
-    from keras_convnext import config
-
-    config.set_compiled_calls(request.node.get_closest_marker("compiled_calls") is not None)
-    yield
-    config.set_compiled_calls(True)
-
-
-@pytest.fixture(autouse=True)
 def _reset_keras_state():
     yield
     keras.config.set_image_data_format("channels_last")

@@ -551,7 +551,6 @@ def _any_size_logits_model():
     return model, images
 
 
-@pytest.mark.compiled_calls
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
 def test_eager_jax_call_runs_compiled_with_current_weights(policy):
     """On JAX, `model(x)` on concrete arrays runs one jitted program per input shape.
@@ -605,7 +604,6 @@ def _compiled_eager_programs(model):
     return model.tensorflow_compiled_inference().experimental_get_tracing_count()
 
 
-@pytest.mark.compiled_calls
 def test_eager_tensorflow_call_runs_a_traced_function_with_current_weights():
     """On TensorFlow, `model(x)` eagerly runs a `tf.function` of the model, gradients included."""
     if keras.backend.backend() != "tensorflow":
@@ -640,7 +638,6 @@ def test_eager_tensorflow_call_runs_a_traced_function_with_current_weights():
     assert np.abs(gradient).max() > 0
 
 
-@pytest.mark.compiled_calls
 def test_compiled_calls_off_run_the_graph_with_the_same_result():
     """`config.compiled_calls(False)`: an eager call compiles nothing; the next call, with the
     default back, compiles one program; both give the functional graph's output."""
@@ -661,7 +658,6 @@ def test_compiled_calls_off_run_the_graph_with_the_same_result():
     np.testing.assert_allclose(compiled, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.compiled_calls
 def test_eager_call_equals_predict_with_a_float32_layer_in_a_mixed_model():
     """The compiled eager call is traced as `predict` is, not inside the call's autocast scope."""
     if keras.backend.backend() not in ("jax", "tensorflow"):

@@ -70,13 +70,11 @@ def _assert_naming_parity(constructor, naming, reference, runners, tmp_path):
     _assert_parity(runner, reference)
 
 
-@pytest.mark.compiled_calls  # the eager call users make, compiled once per size
 @pytest.mark.parametrize("naming", sorted(NAMINGS))
 def test_v2_parity_in_every_naming(naming, hf_v2_atto, runners, tmp_path):
     _assert_naming_parity(kc.ConvNeXtV2Atto, naming, hf_v2_atto, runners, tmp_path)
 
 
-@pytest.mark.compiled_calls
 @pytest.mark.parametrize("naming", ["hf-safetensors", "official-pth", "timm-pth"])
 def test_v1_parity_in_every_naming(naming, hf_v1_atto, runners, tmp_path):
     _assert_naming_parity(kc.ConvNeXtAtto, naming, hf_v1_atto, runners, tmp_path)
