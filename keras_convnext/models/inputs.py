@@ -369,8 +369,8 @@ def kept_on_failure(model, training=False):
     check's ValueError, whatever error type the data pipeline raised.
 
     With `training=True` (for `fit`) on JAX, a compiled model's optimizer is
-    built first (`fit` does it through `build_training_state`), so that its
-    variables have values to give back too.
+    built first (`build_training_state`), so that its variables have values
+    to give back too.
     """
     jax = keras.backend.backend() == "jax"
     if jax and training:
@@ -398,8 +398,8 @@ def build_training_state(model, x=None, y=None, sample_weight=None):
     TensorFlow trainer (without a distribution strategy) makes them inside the
     traced training step, where each variable is slow to make and the step is
     traced a second time once they exist. Made first, V2 Atto's first `fit`
-    on 32x32 digits takes about 14 instead of 19 s, a tiny model's 5 instead
-    of 8 s. The metrics need the data's shapes: arrays and `tf.data`
+    on 64 images of 32x32 takes about 14 instead of 19 s, a 4-block model's
+    5 instead of 8 s. The metrics need the data's shapes: arrays and `tf.data`
     datasets give them; for other data only the optimizer is made first.
     """
     optimizer = getattr(model, "optimizer", None)
