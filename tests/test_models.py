@@ -232,8 +232,6 @@ def test_a_failed_predict_leaves_the_model_working():
 def test_the_training_state_is_built_before_the_training_step_is_traced(kind):
     """The optimizer (and on TensorFlow the metrics) exist when `fit` first runs the step;
     on TensorFlow the step is then traced once, not again after it made them."""
-    import tensorflow as tf
-
     rng = np.random.default_rng(3)
     images = rng.uniform(0, 255, size=(8, 64, 64, 3)).astype("float32")
     if kind == "fcmae":
@@ -249,6 +247,8 @@ def test_the_training_state_is_built_before_the_training_step_is_traced(kind):
         labels = rng.integers(0, 3, 8)
         data = {"x": images, "y": labels, "batch_size": 4}
         if kind == "tf.data":
+            import tensorflow as tf
+
             data = {"x": tf.data.Dataset.from_tensor_slices((images, labels)).batch(4)}
     built_at_each_step = []
     step = model.train_step
