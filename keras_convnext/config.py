@@ -56,15 +56,9 @@ def set_fast_paths(enabled):
     _state["fast_paths"] = bool(enabled)
 
 
-@contextlib.contextmanager
 def fast_paths(enabled):
-    """`set_fast_paths(enabled)` inside the block; the previous setting afterwards."""
-    previous = fast_paths_enabled()
-    set_fast_paths(enabled)
-    try:
-        yield
-    finally:
-        set_fast_paths(previous)
+    """`set_fast_paths(enabled)` inside a `with` block; the previous setting afterwards."""
+    return _switched("fast_paths", enabled)
 
 
 def compiled_calls_enabled():
@@ -78,12 +72,16 @@ def set_compiled_calls(enabled):
     _state["compiled_calls"] = bool(enabled)
 
 
-@contextlib.contextmanager
 def compiled_calls(enabled):
-    """`set_compiled_calls(enabled)` inside the block; the previous setting afterwards."""
-    previous = compiled_calls_enabled()
-    set_compiled_calls(enabled)
+    """`set_compiled_calls(enabled)` inside a `with` block; the previous setting afterwards."""
+    return _switched("compiled_calls", enabled)
+
+
+@contextlib.contextmanager
+def _switched(switch, enabled):
+    previous = _state[switch]
+    _state[switch] = bool(enabled)
     try:
         yield
     finally:
-        set_compiled_calls(previous)
+        _state[switch] = previous
