@@ -352,7 +352,7 @@ def _channel_hint(data_format, channels, got_channels, other_channels):
 
 
 @contextlib.contextmanager
-def kept_on_failure(model, training=False):
+def kept_on_failure(model):
     """Leaves the model usable when `fit`, `evaluate` or `predict` raises in the body.
 
     Two framework behaviours make one failed call poison every later one.
@@ -368,13 +368,10 @@ def kept_on_failure(model, training=False):
     A batch whose check failed (`checked_images`) is reported with the
     check's ValueError, whatever error type the data pipeline raised.
 
-    With `training=True` (for `fit`) on JAX, a compiled model's optimizer is
-    built first (`build_training_state`), so that its variables have values
-    to give back too.
+    `fit` calls `build_training_state` first, so that on JAX the optimizer's
+    variables have values to give back too.
     """
     jax = keras.backend.backend() == "jax"
-    if jax and training:
-        build_training_state(model)
     saved = {id(variable): variable.value for variable in _trainer_variables(model)} if jax else {}
     _FAILED_BATCH_CHECKS.pop(id(model), None)
     try:

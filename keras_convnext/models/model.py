@@ -234,7 +234,7 @@ class ConvNeXtModel(keras.Model):
             kwargs["validation_data"] = checked_validation_data(self, kwargs["validation_data"])
         y = args[0] if args else kwargs.get("y")
         build_training_state(self, x, y, kwargs.get("sample_weight"))
-        with kept_on_failure(self, training=True):
+        with kept_on_failure(self):
             return super().fit(x, *args, **kwargs)
 
 
