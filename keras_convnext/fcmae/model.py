@@ -363,7 +363,7 @@ class FCMAE(keras.Model):
 
     def fit(self, x=None, *args, **kwargs):
         # On TensorFlow, the training step is then traced once (models.inputs.build_training_state).
-        build_training_state(self, x, args[0] if args else kwargs.get("y"), kwargs.get("sample_weight"))
+        build_training_state(self, x, *args, **kwargs)
         return super().fit(x, *args, **kwargs)
 
     def get_config(self):

@@ -387,9 +387,9 @@ def kept_on_failure(model):
         raise
 
 
-def build_training_state(model, x=None, y=None, sample_weight=None):
+def build_training_state(model, x=None, *fit_args, **fit_kwargs):
     """Creates a compiled model's optimizer variables, and on TensorFlow its metrics' and
-    loss's, now, eagerly, where they do not exist yet.
+    loss's, now, eagerly, where they do not exist yet. Takes `fit`'s arguments.
 
     Keras' JAX and PyTorch trainers do this before `fit` traces anything; its
     TensorFlow trainer (without a distribution strategy) makes them inside the
@@ -406,7 +406,8 @@ def build_training_state(model, x=None, y=None, sample_weight=None):
         if not optimizer.built:
             optimizer.build(model.trainable_variables)
         return
-    batch = _batch_spec(x, y, sample_weight)
+    y = fit_args[0] if fit_args else fit_kwargs.get("y")
+    batch = _batch_spec(x, y, fit_kwargs.get("sample_weight"))
     with model.distribute_strategy.scope():
         if batch is not None:
             # Keras has no public API that builds the compiled metrics and loss;

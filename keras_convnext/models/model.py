@@ -232,8 +232,7 @@ class ConvNeXtModel(keras.Model):
         x = checked_images(self, x)
         if kwargs.get("validation_data") is not None:
             kwargs["validation_data"] = checked_validation_data(self, kwargs["validation_data"])
-        y = args[0] if args else kwargs.get("y")
-        build_training_state(self, x, y, kwargs.get("sample_weight"))
+        build_training_state(self, x, *args, **kwargs)
         with kept_on_failure(self):
             return super().fit(x, *args, **kwargs)
 
