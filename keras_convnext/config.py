@@ -18,10 +18,10 @@ The environment variable `KERAS_CONVNEXT_FAST_PATHS=0` (or `false`, `off`,
 
 Compiled eager calls: on JAX and TensorFlow, calling a model on concrete
 arrays (`model(images)`) compiles its inference once per input shape and
-reuses the program, as `predict` does: a V2 Atto call on two 32x32 images
-takes 15-25 ms compiled against 110-200 ms run one operation at a time. Compiling
-costs 1 to 3 s per model and shape, which a program that calls many models
-once each (a notebook comparing variants) pays every time:
+reuses the program, as `predict` does: much faster per call than running
+one operation at a time, but compiling costs seconds per model and shape,
+which a program that calls many models once each (a notebook comparing
+variants) pays every time (docs/workflows.md has the figures):
 `set_compiled_calls(False)`, or `KERAS_CONVNEXT_COMPILED_CALLS=0`, runs
 such calls one operation at a time, as `keras.Model` does. The results are
 the same. The switch is read at each call.

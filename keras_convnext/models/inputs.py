@@ -394,9 +394,8 @@ def build_training_state(model, x=None, *fit_args, **fit_kwargs):
     Keras' JAX and PyTorch trainers do this before `fit` traces anything; its
     TensorFlow trainer (without a distribution strategy) makes them inside the
     traced training step, where each variable is slow to make and the step is
-    traced a second time once they exist. Made first, V2 Atto's first `fit`
-    on 64 images of 32x32 takes about 14 instead of 19 s, a 4-block model's
-    5 instead of 8 s. The metrics need the data's shapes: arrays and `tf.data`
+    traced a second time once they exist (docs/design-notes.md has the
+    figures). The metrics need the data's shapes: arrays and `tf.data`
     datasets give them; for other data only the optimizer is made first.
     """
     optimizer = getattr(model, "optimizer", None)
