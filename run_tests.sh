@@ -13,18 +13,22 @@ python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[test]"
 
-# Two pytest workers (pytest-xdist) per backend share the 2 cores: TensorFlow and
-# JAX spend most of their test time tracing and compiling on one core each, and
-# many PyTorch tests wait on subprocesses (the command line, exports). On a 2-core
-# AMD EPYC with AVX2 only, the PyTorch run took 585 s with two workers against
-# 688 s with none; three JAX workers took 759 s against 714 s with two.
+# Two pytest workers (pytest-xdist) per backend share the 2 cores. In the TensorFlow
+# and PyTorch runs each worker computes on one thread (tests/conftest.py) and runs
+# whole test modules, the longest first (`--dist loadscope`); the JAX run, faster
+# with XLA's own threads, shares the tests out in chunks (`--dist load`).
 # TEST_WORKERS overrides the count; 0 runs in-process.
 WORKERS=${TEST_WORKERS:-2}
 
 failed=""
 for backend in ${BACKENDS:-tensorflow jax torch}; do
     echo "=== KERAS_BACKEND=$backend"
-    KERAS_BACKEND=$backend python -m pytest -q -p no:cacheprovider -n "$WORKERS" --durations=15 "$@" \
+    if [ "$backend" = jax ]; then
+        dist=(--dist load)
+    else
+        dist=(--dist loadscope --no-loadscope-reorder)
+    fi
+    KERAS_BACKEND=$backend python -m pytest -q -p no:cacheprovider -n "$WORKERS" "${dist[@]}" --durations=15 "$@" \
         || failed="$failed $backend"
 done
 if [ -n "$failed" ]; then

@@ -15,6 +15,18 @@ if os.environ["KERAS_BACKEND"] == "jax" and XLA_LEVEL_FLAG not in os.environ.get
     flags = f"{XLA_LEVEL_FLAG}=0 --xla_cpu_use_fusion_emitters=false"
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
 
+# With several pytest workers (run_tests.sh), the PyTorch and TensorFlow runs give
+# each worker its share of the cores: OpenMP threads that find their cores busy with
+# the other worker's wait for them. On a 2-core machine the PyTorch run took 409 s
+# with one thread per worker against 624 s with two, the TensorFlow run 686 s against
+# 794 s. The JAX run was slower so (828 s against 727 s) and keeps the defaults.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+SHARE_THE_CORES = _WORKERS > 1 and os.environ["KERAS_BACKEND"] != "jax"
+if SHARE_THE_CORES:
+    _THREADS = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TF_NUM_INTRAOP_THREADS"):
+        os.environ.setdefault(_name, _THREADS)
+
 import numpy as np
 import pytest
 
@@ -33,6 +45,24 @@ def assert_speed_up_kept(condition, detail):
         f"A speed-up was lost: {detail}. Results are still checked by the agreement tests; "
         "a framework or compiler upgrade may have changed what this perf_contract test pins."
     )
+
+
+# The modules that take longest, first: in the PyTorch and TensorFlow runs, run_tests.sh
+# hands each module to one worker (`--dist loadscope`, so a module's fixtures are built
+# once), in this order, so that a long module does not run alone at the end.
+LONGEST_MODULES = ("test_cli.py", "test_benchmarks.py", "test_detseg.py", "test_fcmae.py", "test_export.py",
+                   "test_models.py", "test_examples.py", "test_weights.py", "test_hub.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not SHARE_THE_CORES:
+        return
+
+    def rank(item):
+        name = item.path.name
+        return LONGEST_MODULES.index(name) if name in LONGEST_MODULES else len(LONGEST_MODULES)
+
+    items.sort(key=rank)
 
 
 def pytest_report_header(config):

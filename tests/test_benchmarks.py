@@ -423,6 +423,7 @@ def test_gpu_presets_take_turns_per_cell_and_stop_at_the_budget(monkeypatch, tmp
     assert json.loads((tmp_path / "gpu_train_cuda.json").read_text())["cells"][0]["model"] == "ConvNeXtV2Tiny"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("KERAS_BACKEND") != "torch",
                     reason="the script starts its own process per backend; the PyTorch run covers it")
 def test_gpu_script_runs_every_step_on_the_cpu_at_toy_sizes(tmp_path):

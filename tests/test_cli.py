@@ -105,6 +105,7 @@ def small_imagenet_model(tmp_path_factory):
 once = pytest.mark.skipif(BACKEND != "torch", reason="checked once, in the PyTorch run")
 
 
+@pytest.mark.slow
 @once
 def test_predict_succeeds_with_status_0_and_plain_text(small_imagenet_model, tmp_path):
     """Also: `--backend` after the command wins over KERAS_BACKEND (Keras starts on the flag's backend)."""
@@ -122,6 +123,7 @@ def test_predict_succeeds_with_status_0_and_plain_text(small_imagenet_model, tmp
     assert "5." in lines[5] and "[(" not in done.stdout + done.stderr  # no Python repr
 
 
+@pytest.mark.slow
 @once
 def test_predict_failures_are_one_line_with_status_1_or_2(small_imagenet_model, tmp_path):
     _, path, photo, broken = small_imagenet_model
@@ -136,6 +138,7 @@ def test_predict_failures_are_one_line_with_status_1_or_2(small_imagenet_model, 
                                   tmp_path), 1, "damaged.pt")
 
 
+@pytest.mark.slow
 @once
 def test_full_integer_export_needs_calibration_images(small_imagenet_model, tmp_path):
     _, path, photo, _ = small_imagenet_model
@@ -183,6 +186,7 @@ def test_require_names_the_package_and_its_install_command(monkeypatch):
     assert _deps.install_command("PIL") == "pip install 'keras-convnext[images]'"
 
 
+@pytest.mark.slow
 @once
 def test_missing_packages_are_named_with_their_install_command(tmp_path):
     """Pillow for predict; TensorFlow for train's tf.data pipelines, even on JAX."""
@@ -226,6 +230,7 @@ def installed_wheel(tmp_path_factory):
     return str(site), [str(script)]
 
 
+@pytest.mark.slow
 def test_wheel_runs_help_and_predict_on_every_backend(installed_wheel, tmp_path):
     from PIL import Image
 

@@ -30,6 +30,7 @@ def _atto_with_trained_looking_norms():
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow",
                     reason="ONNX files are converted on TensorFlow from every backend: checked in the TensorFlow run")
 def test_onnx_layer_norm_is_one_op_and_matches_keras(tmp_path):

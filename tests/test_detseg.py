@@ -30,7 +30,7 @@ SIZE = 64
 # Two digits of the ten keep the tasks learnable in a few dozen steps.
 DIGITS = (0, 1)
 TINY = ["--image-size", str(SIZE), "--depths", "1,1,1,1", "--dims", "16,32,64,128", "--quiet"]
-TRAINING = ["--train-count", "96", "--held-out-count", "16", "--epochs", "3", "--batch-size", "8",
+TRAINING = ["--train-count", "96", "--held-out-count", "16", "--epochs", "4", "--batch-size", "8",
             "--learning-rate", "3e-3"]
 # RetinaNet needs more images than DeepLabV3 to place boxes better than chance in its first epochs.
 DETECTION_TRAINING = ["--train-count", "144", "--held-out-count", "32", "--epochs", "3", "--batch-size", "8",
@@ -134,6 +134,7 @@ def _segment(tmp_path, *flags):
     return segmentation.main([*TINY, "--output-dir", str(tmp_path), *flags])["evaluation"]
 
 
+@pytest.mark.slow
 @_run_under("jax", "torch")
 def test_segmentation_example_beats_chance_on_canvases(tmp_path):
     _needs("keras_hub", "sklearn", "matplotlib")
@@ -143,6 +144,7 @@ def test_segmentation_example_beats_chance_on_canvases(tmp_path):
         assert os.path.getsize(tmp_path / name) > 0, name
 
 
+@pytest.mark.slow
 @_run_under("tensorflow")
 def test_segmentation_example_beats_chance_on_mock_oxford_iiit_pet(tmp_path):
     _needs("keras_hub", "tensorflow_datasets", "matplotlib")
@@ -175,6 +177,7 @@ def _assert_detector_beats_chance(scores, history):
     assert 0.0 < scores["chance_map"] < scores["chance_map50"] < 0.1, scores
 
 
+@pytest.mark.slow
 @_run_under("tensorflow")
 def test_detection_example_beats_chance_on_canvases(tmp_path):
     _needs("keras_hub", "pycocotools", "sklearn", "matplotlib")
@@ -185,6 +188,7 @@ def test_detection_example_beats_chance_on_canvases(tmp_path):
         assert os.path.getsize(tmp_path / name) > 0, name
 
 
+@pytest.mark.slow
 @_run_under("jax", "torch")
 def test_detection_example_beats_chance_on_mock_voc(tmp_path):
     _needs("keras_hub", "pycocotools", "tensorflow_datasets", "matplotlib")

@@ -53,6 +53,7 @@ _MODEL_PARALLEL_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="keras.distribution.ModelParallel runs on JAX")
 def test_model_parallel_splits_the_wide_linear_layers_and_trains_as_one_device(tmp_path):
     script = tmp_path / "model_parallel.py"

@@ -115,6 +115,7 @@ def test_fit_evaluate_on_an_image_folder(tmp_path):
     assert loss[-1] < loss[0], loss
 
 
+@pytest.mark.slow
 def test_finetune_from_a_foreign_checkpoint(tmp_path):
     """Fine-tunes from HF transformers weights (random, non-trivial) with the full recipe.
 
@@ -146,6 +147,7 @@ def test_finetune_from_a_foreign_checkpoint(tmp_path):
     assert loss[-1] < loss[0], loss
 
 
+@pytest.mark.slow
 def test_finetune_recipe_on_digits_with_mixing(tmp_path):
     result = finetune.main([
         "--data", "digits", "--limit", "256", "--epochs", "3", "--batch-size", "32", "--image-size", "32",
@@ -240,6 +242,7 @@ def _run_distributed(backend, tmp_path, env_extra):
     return json.loads(line[len("RESULT "):])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(BACKEND != "jax", reason="DataParallel on JAX is tested in the JAX run")
 def test_data_parallel_on_two_jax_host_devices(tmp_path):
     # Appended, so the subprocess keeps the test run's other XLA flags (conftest.py).
@@ -253,6 +256,7 @@ def test_data_parallel_on_two_jax_host_devices(tmp_path):
     np.testing.assert_allclose(result["multi_val"], result["single_val"], rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="MirroredStrategy is tested in the TensorFlow run")
 def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
     # Two logical CPUs must be configured before TensorFlow initializes.
@@ -271,6 +275,7 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
     np.testing.assert_allclose(result["multi_val"], result["single_val"], rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or BACKEND != "jax",
                     reason="glibc's settings; only JAX starts threads that make a late call warn")
 def test_fit_evaluate_script_reuses_freed_memory_before_the_model(tmp_path):

@@ -303,6 +303,7 @@ def test_a_failed_move_of_the_second_artifact_takes_back_the_first(tmp_path, mon
     assert _tree(tmp_path) == before
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not ON_TENSORFLOW, reason="the files' handling is the same on every backend: checked in the TensorFlow run")
 def test_failure_in_the_second_format_leaves_nothing_and_stale_temporaries_go(tmp_path, monkeypatch):
     """A real export on this backend: both artifacts are written, the second fails its check."""
@@ -401,6 +402,7 @@ def segmenter_exported(tmp_path_factory):
     return segmenter, reports
 
 
+@pytest.mark.slow
 def test_segmenter_exports_match_the_keras_model(segmenter_exported):
     segmenter, reports = segmenter_exported
     images = sample_images(SIZE, SIZE)
@@ -434,6 +436,7 @@ def detector_exported(tmp_path_factory):
     return detector, reports
 
 
+@pytest.mark.slow
 def test_detector_exports_keep_both_dict_outputs(detector_exported):
     import tensorflow as tf
     from ai_edge_litert.interpreter import Interpreter

@@ -101,6 +101,7 @@ def test_bad_arguments_are_explained():
         kc.FCMAE("ConvNeXtV3Tiny", input_shape=(64, 64, 3))
 
 
+@pytest.mark.slow
 def test_masked_pixels_never_reach_visible_positions_v2_atto():
     """Submanifold sparse semantics through the real depth of ConvNeXt V2 Atto."""
     model = kc.FCMAE("ConvNeXtV2Atto", input_shape=(96, 96, 3), mask_ratio=0.6, decoder_dim=16, seed=0)
@@ -205,6 +206,7 @@ def test_v1_encoder_masked_paths_agree_and_equal_the_model_when_nothing_is_maske
     assert np.all(fast[~visible] == 0) and np.all(dense[~visible] == 0)
 
 
+@pytest.mark.slow
 def test_v1_fcmae_by_name_and_a_training_step():
     atto = kc.FCMAE("ConvNeXtAtto", input_shape=(64, 64, 3), decoder_dim=16)
     assert atto.encoder_layers.stages[0][0].grn is None and atto.encoder_layers.stages[0][0].layer_scale is not None
@@ -226,6 +228,7 @@ def _generator(images, batch_size):
             yield (images[start : start + batch_size],)  # Keras' generator protocol: (inputs,)
 
 
+@pytest.mark.slow
 def test_fit_on_numpy_tf_data_and_generators_with_drop_path():
     import tensorflow as tf
 
@@ -269,6 +272,7 @@ def _digits(count, size=64):
 PRETRAINING_LOSS_RATIO = 0.7
 
 
+@pytest.mark.slow
 def test_short_pretraining_on_real_images_lowers_the_masked_loss():
     keras.utils.set_random_seed(0)
     images = _digits(256)
@@ -373,6 +377,7 @@ def fcmae_checkpoint(hf_v2_atto, tmp_path_factory):
     return str(path), parts, mask_token
 
 
+@pytest.mark.slow
 def test_official_fcmae_checkpoint_loads_encoder_and_decoder(fcmae_checkpoint, hf_v2_atto):
     path, parts, mask_token = fcmae_checkpoint
     images = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype("float32")
@@ -416,6 +421,7 @@ def test_fcmae_checkpoint_mismatch_loads_nothing(fcmae_checkpoint):
         model.load_checkpoint({"downsample_layers.0.0.weight": np.zeros((40, 3, 4, 4), "float32")})
 
 
+@pytest.mark.slow
 def test_example_pretrains_on_mocked_tfds_and_writes_figures(tmp_path):
     import importlib.util
     import json
@@ -441,6 +447,7 @@ def test_example_pretrains_on_mocked_tfds_and_writes_figures(tmp_path):
     assert os.path.getsize(result["files"]["encoder.weights.h5"]) > 0
 
 
+@pytest.mark.slow
 def test_training_step_predicts_only_masked_patches_with_the_same_values():
     encoder = _tiny_encoder(input_shape=(96, 64, 3))
     model = kc.FCMAE(encoder, input_shape=(96, 64, 3), decoder_dim=16, decoder_depth=2, seed=5)
@@ -542,6 +549,7 @@ def test_weights_fcmae_is_the_registry_tag_for_the_encoder(monkeypatch, tmp_path
         np.testing.assert_array_equal(_np(ours), _np(published_value))
 
 
+@pytest.mark.slow
 def test_patch_masks_of_model_random_mask_pass_the_check():
     model = kc.FCMAE(_tiny_encoder(), input_shape=(64, 64, 3), mask_ratio=0.5, decoder_dim=8, seed=1)
     mask = model.random_mask(3)

@@ -57,6 +57,7 @@ def test_tables_give_latency_ratios_steps_and_quartiles():
     assert "| keras_convnext/torch | 5.00 | 0.50x | 0.50x-0.75x |" in training
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(keras.backend.backend() != "torch", reason="one smoke run, in the PyTorch backend's test run")
 def test_a_tiny_preset_run_writes_both_tables(tmp_path):
     pytest.importorskip("transformers")

@@ -68,6 +68,7 @@ def test_every_constructor_has_pyramid_outputs(monkeypatch):
     assert built == list(keras_convnext.CONSTRUCTORS)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(keras.backend.backend() != "jax",
                     reason="building the task backbones' graphs does not depend on the backend: checked in the JAX run")
 def test_keras_hub_backbones_accept_every_constructor(monkeypatch):
@@ -129,6 +130,7 @@ def _assert_detector_outputs(outputs, num_classes):
 
 # Training compiles the whole task model, the slow part on CPU: each task
 # trains on one ConvNeXt version and is called and saved on the other.
+@pytest.mark.slow
 def test_retinanet_on_convnext_v2_trains():
     _keras_hub()
     encoder = _encoder("ConvNeXtV2Atto")
@@ -154,6 +156,7 @@ def test_retinanet_on_convnext_v1_round_trips_keras_file(tmp_path):
     _assert_keras_file_round_trip(detector, _images(seed=1), tmp_path)
 
 
+@pytest.mark.slow
 def test_deeplabv3_on_convnext_v1_trains():
     _keras_hub()
     encoder = _encoder("ConvNeXtAtto")

@@ -287,6 +287,7 @@ def test_a_failed_fit_leaves_the_model_trainable():
     assert not np.array_equal(model.predict(images, verbose=0), expected)
 
 
+@pytest.mark.slow
 def test_channels_first_equals_channels_last():
     images = np.random.default_rng(0).uniform(0, 255, size=(2, 48, 64, 3)).astype("float32")
     last = kc.ConvNeXtV2Atto(classifier_activation=None)
@@ -409,6 +410,7 @@ def test_readme_variant_table_matches_the_code():
         assert gmacs == f"{multiply_adds(variant.stage_depths, variant.stage_dims) / 1e9:.3f}"
 
 
+@pytest.mark.slow
 def test_torch_jit_compile_predicts_as_eager(monkeypatch):
     """`compile(jit_compile=True)` on PyTorch runs torch.compile over the model's fast paths.
 

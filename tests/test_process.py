@@ -61,6 +61,7 @@ def _faults(output):
     return int(output.split("faults")[-1].split()[0])
 
 
+@pytest.mark.slow
 @_needs_glibc
 def test_reuse_freed_memory_hands_out_freed_pages_again():
     """A 64 MB block freed and allocated again faults every page by default, none after the call."""
@@ -71,6 +72,7 @@ def test_reuse_freed_memory_hands_out_freed_pages_again():
     assert _faults(reused) < 500, reused
 
 
+@pytest.mark.slow
 @_needs_glibc
 def test_reuse_freed_memory_environment_does_the_same_for_a_new_process():
     """The environment variables that the benchmark's `--malloc reuse` gives its workers."""

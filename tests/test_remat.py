@@ -147,6 +147,7 @@ def test_fit_with_remat_and_stochastic_depth():
     raises=ValueError,
     strict=True,
 )
+@pytest.mark.slow
 def test_fit_inside_a_keras_remat_scope():
     # Keras' own remat wraps the model's call too, so its `training` flag
     # arrives as a traced value on JAX.

@@ -233,6 +233,7 @@ DEFAULT_LEVEL_TESTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="only the JAX run changes XLA's level")
 def test_parity_at_xla_default_optimization_level():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
