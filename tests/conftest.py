@@ -17,9 +17,8 @@ if os.environ["KERAS_BACKEND"] == "jax" and XLA_LEVEL_FLAG not in os.environ.get
 
 # With several pytest workers (run_tests.sh), the PyTorch and TensorFlow runs give
 # each worker its share of the cores: OpenMP threads that find their cores busy with
-# the other worker's wait for them. On a 2-core machine the PyTorch run took 409 s
-# with one thread per worker against 624 s with two, the TensorFlow run 686 s against
-# 794 s. The JAX run was slower so (828 s against 727 s) and keeps the defaults.
+# the other worker's wait for them, which made both runs markedly slower. The JAX
+# run was not faster so and keeps XLA's defaults.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 SHARE_THE_CORES = _WORKERS > 1 and os.environ["KERAS_BACKEND"] != "jax"
 if SHARE_THE_CORES:
